@@ -1,0 +1,5 @@
+import sys
+
+from dynbatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""The whole uint8 data set resident on the training device, with batched augmentation there.
+
+Images are stored NHWC and pre-padded once, so a random crop is a single gather and the NHWC -> NCHW permute of the
+result is already ``channels_last`` in memory. Variable batch sizes cost nothing: a batch is an index tensor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynbatch.data.sources import DataSource
+
+
+class DeviceSplit:
+    """One split on ``device``.
+
+    x: uint8 (N, H + 2p, W + 2p, C), zero padded by p = ``padding``; y: int64 (N,).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, padding: int, flip: bool):
+        self.n, self.h, self.w, self.c = x.shape
+        self.padding = padding
+        self.flip = flip
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        if padding:
+            xt = torch.nn.functional.pad(xt, (0, 0, padding, padding, padding, padding))
+        self.x = xt.to(device)
+        self.y = torch.from_numpy(np.ascontiguousarray(y)).to(device)
+        self.device = device
+        # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift.
+        std_t = torch.tensor(std, dtype=torch.float32, device=device)
+        self.scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _normalise(self, x_nhwc: torch.Tensor) -> torch.Tensor:
+        return x_nhwc.permute(0, 3, 1, 2).float() * self.scale + self.shift
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) float32 normalised, labels (B,) for indices ``idx``.
+
+        With a ``generator`` (CPU), each image gets a random crop within the padding and, where the data set allows,
+        a horizontal flip; without one, the centre crop (evaluation).
+        """
+        idx = idx.to(self.device, non_blocking=True)
+        p = self.padding
+        if generator is None or (p == 0 and not self.flip):
+            x = self.x[idx, p : p + self.h, p : p + self.w]
+        else:
+            b = idx.numel()
+            # Offsets and flips are drawn on the CPU generator so CPU and CUDA runs see the same augmentation.
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+            flip = torch.rand(b, generator=generator) < 0.5 if self.flip else torch.zeros(b, dtype=torch.bool)
+            cols = torch.arange(self.w)
+            cols = torch.where(flip[:, None], self.w - 1 - cols, cols) + dx[:, None]  # flip folded into the gather
+            rows = torch.arange(self.h) + dy[:, None]
+            rows, cols = rows.to(self.device, non_blocking=True), cols.to(self.device, non_blocking=True)
+            x = self.x[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return self._normalise(x), self.y[idx]
+
+
+class DeviceData:
+    """Train and test splits of a :class:`DataSource` on one device."""
+
+    def __init__(self, src: DataSource, device: torch.device, train_indices: np.ndarray | None = None):
+        x_tr, y_tr = src.x_train, src.y_train
+        if train_indices is not None:
+            x_tr, y_tr = x_tr[train_indices], y_tr[train_indices]
+        self.source = src
+        self.train = DeviceSplit(x_tr, y_tr, src.mean, src.std, device, src.crop_padding, src.flip)
+        self.test = DeviceSplit(src.x_test, src.y_test, src.mean, src.std, device, 0, False)

@@ -1,0 +1,167 @@
+"""Data sets by name, loaded to host memory as uint8 NHWC arrays with integer labels.
+
+Names: ``digits`` (scikit-learn's real 8x8 handwritten digits; offline, the embedded default), ``cifar10``,
+``cifar100`` (torchvision; downloaded where reachable, or read from ``data_dir`` in torchvision's layout) and
+``npz:PATH`` (any file with ``x_train, y_train, x_test, y_test``).
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dynbatch.errors import UserError
+
+# Channel statistics of the full CIFAR training sets (images scaled to [0, 1]).
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "npz:PATH")
+
+
+@dataclass
+class DataSource:
+    """A whole data set in host memory.
+
+    x_*: uint8 (N, H, W, C); y_*: int64 (N,); mean/std: per channel, for images scaled to [0, 1].
+    crop_padding: pixels of zero padding for the random-crop augmentation; flip: whether horizontal flips are valid.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+    flip: bool = True
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        _, h, w, c = self.x_train.shape
+        return (c, h, w)
+
+
+def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(xf.std(0), 1e-3)  # a constant channel must not divide by zero
+    return tuple(float(v) for v in xf.mean(0)), tuple(float(v) for v in std)
+
+
+def _load_digits() -> DataSource:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    # Pixel values are 0..16; scale to the full uint8 range so every data set shares one pipeline.
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    # A fixed stratified split (seed 0), so "the digits test set" means the same 360 images everywhere.
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=360, stratify=y, random_state=0)
+    mean, std = _channel_stats(x_tr)
+    # Digits are small and not mirror-symmetric: one pixel of crop jitter, no flips.
+    return DataSource("digits", x_tr, y_tr, x_te, y_te, 10, mean, std, crop_padding=1, flip=False)
+
+
+def _load_cifar(name: str, data_dir: str | None) -> DataSource:
+    from torchvision import datasets
+
+    cls, stats, k = {
+        "cifar10": (datasets.CIFAR10, CIFAR10_STATS, 10),
+        "cifar100": (datasets.CIFAR100, CIFAR100_STATS, 100),
+    }[name]
+    root = data_dir or os.environ.get("DYNBATCH_DATA", str(Path.home() / ".cache" / "dynbatch" / "data"))
+    try:
+        tr = cls(root=root, train=True, download=data_dir is None)
+        te = cls(root=root, train=False, download=data_dir is None)
+    except Exception as e:  # network errors, integrity check failures, missing folders
+        raise UserError(
+            f"cannot load {name} from {root} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"pass --data-dir with torchvision's {name} layout, or use npz:PATH"
+        ) from None
+    return DataSource(
+        name, np.asarray(tr.data), np.asarray(tr.targets, dtype=np.int64), np.asarray(te.data),
+        np.asarray(te.targets, dtype=np.int64), k, *stats,
+    )
+
+
+def _load_npz(path: str) -> DataSource:
+    p = Path(path).expanduser()
+    hint = "pass an .npz with uint8 NHWC arrays x_train, x_test and integer labels y_train, y_test"
+    if not p.is_file():
+        raise UserError(f"data file not found: {p}; {hint}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise UserError(f"data file {p} lacks {', '.join(missing)}; {hint}")
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"data file {p} is unreadable or corrupted ({type(e).__name__}); {hint}") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise UserError(f"x_{split} in {p} is {x.dtype} with shape {x.shape}, expected uint8 (N, H, W, C); {hint}")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"y_{split} in {p} must be integer labels, one per image of x_{split}; {hint}")
+        if len(y) == 0:
+            raise UserError(f"the {split} split in {p} is empty; {hint}")
+        if y.min() < 0:
+            raise UserError(f"y_{split} in {p} has negative labels; labels must be 0..num_classes-1")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise UserError(f"train and test images in {p} differ in shape; {hint}")
+    y_tr, y_te = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
+    k = int(max(y_tr.max(), y_te.max())) + 1
+    mean, std = _channel_stats(arrays["x_train"])
+    return DataSource(f"npz:{p}", arrays["x_train"], y_tr, arrays["x_test"], y_te, k, mean, std)
+
+
+def load_dataset(spec: str, data_dir: str | None = None, num_classes: int | None = None) -> DataSource:
+    """Load a data set by name (see module docstring); ``num_classes`` overrides the inferred class count."""
+    if spec == "digits":
+        src = _load_digits()
+    elif spec in ("cifar10", "cifar100"):
+        src = _load_cifar(spec, data_dir)
+    elif spec.startswith("npz:") and len(spec) > 4:
+        src = _load_npz(spec[4:])
+    else:
+        raise UserError(f"unknown data set {spec!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if num_classes is not None:
+        top = int(max(src.y_train.max(), src.y_test.max()))
+        if top >= num_classes:
+            raise UserError(
+                f"labels go up to {top} but the model has {num_classes} classes; raise --num-classes to at least {top + 1}"
+            )
+        src.num_classes = num_classes
+    return src
+
+
+def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a class-balanced, seeded subset of ``n`` samples (sorted).
+
+    Each class gets ``n // K`` samples and ``n % K`` randomly chosen classes one more; a class with too few samples
+    gives all it has and the shortfall is drawn from the remaining samples.
+    """
+    if not 1 <= n <= len(labels):
+        raise UserError(f"--train-samples {n} is outside 1..{len(labels)} (the training split's size)")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    quota = np.full(len(classes), n // len(classes))
+    quota[rng.permutation(len(classes))[: n % len(classes)]] += 1
+    chosen = []
+    for c, q in zip(classes, quota):
+        idx = np.flatnonzero(labels == c)
+        chosen.append(rng.permutation(idx)[:q])
+    picked = np.concatenate(chosen)
+    if len(picked) < n:
+        rest = np.setdiff1d(np.arange(len(labels)), picked)
+        picked = np.concatenate([picked, rng.permutation(rest)[: n - len(picked)]])
+    return np.sort(picked)

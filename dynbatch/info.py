@@ -1,0 +1,38 @@
+"""``dynbatch info``: versions, devices, and which kernel backends are usable here (and why not)."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def collect() -> dict:
+    from dynbatch.train.trainer import package_versions
+
+    info = {"versions": package_versions(), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        info["cuda"] = "not available"
+    from dynbatch.selection.backends import backend_status
+
+    info["backends"] = backend_status()
+    from dynbatch.monitor import default_sources
+
+    sources, notes = default_sources()
+    info["utilisation"] = {"sources": [s.name for s in sources], "unavailable": notes}
+    return info
+
+
+def render(info: dict) -> str:
+    lines = ["dynbatch " + str(info["versions"].get("dynbatch"))]
+    lines += [f"  {k}: {v}" for k, v in info["versions"].items() if k != "dynbatch"]
+    lines.append(f"platform: {info['platform']} ({info['cpu_threads']} torch threads)")
+    lines.append(f"cuda: {info['cuda']}")
+    lines.append("kernel backends:")
+    for name, (ok, why) in info["backends"].items():
+        lines.append(f"  {name:<7} {'usable' if ok else 'unavailable'}{': ' + why if why else ''}")
+    u = info["utilisation"]
+    lines.append(f"utilisation sources: {', '.join(u['sources']) or 'none'}")
+    lines += [f"  unavailable: {n}" for n in u["unavailable"]]
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+"""Batch-size policies by name. A new policy subclasses :class:`Policy` and registers here; the orchestrator
+needs no change."""
+from __future__ import annotations
+
+from dynbatch.errors import UserError
+from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.policies.fixed import FixedPolicy
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy,)}
+
+
+def policy_class(name: str) -> type[Policy]:
+    if name not in POLICIES:
+        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+__all__ = ["POLICIES", "Plan", "Policy", "StepContext", "TrainStep", "policy_class"]

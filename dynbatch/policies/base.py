@@ -1,0 +1,97 @@
+"""The policy interface: a policy names the next batch size and turns a batch into a plan of optimizer steps.
+
+The orchestrator (``dynbatch.train.trainer``) draws the batch, asks the policy for a :class:`Plan`, executes it
+(learning-rate scale, micro-batching, clipping, optimizer steps) and logs ``Plan.record``. A policy keeps all of its
+state in ``state_dict()`` so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainStep:
+    """One optimizer step.
+
+    Either ``x`` (B, C, H, W) and ``y`` (B,) for a fresh forward and backward at the current weights, or ``grads``
+    (one tensor or None per parameter, in ``model.parameters()`` order) to apply as they are.
+    The learning rate of this step is the scheduled rate times ``lr_scale``; ``clip_norm`` clips the total gradient
+    norm first.
+    """
+
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    lr_scale: float = 1.0
+    grads: list[torch.Tensor | None] | None = None
+    clip_norm: float | None = None
+    # Sample losses already computed with a graph at the current weights (B,), reused instead of a new forward.
+    reuse_losses: torch.Tensor | None = None
+    reuse_logits: torch.Tensor | None = None
+
+
+@dataclass
+class Plan:
+    """What to do with one loader batch: optimizer steps, and fields for this step's row in ``metrics.jsonl``."""
+
+    steps: list[TrainStep]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What a policy may use while planning one step."""
+
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample losses (B,)
+    autocast: Callable[[], AbstractContextManager]
+    step: int  # global step index, 0-based
+    epoch: int
+    seed: int  # the run's seed; policies derive per-step seeds from (seed, step)
+    device: torch.device
+
+
+class Policy:
+    """Base class; subclasses set ``name`` and implement :meth:`batch_size` and :meth:`plan`."""
+
+    name: ClassVar[str]
+    help: ClassVar[str] = ""
+    # Optimizer settings this policy's paper used; the CLI applies them unless the user overrides them.
+    optimizer_defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Register this policy's command-line options (dest names must be unique across policies)."""
+
+    @classmethod
+    def validate(cls, options: dict[str, Any]) -> None:
+        """Raise ``UserError`` for bad option values, before any run file is written."""
+
+    def __init__(self, options: dict[str, Any], *, batch_size: int):
+        self.options = options
+        self.base_batch_size = batch_size
+
+    def batch_size(self) -> int:
+        """Size of the next loader batch."""
+        return self.base_batch_size
+
+    def lr_factor(self, epoch_progress: float) -> float:
+        """Multiplier on the scheduled learning rate at fractional epoch ``epoch_progress``."""
+        return 1.0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before the first batch of every epoch (0-based), also after a resume."""
+
+    def plan(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> Plan:
+        raise NotImplementedError(f"policy {self.name} must implement plan()")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,12 @@
+"""The baseline: one optimizer step on the whole loader batch."""
+from __future__ import annotations
+
+from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+
+
+class FixedPolicy(Policy):
+    name = "fixed"
+    help = "one step on the whole batch of --batch-size samples"
+
+    def plan(self, x, y, ctx: StepContext) -> Plan:
+        return Plan([TrainStep(x, y)])

@@ -1,0 +1,1 @@
+"""The training orchestrator, its configuration, plan executor, schedules and run records."""

@@ -1,0 +1,32 @@
+"""Learning-rate schedules as functions of the fractional epoch (so variable batch sizes need no step counts)."""
+from __future__ import annotations
+
+import math
+
+from dynbatch.errors import UserError
+
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def scheduled_lr(
+    progress: float, *, base_lr: float, schedule: str, epochs: int, warmup_epochs: float = 0.0,
+    milestones: tuple[float, ...] = (), gamma: float = 0.1,
+) -> float:
+    """Learning rate at fractional epoch ``progress`` (0 at the start of training).
+
+    ``step`` multiplies by ``gamma`` at each milestone epoch (default: half and three quarters of the budget);
+    ``cosine`` anneals to zero at ``epochs``; a linear warm-up from ``base_lr / (warmup steps)``-like zero start
+    covers the first ``warmup_epochs``.
+    """
+    if schedule == "constant":
+        lr = base_lr
+    elif schedule == "step":
+        ms = milestones or (0.5 * epochs, 0.75 * epochs)
+        lr = base_lr * gamma ** sum(progress >= m for m in ms)
+    elif schedule == "cosine":
+        lr = 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress / max(epochs, 1e-9), 1.0)))
+    else:
+        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if warmup_epochs > 0 and progress < warmup_epochs:
+        lr *= (progress + 1e-3) / warmup_epochs  # never exactly zero: the first step still moves
+    return lr

@@ -1,0 +1,355 @@
+"""The training orchestrator: sampler -> policy plan -> executor -> records, with exact resume.
+
+One step: the policy names a batch size, the sampler draws that many indices of a seeded permutation, the device
+pipeline augments them, the policy turns the batch into a :class:`~dynbatch.policies.Plan`, the executor applies
+it, and a ``step`` row goes to ``metrics.jsonl``. At the end of every epoch the test split is evaluated, an
+``epoch`` row written, and ``checkpoint.pt`` saved. SIGINT/SIGTERM (or ``stop_after_steps``) checkpoint after the
+step in flight and stop.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
+from dynbatch.errors import UserError
+from dynbatch.models import build_model
+from dynbatch.monitor import UtilisationMonitor
+from dynbatch.policies import StepContext, policy_class
+from dynbatch.train import records
+from dynbatch.train.config import TrainConfig
+from dynbatch.train.executor import PlanExecutor
+from dynbatch.train.schedules import scheduled_lr
+
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dynbatch", "torch", "torchvision", "triton", "numpy", "nvidia-ml-py"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Trainer:
+    """Build with :meth:`new` or :meth:`resume`; then :meth:`run`.
+
+    All validation (options, data, model) happens before the run folder is touched, so bad input never leaves a
+    partial run behind.
+    """
+
+    def __init__(self, cfg: TrainConfig, out: Path, log: Callable[[str], None] = print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.policy_cls = policy_class(cfg.policy)
+        cfg.resolve_optimizer(self.policy_cls.optimizer_defaults)
+        cfg.validate()
+        self.policy_cls.validate(cfg.policy_options)
+        self.device = resolve_device(cfg.device)
+        on_cuda = self.device.type == "cuda"
+        self.use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda)
+        if self.use_amp and not on_cuda:
+            raise UserError("--amp bf16 needs a CUDA device here; use --amp none on CPU")
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_cuda)
+
+        src = load_dataset(cfg.data, cfg.data_dir, cfg.num_classes)
+        if not cfg.augment:
+            src.crop_padding, src.flip = 0, False
+        n_train = len(src.y_train)
+        subset = None
+        if cfg.train_fraction is not None:
+            cfg.train_samples = max(1, round(cfg.train_fraction * n_train))
+        if cfg.train_samples is not None:
+            subset = balanced_subset(src.y_train, cfg.train_samples, cfg.seed)
+        self.data = DeviceData(src, self.device, subset)
+
+        torch.manual_seed(cfg.seed)
+        c = src.image_shape[0]
+        self.model = build_model(cfg.model, src.num_classes, c).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # The compiled wrapper runs the steps; checkpoints always hold the plain module's state.
+        self.step_model = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+            weight_decay=cfg.weight_decay,
+        )
+        self.policy = self.policy_cls(cfg.policy_options, batch_size=cfg.batch_size)
+        self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch)
+        self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.augment = cfg.augment
+        # Progress counters; all of them go into the checkpoint.
+        self.epoch = 0
+        self.step = 0
+        self.samples_seen = 0
+        self.wall_offset = 0.0
+        self.epoch_acc = {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0}
+        self.metrics_offset: int | None = None
+        self.last_epoch: dict[str, Any] = {}
+        self._stop_signal: int | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def new(cls, cfg: TrainConfig, out: Path, overwrite: bool = False, **kw) -> "Trainer":
+        t = cls(cfg, out, **kw)
+        records.prepare_new_run(t.out, overwrite)
+        records.write_json(t.out / "config.json", t.describe())
+        return t
+
+    @classmethod
+    def resume(cls, run: Path, epochs: int | None = None, stop_after_steps: int | None = None, **kw) -> "Trainer":
+        run = Path(run)
+        records.require_resumable(run)
+        try:
+            saved = json.loads((run / "config.json").read_text())
+            cfg = TrainConfig.from_dict(saved["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{run}/config.json is unreadable ({type(e).__name__}); the run cannot be resumed") from None
+        if epochs is not None:
+            cfg.epochs = epochs
+        cfg.stop_after_steps = stop_after_steps
+        state = records.load_checkpoint(run / "checkpoint.pt")
+        t = cls(cfg, run, **kw)
+        t.load_state(state)
+        if epochs is not None:
+            records.write_json(run / "config.json", t.describe())
+        return t
+
+    def describe(self) -> dict[str, Any]:
+        dev = self.device
+        return {
+            "config": self.cfg.to_dict(),
+            "versions": package_versions(),
+            "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                       else platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+            "data": {"name": self.data.source.name, "train_samples": len(self.data.train),
+                     "test_samples": len(self.data.test), "num_classes": self.data.source.num_classes,
+                     "image_shape": list(self.data.source.image_shape)},
+            "amp_bf16": self.use_amp, "channels_last": self.channels_last,
+            "command": sys.argv,
+        }
+
+    # ---- state --------------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "policy": self.policy.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "aug_gen": self.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "micro_batch": self.executor.micro_batch,
+            "progress": {"epoch": self.epoch, "step": self.step, "samples_seen": self.samples_seen,
+                         "wall_s": self.wall_offset + self._elapsed(), "epoch_acc": dict(self.epoch_acc)},
+            "metrics_offset": self.metrics_offset,
+        }
+
+    def load_state(self, s: dict[str, Any]) -> None:
+        if s.get("version") != CHECKPOINT_VERSION:
+            raise UserError("checkpoint was written by an incompatible dynbatch version; start a new run")
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.policy.load_state_dict(s["policy"])
+        self.sampler.load_state_dict(s["sampler"])
+        self.aug_gen.set_state(s["aug_gen"])
+        torch.set_rng_state(s["torch_rng"])
+        if s["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(s["cuda_rng"])
+        self.executor.micro_batch = s["micro_batch"]
+        p = s["progress"]
+        self.epoch, self.step, self.samples_seen = p["epoch"], p["step"], p["samples_seen"]
+        self.wall_offset, self.epoch_acc = p["wall_s"], dict(p["epoch_acc"])
+        self.metrics_offset = s["metrics_offset"]
+
+    def checkpoint(self) -> None:
+        self.metrics_offset = self.metrics.offset()
+        records.save_checkpoint(self.out / "checkpoint.pt", self.state())
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
+
+    def autocast(self):
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, reduction="none", label_smoothing=self.cfg.label_smoothing)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(mean loss, accuracy) on the test split, centre crops, eval mode."""
+        self.model.eval()
+        split = self.data.test
+        loss, correct = 0.0, 0
+        for start in range(0, len(split), self.cfg.eval_batch):
+            idx = torch.arange(start, min(start + self.cfg.eval_batch, len(split)))
+            x, y = split.batch(idx)
+            with self.autocast():
+                logits = self.step_model(x).float()
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        self.model.train()
+        return loss / len(split), correct / len(split)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second signal: the user insists
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(f"received {signal.Signals(signum).name}: finishing the step in flight, then saving a checkpoint")
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to ``cfg.epochs``; returns a summary. ``summary['interrupted']`` is the signal number or None."""
+        cfg = self.cfg
+        self.metrics = records.MetricsWriter(self.out / "metrics.jsonl", truncate_to=self.metrics_offset)
+        monitor = UtilisationMonitor(cfg.util_interval, on_note=lambda m: self.log(f"utilisation: {m}")).start()
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._t0 = time.perf_counter()
+        steps_this_session = 0
+        bar = None
+        try:
+            while self.epoch < cfg.epochs:
+                if self.sampler.pos == 0:
+                    self.policy.on_epoch_start(self.epoch)
+                bar = bar or self._progress_bar()
+                self._train_step(bar)
+                steps_this_session += 1
+                if self.sampler.epoch_done:
+                    self._end_epoch(monitor, bar)
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                if self._stop_signal is not None or (cfg.stop_after_steps and steps_this_session >= cfg.stop_after_steps):
+                    self.checkpoint()
+                    self._plot()
+                    why = signal.Signals(self._stop_signal).name if self._stop_signal else "--stop-after-steps"
+                    self.log(f"stopped by {why} at step {self.step}; checkpoint saved; continue with: "
+                             f"dynbatch train --resume {self.out}")
+                    return {"interrupted": self._stop_signal or 0, "out": str(self.out), "step": self.step}
+        finally:
+            if bar is not None:
+                bar.close()
+            monitor.stop()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.metrics.close()
+        self._plot()
+        return {"interrupted": None, "out": str(self.out), "step": self.step, **self.last_epoch}
+
+    def _plot(self) -> None:
+        from dynbatch.plots import plot_runs
+
+        if (self.out / "metrics.jsonl").stat().st_size:
+            plot_runs([self.out], self.out / "curves.png")
+
+    def _progress_bar(self):
+        if not self.cfg.progress or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=len(self.data.train), initial=self.sampler.pos, unit="img", leave=False,
+                    desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True)
+
+    def _train_step(self, bar) -> None:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        progress = self.epoch + self.sampler.pos / self.sampler.n
+        lr = scheduled_lr(progress, base_lr=cfg.lr, schedule=cfg.schedule, epochs=cfg.epochs,
+                          warmup_epochs=cfg.warmup_epochs, milestones=cfg.milestones, gamma=cfg.gamma)
+        lr *= self.policy.lr_factor(progress)
+        asked = self.policy.batch_size()
+        idx = self.sampler.next(asked)
+        x, y = self.data.train.batch(idx, self.aug_gen if self.augment else None)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = StepContext(self.step_model, self.loss_fn, self.autocast, self.step, self.epoch, cfg.seed, self.device)
+        self.step_model.train()
+        plan = self.policy.plan(x, y, ctx)
+        outcome = self.executor.run(plan, ctx, lr)
+        self._sync()
+        step_s = time.perf_counter() - t_start
+        record = dict(plan.record)
+        loss_sum = outcome.loss_sum if outcome.n else record.pop("loss_sum", float("nan"))
+        correct = outcome.correct if outcome.n else record.pop("correct", 0)
+        trained = outcome.n or record.pop("trained_samples", idx.numel())
+        self.samples_seen += idx.numel()
+        a = self.epoch_acc
+        a["loss_sum"] += loss_sum
+        a["correct"] += correct
+        a["n"] += trained
+        a["time"] += step_s
+        a["steps"] += 1
+        row = {
+            "step": self.step, "epoch": self.epoch, "batch_size": idx.numel(), "policy_batch_size": asked,
+            "trained_samples": trained,
+            "lr": lr, "train_loss": loss_sum / max(trained, 1), "train_acc": correct / max(trained, 1),
+            "samples_seen": self.samples_seen, "wall_s": self.wall_offset + self._elapsed(), "step_s": step_s,
+            **record,
+        }
+        if outcome.oom_retries:
+            row.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
+            for e in outcome.events:
+                self.log(f"step {self.step}: {e}")
+        self.metrics.write("step", row)
+        self.step += 1
+        if bar is not None:
+            bar.update(idx.numel())
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}", bs=idx.numel(),
+                            sps=f"{idx.numel() / max(step_s, 1e-9):.0f}")
+
+    def _end_epoch(self, monitor: UtilisationMonitor, bar) -> None:
+        test_loss, test_acc = self.evaluate()
+        a = self.epoch_acc
+        row = {
+            "epoch": self.epoch, "step": self.step, "train_loss": a["loss_sum"] / max(a["n"], 1),
+            "train_acc": a["correct"] / max(a["n"], 1), "test_loss": test_loss, "test_acc": test_acc,
+            "epoch_s": a["time"], "steps": a["steps"], "trained_samples": a["n"],
+            "samples_seen": self.samples_seen, "samples_per_s": len(self.data.train) / max(a["time"], 1e-9),
+            "wall_s": self.wall_offset + self._elapsed(), **monitor.summary(),
+        }
+        self.metrics.write("epoch", row)
+        self.last_epoch = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")}
+        if bar is not None:
+            bar.clear()
+        self.log(f"epoch {self.epoch + 1:>3}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_acc']:.3f}  test loss {test_loss:.4f} acc {test_acc:.3f}  "
+                 f"{a['time']:.1f}s  {row['samples_per_s']:.0f} img/s")
+        self.epoch += 1
+        self.epoch_acc = {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0}
+        self.sampler.new_epoch()
+        self.checkpoint()
