@@ -153,7 +153,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser, subs = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return int(e.code or 0)
     handlers = {"train": cmd_train, "plot": cmd_plot, "info": cmd_info}
     try:
         return handlers[args.command](args, subs.get(args.command))

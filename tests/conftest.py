@@ -1,0 +1,42 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Tests share 2 cores; fixed thread counts also keep CPU results bit-reproducible within a test.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def cifar_subset() -> Path:
+    """The shared real CIFAR-10 subset. Outside CI a missing file skips; in CI it is a failure."""
+    if not CIFAR_SUBSET.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CIFAR_SUBSET} is missing in CI")
+        pytest.skip(f"{CIFAR_SUBSET} not present on this machine")
+    return CIFAR_SUBSET
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> Path:
+    """A small synthetic 3-class data set whose classes differ in mean brightness (learnable in a few steps)."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 60, (n, 12, 12, 3)) + (y * 80)[:, None, None, None]
+        return x.astype(np.uint8), y.astype(np.int64)
+
+    x_tr, y_tr = split(96)
+    x_te, y_te = split(30)
+    p = tmp_path / "tiny.npz"
+    np.savez(p, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+    return p
