@@ -45,7 +45,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}")
     g.add_argument("--policy", default=d.policy, help=f"one of {', '.join(POLICIES)}")
     g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="loader batch size (initial, for adaptive policies)")
+    g.add_argument("--batch-size", type=int, help="loader batch size (initial one for adaptive policies; default: the policy's)")
     g.add_argument("--lr", type=float, help=f"learning rate (default: the policy's paper, else {OPTIMIZER_DEFAULTS['lr']})")
     g.add_argument("--momentum", type=float, help=f"SGD momentum (default {OPTIMIZER_DEFAULTS['momentum']})")
     g.add_argument("--nesterov", type=_bool, help="Nesterov momentum (true/false)")

@@ -5,6 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run through its interpreter; set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dynbatch.errors import UserError
 from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.policies.edba import EDBAPolicy
 from dynbatch.policies.fixed import FixedPolicy
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy,)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy, EDBAPolicy)}
 
 
 def policy_class(name: str) -> type[Policy]:

@@ -54,6 +54,7 @@ class StepContext:
     epoch: int
     seed: int  # the run's seed; policies derive per-step seeds from (seed, step)
     device: torch.device
+    label_smoothing: float = 0.0
 
 
 class Policy:
@@ -63,6 +64,8 @@ class Policy:
     help: ClassVar[str] = ""
     # Optimizer settings this policy's paper used; the CLI applies them unless the user overrides them.
     optimizer_defaults: ClassVar[dict[str, Any]] = {}
+    # Loader batch size when the user gives no --batch-size.
+    default_batch_size: ClassVar[int] = 128
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:

@@ -22,7 +22,7 @@ class TrainConfig:
     policy: str = "fixed"
     policy_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int | None = None  # None: the policy's default
     lr: float | None = None
     momentum: float | None = None
     nesterov: bool | None = None
@@ -44,8 +44,11 @@ class TrainConfig:
     stop_after_steps: int | None = None
     progress: bool = True
 
-    def resolve_optimizer(self, policy_defaults: dict[str, Any]) -> None:
-        """Fill unset optimizer settings from the policy's paper, then from the global defaults."""
+    def resolve_defaults(self, policy_cls) -> None:
+        """Fill unset settings from the policy (its paper's optimizer, its batch size), then global defaults."""
+        if self.batch_size is None:
+            self.batch_size = policy_cls.default_batch_size
+        policy_defaults = policy_cls.optimizer_defaults
         for k, v in OPTIMIZER_DEFAULTS.items():
             if getattr(self, k) is None:
                 setattr(self, k, policy_defaults.get(k, v))

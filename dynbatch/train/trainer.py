@@ -68,7 +68,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out), log
         self.policy_cls = policy_class(cfg.policy)
-        cfg.resolve_optimizer(self.policy_cls.optimizer_defaults)
+        cfg.resolve_defaults(self.policy_cls)
         cfg.validate()
         self.policy_cls.validate(cfg.policy_options)
         self.device = resolve_device(cfg.device)
@@ -297,7 +297,8 @@ class Trainer:
         x, y = self.data.train.batch(idx, self.aug_gen if self.augment else None)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = StepContext(self.step_model, self.loss_fn, self.autocast, self.step, self.epoch, cfg.seed, self.device)
+        ctx = StepContext(self.step_model, self.loss_fn, self.autocast, self.step, self.epoch, cfg.seed, self.device,
+                          cfg.label_smoothing)
         self.step_model.train()
         plan = self.policy.plan(x, y, ctx)
         outcome = self.executor.run(plan, ctx, lr)

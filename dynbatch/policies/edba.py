@@ -1,0 +1,154 @@
+"""EDBA (Efficient Dynamic Batch Adaptation): train on the subset whose mean last-layer gradient best follows the
+loss trend, and adapt the batch size.
+
+One step:
+1. Forward the loader batch once, capturing the final ``nn.Linear``'s input (a forward hook), without moving any
+   buffer (BatchNorm running statistics are restored) and without a graph.
+2. Draw ``--subsets`` random subsets from a per-step seed and score each by the norm G_S of its mean last-layer
+   gradient (``dynbatch.selection``; fused kernels, no per-sample gradient materialised).
+3. Choose the subset minimising the margin loss |(L - L_ema) / (G_S - G_ema) - 1|, where L is the batch loss.
+   The first step has no EMAs and takes the largest subset. Then update both EMAs (decay ``--ema-decay``).
+4. Train one usual step on the chosen samples: a fresh forward and backward on them alone (the paper's method).
+   With ``--reuse-forward`` the step-1 forward keeps its graph and the loss is masked to the chosen samples instead:
+   one forward fewer, but BatchNorm then normalises with statistics of the whole loader batch, and its running
+   statistics are updated from the whole batch.
+
+Batch-size rule (the paper only says: smaller while the loss is high, larger once it is low). The statistic is
+the loss-trend term of the margin loss, r = (L - L_ema) / L_ema, taken before the EMA update:
+r > ``--shrink-above`` (loss above its trend) divides the next batch by ``--bs-factor``; r < -``--grow-below``
+(loss below its trend) multiplies it; within [``--bs-min``, ``--bs-max``] (10, 1000), starting at ``--batch-size``
+(100). Defaults: factor 1.1, thresholds 0.05 (above the step-to-step noise of a 100-sample loss).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dynbatch.errors import UserError
+from dynbatch.models import final_linear
+from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.train.buffers import preserved_buffers
+
+MAX_SUBSETS = 65536
+
+
+class EDBAPolicy(Policy):
+    name = "edba"
+    help = "EDBA: train on the random subset whose last-layer gradient best follows the loss trend"
+    optimizer_defaults = {"lr": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-5}
+    default_batch_size = 100
+
+    @classmethod
+    def add_arguments(cls, g):
+        g.add_argument("--subsets", type=int, default=4096, help=f"random subsets scored per step (1..{MAX_SUBSETS})")
+        g.add_argument("--subset-mode", default="bernoulli", help="bernoulli (each sample in with p) or uniform_size")
+        g.add_argument("--subset-p", type=float, default=0.5, help="inclusion probability for bernoulli subsets")
+        g.add_argument("--ema-decay", type=float, default=0.9, help="decay of the loss and gradient-norm EMAs")
+        g.add_argument("--margin-eps", type=float, default=1e-8, help="floor of |G_S - G_ema| in the margin")
+        g.add_argument("--reuse-forward", action="store_true", help="one forward per step, loss masked to the subset")
+        g.add_argument("--bs-min", type=int, default=10)
+        g.add_argument("--bs-max", type=int, default=1000)
+        g.add_argument("--bs-factor", type=float, default=1.1, help="batch-size change factor (> 1)")
+        g.add_argument("--grow-below", type=float, default=0.05, help="grow when (L - L_ema)/L_ema < -this")
+        g.add_argument("--shrink-above", type=float, default=0.05, help="shrink when (L - L_ema)/L_ema > this")
+        g.add_argument("--selection-backend", default="auto", help="auto, torch, native, triton")
+
+    @classmethod
+    def validate(cls, o):
+        if not 1 <= o["subsets"] <= MAX_SUBSETS:
+            raise UserError(f"--subsets must be in 1..{MAX_SUBSETS} (got {o['subsets']})")
+        if o["subset_mode"] not in ("bernoulli", "uniform_size"):
+            raise UserError(f"--subset-mode must be bernoulli or uniform_size (got {o['subset_mode']})")
+        if not 0 < o["subset_p"] <= 1:
+            raise UserError(f"--subset-p must be in (0, 1] (got {o['subset_p']})")
+        if not 0 <= o["ema_decay"] < 1:
+            raise UserError(f"--ema-decay must be in [0, 1) (got {o['ema_decay']})")
+        if not 1 <= o["bs_min"] <= o["bs_max"]:
+            raise UserError(f"need 1 <= --bs-min <= --bs-max (got {o['bs_min']}, {o['bs_max']})")
+        if o["bs_factor"] <= 1:
+            raise UserError(f"--bs-factor must be above 1 (got {o['bs_factor']})")
+        if o["margin_eps"] <= 0:
+            raise UserError("--margin-eps must be positive")
+        if o["selection_backend"] not in ("auto", "torch", "native", "triton"):
+            raise UserError(f"--selection-backend must be auto, torch, native or triton (got {o['selection_backend']})")
+
+    def __init__(self, options, *, batch_size):
+        super().__init__(options, batch_size=batch_size)
+        o = options
+        self.current = min(max(batch_size, o["bs_min"]), o["bs_max"])
+        self.loss_ema: float | None = None
+        self.grad_ema: float | None = None
+
+    def batch_size(self) -> int:
+        return self.current
+
+    def next_batch_size(self, loss: float) -> int:
+        """The rule in the module docstring, from the batch loss of this step (EMA not yet updated)."""
+        o = self.options
+        if self.loss_ema is None or self.loss_ema <= 0:
+            return self.current
+        r = (loss - self.loss_ema) / self.loss_ema
+        if r > o["shrink_above"]:
+            return max(o["bs_min"], min(self.current - 1, round(self.current / o["bs_factor"])))
+        if r < -o["grow_below"]:
+            return min(o["bs_max"], max(self.current + 1, round(self.current * o["bs_factor"])))
+        return self.current
+
+    def _selection_forward(self, x, ctx: StepContext, keep_graph: bool):
+        head = final_linear(ctx.model)
+        captured = {}
+        hook = head.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", inp[0]))
+        try:
+            with torch.set_grad_enabled(keep_graph), ctx.autocast():
+                logits = ctx.model(x)
+        finally:
+            hook.remove()
+        return logits, captured["h"], head.bias is not None
+
+    def plan(self, x, y, ctx: StepContext) -> Plan:
+        from dynbatch.selection import select_subset
+
+        o = self.options
+        t0 = time.perf_counter()
+        if o["reuse_forward"]:
+            logits, feats, bias = self._selection_forward(x, ctx, keep_graph=True)
+        else:
+            with preserved_buffers(ctx.model):
+                logits, feats, bias = self._selection_forward(x, ctx, keep_graph=False)
+        losses = ctx.loss_fn(logits.float(), y)
+        loss = float(losses.detach().mean())
+        sel = select_subset(
+            logits.detach(), y, feats.detach(), num_subsets=o["subsets"], seed=(ctx.seed << 32) + ctx.step,
+            loss=loss, loss_ema=self.loss_ema, grad_ema=self.grad_ema, mode=o["subset_mode"], p=o["subset_p"],
+            backend=o["selection_backend"], bias=bias, label_smoothing=ctx.label_smoothing, eps=o["margin_eps"],
+        )
+        grad_norm, margin = float(sel.grad_norm), float(sel.margin)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        selection_s = time.perf_counter() - t0
+        record = {"batch_loss": loss, "chosen_size": int(sel.size), "subset_index": int(sel.index),
+                  "grad_norm": grad_norm, "margin": margin, "loss_ema": self.loss_ema, "grad_ema": self.grad_ema,
+                  "selection_s": selection_s}
+        # EMAs and batch size move after the choice, as in the paper.
+        nxt = self.next_batch_size(loss)
+        beta = o["ema_decay"]
+        if self.loss_ema is None:
+            self.loss_ema, self.grad_ema = loss, grad_norm
+        else:
+            self.loss_ema = beta * self.loss_ema + (1 - beta) * loss
+            self.grad_ema = beta * self.grad_ema + (1 - beta) * grad_norm
+        self.current = nxt
+        record["next_batch_size"] = nxt
+        mask = sel.mask
+        if o["reuse_forward"]:
+            step = TrainStep(x=None, y=y[mask], reuse_losses=losses[mask], reuse_logits=logits[mask].detach())
+        else:
+            step = TrainStep(x[mask], y[mask])
+        return Plan([step], record)
+
+    def state_dict(self):
+        return {"current": self.current, "loss_ema": self.loss_ema, "grad_ema": self.grad_ema}
+
+    def load_state_dict(self, state):
+        self.current, self.loss_ema, self.grad_ema = state["current"], state["loss_ema"], state["grad_ema"]

@@ -1,0 +1,56 @@
+"""Builds and loads the native CPU extension (``csrc/dynbatch_native.cpp``) on first use.
+
+It is compiled with ``torch.utils.cpp_extension.load`` against the torch already installed (no second download of
+torch, no CUDA needed) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
+Where it cannot be built, :func:`load` returns None and :func:`status` says why; set ``DYNBATCH_NO_NATIVE=1`` to
+skip it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "dynbatch_native.cpp"
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def load():
+    """The extension module, or None when it is unavailable (see :func:`status`)."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        _state["module"], _state["why"] = None, ""
+        if os.environ.get("DYNBATCH_NO_NATIVE"):
+            _state["why"] = "disabled by DYNBATCH_NO_NATIVE"
+        elif not SOURCE.is_file():
+            _state["why"] = f"source {SOURCE} not found (install from a clone with pip install -e .)"
+        else:
+            try:
+                import logging
+
+                from torch.utils.cpp_extension import load as build
+
+                # "No CUDA runtime is found" is expected on CPU-only machines; this build needs no CUDA.
+                log = logging.getLogger("torch.utils.cpp_extension")
+                level = log.level
+                log.setLevel(logging.ERROR)
+                try:
+                    # -fopenmp: at::parallel_for is OpenMP inline code; torch's own libgomp is already loaded.
+                    _state["module"] = build(
+                        name="dynbatch_native", sources=[str(SOURCE)], verbose=False,
+                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    )
+                finally:
+                    log.setLevel(level)
+            except Exception as e:  # no compiler, no ninja, compile error
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                _state["why"] = f"build failed: {first[:200]}"
+        return _state["module"]
+
+
+def status() -> tuple[bool, str]:
+    """(usable, reason when not); builds the extension if it has not been tried yet."""
+    module = load()
+    return module is not None, _state.get("why", "")

@@ -1,0 +1,138 @@
+"""Pure-torch references for every selection op: the ground truth that the Triton kernels (``kernels/``) and the
+native extension (``csrc/``) must match. Torch only, so it imports everywhere.
+
+Notation (DESIGN.md): for a linear head z = W a with a_i = [h_i, 1] when the layer has a bias, and cross-entropy
+with (possibly smoothed) target t_i, sample i's own gradient is g_i = e_i a_i^T with e_i = softmax(z_i) - t_i.
+
+Random subsets are a function of (seed, subset n, sample i) only: see :func:`subset_masks`.
+"""
+from __future__ import annotations
+
+import torch
+
+# ---- the counter-based subset generator -------------------------------------------------------------------------
+# lowbias32 (a 32-bit integer mixer) evaluated in int64 with explicit wrap-around, so that torch, Triton (uint32)
+# and C++ (uint32_t) produce the same bits.
+M32 = 0xFFFFFFFF
+MIX_C1, MIX_C2 = 0x7FEB352D, 0x846CA68B
+GOLDEN = 0x9E3779B9  # spreads consecutive sample indices before mixing
+RATE_SALT = 0x5BD1E995  # separates a subset's rate draw from its membership draws
+MODES = {"bernoulli": 1, "uniform_size": 2}  # 0 is reserved for "masks given as a tensor"
+THRESHOLD_BITS = 24  # membership compares the top 24 bits of a draw with an integer threshold
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_C1) & M32
+    x = x ^ (x >> 15)
+    x = (x * MIX_C2) & M32
+    return x ^ (x >> 16)
+
+
+def seed32(seed: int) -> int:
+    """Fold a Python integer seed into the 32-bit key every backend uses."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return (seed ^ (seed >> 32)) & M32
+
+
+def bernoulli_threshold(p: float) -> int:
+    """Integer threshold: a sample is in iff its 24-bit draw is below it, i.e. with probability p."""
+    return int(round(min(max(p, 0.0), 1.0) * (1 << THRESHOLD_BITS)))
+
+
+def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """Per-subset keys (int64 in [0, 2^32)) for subset indices ``rows``."""
+    return mix32((mix32(torch.tensor(seed32(seed), dtype=torch.int64, device=rows.device)) + rows) & M32)
+
+
+def subset_masks(seed: int, rows: torch.Tensor, batch_size: int, mode: str = "bernoulli", p: float = 0.5) -> torch.Tensor:
+    """Membership masks (len(rows), batch_size), bool, of the subsets with indices ``rows`` (int64).
+
+    ``bernoulli``: each sample is in with probability p (p = 1/2: uniform over all subsets).
+    ``uniform_size``: subset n draws its own rate p_n ~ U(0, 1) from its key, then includes each sample with
+    probability p_n, so its size is uniform over 0..B.
+    """
+    rows = rows.to(torch.int64)
+    key = row_keys(seed, rows)[:, None]
+    i = torch.arange(batch_size, dtype=torch.int64, device=rows.device)[None, :]
+    draw = mix32((key + i * GOLDEN) & M32) >> (32 - THRESHOLD_BITS)
+    if mode == "bernoulli":
+        thr = torch.tensor(bernoulli_threshold(p), dtype=torch.int64, device=rows.device)
+    elif mode == "uniform_size":
+        thr = mix32(key ^ RATE_SALT) >> (32 - THRESHOLD_BITS)
+    else:
+        raise ValueError(f"unknown subset mode {mode!r}; choose one of {', '.join(MODES)}")
+    return draw < thr
+
+
+# ---- last-layer residuals and per-sample norms ------------------------------------------------------------------
+def residuals(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """E = softmax(logits) - target distribution, fp32 (B, C); each row sums to zero."""
+    z = logits.float()
+    c = z.shape[1]
+    t = torch.full_like(z, label_smoothing / c)
+    t.scatter_add_(1, targets.long()[:, None], torch.full_like(z[:, :1], 1.0 - label_smoothing))
+    return torch.softmax(z, dim=1) - t
+
+
+def augmented_features(features: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A = [h, 1] with a bias, else h; fp32 (B, D + bias)."""
+    a = features.float()
+    return torch.cat([a, torch.ones_like(a[:, :1])], 1) if bias else a
+
+
+def per_sample_grad_norms(logits, targets, features, *, bias=True, label_smoothing=0.0) -> torch.Tensor:
+    """||g_i|| = ||e_i|| * ||a_i||, fp32 (B,)."""
+    e = residuals(logits, targets, label_smoothing)
+    return e.norm(dim=1) * augmented_features(features, bias).norm(dim=1)
+
+
+# ---- subset-mean gradient norms ---------------------------------------------------------------------------------
+def choose_route(batch: int, classes: int, width: int) -> str:
+    """The cheaper exact route: Gram costs N*B^2 multiply-adds, direct N*B*C*(D+1)."""
+    return "gram" if batch < classes * width else "direct"
+
+
+def gram_matrix(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """K = (E E^T) o (A A^T), fp32 (B, B): K_ij = <g_i, g_j>."""
+    return (e @ e.T) * (a @ a.T)
+
+
+def subset_sq_sums(e: torch.Tensor, a: torch.Tensor, masks: torch.Tensor, route: str = "gram",
+                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||sum_{i in S} g_i||^2, |S|) for every row S of ``masks`` (N, B); fp32 (N,) each.
+
+    e: fp32 (B, C) residuals; a: fp32 (B, D') augmented features. Rows are processed ``chunk`` at a time so
+    memory stays bounded at large N.
+    """
+    q_parts = []
+    if route == "gram":
+        k = gram_matrix(e, a)
+    elif route == "direct":
+        g = (e[:, :, None] * a[:, None, :]).reshape(e.shape[0], -1)  # the reference may materialise G
+    else:
+        raise ValueError(f"unknown route {route!r}; use direct or gram")
+    for start in range(0, masks.shape[0], chunk):
+        m = masks[start : start + chunk].float()
+        if route == "gram":
+            q_parts.append(((m @ k) * m).sum(1))
+        else:
+            q_parts.append((m @ g).square().sum(1))
+    q = torch.cat(q_parts) if q_parts else torch.zeros(0, device=e.device)
+    return q, masks.float().sum(1)
+
+
+def mean_norms(sq_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """||mean gradient|| = sqrt(||sum||^2) / |S|; 0 for empty subsets (which selection never picks)."""
+    return torch.where(counts > 0, sq_sums.clamp_min(0).sqrt() / counts.clamp_min(1), torch.zeros_like(sq_sums))
+
+
+def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoothing=0.0, route="auto"):
+    """Norm of the mean last-layer gradient of each subset (row of ``masks``), fp32 (N,)."""
+    e = residuals(logits, targets, label_smoothing)
+    a = augmented_features(features, bias)
+    if route == "auto":
+        route = choose_route(*e.shape[:1], e.shape[1], a.shape[1])
+    q, c = subset_sq_sums(e, a, masks.to(e.device), route)
+    return mean_norms(q, c)

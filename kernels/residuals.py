@@ -1,0 +1,54 @@
+"""Fused softmax residuals and per-sample last-layer gradient norms.
+
+Matches ``kernels.reference.residuals`` and ``kernels.reference.per_sample_grad_norms``: one program per sample
+computes e_i = softmax(z_i) - t_i in fp32 (whatever the logits' dtype), stores it for the subset kernels, and
+||g_i|| = ||e_i|| * ||[h_i, 1]||.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .reference import per_sample_grad_norms as REFERENCE  # noqa: F401  (the op this file must match)
+
+
+@triton.jit
+def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, C, D, stride_l, stride_f, smoothing,
+                      BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cs = tl.arange(0, BLOCK_C)
+    cm = cs < C
+    z = tl.load(logits_ptr + row * stride_l + cs, mask=cm, other=float("-inf")).to(tl.float32)
+    p = tl.exp(z - tl.max(z, axis=0))
+    p = tl.where(cm, p, 0.0)
+    p = p / tl.sum(p, axis=0)
+    t = tl.load(targets_ptr + row).to(tl.int32)
+    target = tl.where(cs == t, 1.0 - smoothing, 0.0) + smoothing / C
+    e = tl.where(cm, p - target, 0.0)
+    tl.store(e_ptr + row * C + cs, e, mask=cm)
+    a2 = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        h = tl.load(feat_ptr + row * stride_f + ds, mask=ds < D, other=0.0).to(tl.float32)
+        a2 += h * h
+    a2_sum = tl.sum(a2, axis=0)
+    if BIAS:
+        a2_sum += 1.0
+    tl.store(norm_ptr + row, tl.sqrt(tl.sum(e * e, axis=0)) * tl.sqrt(a2_sum))
+
+
+def residuals_and_norms(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, *, bias: bool,
+                        label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E fp32 (B, C), per-sample gradient norms fp32 (B,)); logits (B, C) and features (B, D) in any float dtype."""
+    b, c = logits.shape
+    d = features.shape[1]
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    features = features if features.stride(1) == 1 else features.contiguous()
+    e = torch.empty((b, c), dtype=torch.float32, device=logits.device)
+    norms = torch.empty((b,), dtype=torch.float32, device=logits.device)
+    if b == 0:
+        return e, norms
+    _residuals_kernel[(b,)](
+        logits, targets, features, e, norms, c, d, logits.stride(0), features.stride(0), float(label_smoothing),
+        BIAS=bias, BLOCK_C=triton.next_power_of_2(c), BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 1024),
+    )
+    return e, norms

@@ -1,0 +1,53 @@
+"""Squared norms of subset-sum gradients, Gram route: m^T K m with K = (E E^T) o (A A^T).
+
+Matches ``kernels.reference.subset_sq_sums(route="gram")``. K (B x B) costs two small matmuls; the kernel then
+computes rowsum((M K) o M) with the mask tiles drawn in-kernel, never storing M. Work: N * B^2 multiply-adds,
+cheaper than the direct route whenever B < C(D+1).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .reference import subset_sq_sums as REFERENCE  # noqa: F401  (the op this file must match)
+from .subset_rng import dot_dtype_args, low_precision_dot as _dot, mask_tile
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _gram_kernel(k_ptr, masks_ptr, sq_ptr, cnt_ptr, N, B, seed, thr, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 ROUND_ONLY: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    q = tl.zeros((BLOCK_N,), tl.float32)
+    cnt = tl.zeros((BLOCK_N,), tl.float32)
+    for i0 in range(0, B, BLOCK_I):
+        cols = i0 + tl.arange(0, BLOCK_I)
+        acc = tl.zeros((BLOCK_N, BLOCK_I), tl.float32)
+        for k0 in range(0, B, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kt = tl.load(k_ptr + ks[:, None] * B + cols[None, :], mask=(ks[:, None] < B) & (cols[None, :] < B),
+                         other=0.0)
+            mk = mask_tile(masks_ptr, seed, thr, rows, ks, N, B, MODE)
+            acc = _dot(mk, kt, acc, DOT_DTYPE, PRECISION, ROUND_ONLY)
+        mi = mask_tile(masks_ptr, seed, thr, rows, cols, N, B, MODE).to(tl.float32)
+        q += tl.sum(acc * mi, axis=1)
+        cnt += tl.sum(mi, axis=1)
+    tl.store(sq_ptr + rows, q, mask=rows < N)
+    tl.store(cnt_ptr + rows, cnt, mask=rows < N)
+
+
+def subset_sq_sums_gram(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *, masks: torch.Tensor | None,
+                        seed: int, mode: int, thr: int, dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||sum_S g_i||^2, |S|), fp32 (N,) each; arguments as in ``subset_sq_sums_direct``."""
+    b = e.shape[0]
+    n = num_subsets
+    k = ((e @ e.T) * (a @ a.T)).contiguous()  # fp32 (B, B)
+    sq = torch.empty((n,), dtype=torch.float32, device=e.device)
+    cnt = torch.empty((n,), dtype=torch.float32, device=e.device)
+    if n == 0:
+        return sq, cnt
+    block_n = 64
+    _gram_kernel[(triton.cdiv(n, block_n),)](
+        k, masks if masks is not None else k, sq, cnt, n, b, seed, thr, MODE=mode, BLOCK_N=block_n,
+        BLOCK_I=64, BLOCK_K=32, **dot_dtype_args(dot_dtype),
+    )
+    return sq, cnt

@@ -1,0 +1,61 @@
+"""Shared inputs for the selection tests: a real last layer, its autograd per-sample gradients, and odd shapes."""
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A conv trunk with a D-wide feature layer and a linear head: odd D and C without a big model."""
+
+    def __init__(self, d: int, c: int, bias: bool = True):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                   nn.Linear(16, d), nn.ReLU())
+        self.head = nn.Linear(d, c, bias=bias)
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def last_layer_inputs(model: nn.Module, head: nn.Linear, x: torch.Tensor):
+    """(logits, features) of ``model`` on ``x``, with the head's input captured by a hook."""
+    seen = {}
+    h = head.register_forward_hook(lambda m, i, o: seen.__setitem__("h", i[0]))
+    logits = model(x)
+    h.remove()
+    return logits, seen["h"]
+
+
+def autograd_per_sample_grads(model, head, x, y, label_smoothing=0.0) -> torch.Tensor:
+    """(B, C*D + C) flattened per-sample gradients of the head (weight, then bias), one backward per sample."""
+    params = [head.weight] + ([head.bias] if head.bias is not None else [])
+    logits = model(x)
+    rows = []
+    for i in range(x.shape[0]):
+        li = nn.functional.cross_entropy(logits[i : i + 1], y[i : i + 1], label_smoothing=label_smoothing)
+        gs = torch.autograd.grad(li, params, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(rows)
+
+
+def random_case(b, c, d, seed=0, dtype=torch.float32, identical=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, c, generator=g) * 2
+    feats = torch.randn(b, d, generator=g).relu()
+    y = torch.randint(0, c, (b,), generator=g)
+    if identical:
+        logits, feats, y = logits[:1].expand(b, c).clone(), feats[:1].expand(b, d).clone(), y[:1].expand(b).clone()
+    return logits.to(dtype), y, feats.to(dtype)
+
+
+def route_atol(route: str, logits, y, feats, bias=True, smoothing=0.0) -> float:
+    """Absolute tolerance for subset-mean norms in fp32, scaled by the largest per-sample gradient norm.
+
+    The direct route sums gradients before squaring: error ~ eps * max||g_i||. The Gram route squares first,
+    m^T K m, whose terms cancel when the mean gradient is near zero: ||mean||^2 has error ~ eps * max||g_i||^2, so
+    the norm has error ~ sqrt(eps) * max||g_i|| there (3e-4 of the scale; 1e-3 leaves margin). Away from zero
+    both routes meet rtol 1e-4.
+    """
+    from dynbatch_kernels import reference as ref
+
+    scale = float(ref.per_sample_grad_norms(logits, y, feats, bias=bias, label_smoothing=smoothing).max())
+    return (1e-3 if route == "gram" else 1e-6) * max(scale, 1e-6)

@@ -1,0 +1,72 @@
+"""Triton kernels against the torch reference. On CPU they run under TRITON_INTERPRET=1 (set in conftest), so
+shapes stay small; on a GPU the same tests run compiled.
+
+Tolerances: fp32 rtol 1e-4 (IEEE fp32 dots); bf16 inputs rtol 2e-2 and fp16 rtol 2e-3 against the fp32
+reference (input rounding plus the low-precision dot operands; accumulation is fp32 throughout).
+"""
+import pytest
+import torch
+
+from dynbatch.selection import per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms
+from selection_cases import random_case, route_atol
+
+pytestmark = pytest.mark.interpreter
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def _case(b, c, d, seed=0, dtype=torch.float32):
+    return tuple(t.to(DEV) for t in random_case(b, c, d, seed=seed, dtype=dtype))
+
+
+@pytest.mark.parametrize("b, c, d", [(1, 2, 1), (2, 7, 19), (37, 7, 19), (37, 2, 64), (100, 10, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_matches_reference(b, c, d, bias):
+    logits, y, feats = _case(b, c, d, seed=b * 7 + d)
+    for smoothing in (0.0, 0.1):
+        kw = dict(bias=bias, label_smoothing=smoothing)
+        torch.testing.assert_close(per_sample_grad_norms(logits, y, feats, backend="triton", **kw),
+                                   per_sample_grad_norms(logits, y, feats, backend="torch", **kw), rtol=RTOL, atol=ATOL)
+    masks = random_subsets(70, b, seed=b, device=DEV)  # 70: a partial second block of 64 subsets
+    for route in ("direct", "gram"):
+        want = subset_grad_norms(logits, y, feats, masks, backend="torch", route=route, bias=bias)
+        got = subset_grad_norms(logits, y, feats, masks, backend="triton", route=route, bias=bias)
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=route_atol(route, logits, y, feats, bias))
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "uniform_size"])
+@pytest.mark.parametrize("route", ["direct", "gram"])
+def test_triton_in_kernel_masks_equal_reference_masks(mode, route):
+    logits, y, feats = _case(37, 7, 19, seed=5)
+    for seed in (0, 12345, 2**32 + 99):
+        kw = dict(num_subsets=130, seed=seed, loss=1.0, loss_ema=1.1, grad_ema=0.3, mode=mode, route=route)
+        a = select_subset(logits, y, feats, backend="torch", **kw)
+        b = select_subset(logits, y, feats, backend="triton", **kw)
+        # Equal norms for all 130 subsets means equal masks: any differing sample would change a mean gradient.
+        torch.testing.assert_close(b.norms, a.norms, rtol=RTOL, atol=route_atol(route, logits, y, feats))
+        assert int(a.index) == int(b.index) and torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("route", ["direct", "gram"])
+def test_triton_low_precision(dtype, rtol, route):
+    logits, y, feats = _case(37, 7, 19, seed=6)
+    masks = random_subsets(64, 37, seed=1, device=DEV)
+    want = subset_grad_norms(logits, y, feats, masks, backend="torch", route=route)
+    got = subset_grad_norms(logits.to(dtype), y, feats.to(dtype), masks, backend="triton", route=route)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-4)
+
+
+def test_triton_edge_cases():
+    # Zero subsets, and a batch of identical samples whose every subset has the same mean gradient.
+    logits, y, feats = _case(16, 5, 8, seed=0)
+    empty = torch.zeros(0, 16, dtype=torch.bool, device=DEV)
+    assert subset_grad_norms(logits, y, feats, empty, backend="triton").shape == (0,)
+    li, yi, fi = (t.to(DEV) for t in random_case(16, 5, 8, identical=True))
+    masks = random_subsets(64, 16, seed=2, device=DEV)
+    got = subset_grad_norms(li, yi, fi, masks, backend="triton")
+    one = per_sample_grad_norms(li[:1], yi[:1], fi[:1], backend="torch")[0]
+    nonempty = masks.any(1)
+    torch.testing.assert_close(got[nonempty], one.expand(int(nonempty.sum())), rtol=RTOL, atol=ATOL)
+    assert (got[~nonempty] == 0).all()

@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torch import nn
+
+from cli_helpers import rows, run_cli
+from dynbatch.errors import UserError
+from dynbatch.models import build_model
+from dynbatch.policies import StepContext
+from dynbatch.policies.edba import EDBAPolicy
+from dynbatch.selection import random_subsets
+
+OPTS = dict(subsets=256, subset_mode="bernoulli", subset_p=0.5, ema_decay=0.9, margin_eps=1e-8, reuse_forward=False,
+            bs_min=10, bs_max=1000, bs_factor=1.1, grow_below=0.05, shrink_above=0.05, selection_backend="auto")
+
+
+def ctx_for(model, step=0):
+    return StepContext(model, lambda z, y: nn.functional.cross_entropy(z, y, reduction="none"),
+                       lambda: torch.autocast("cpu", enabled=False), step, 0, 0, torch.device("cpu"))
+
+
+def test_batch_size_moves_in_the_intended_direction():
+    p = EDBAPolicy(OPTS, batch_size=100)
+    assert p.batch_size() == 100 and p.next_batch_size(5.0) == 100  # no trend yet
+    p.loss_ema = 1.0
+    assert p.next_batch_size(1.5) == 91  # loss high (above trend): smaller
+    assert p.next_batch_size(0.5) == 110  # loss low (below trend): larger
+    assert p.next_batch_size(1.04) == 100  # within the thresholds: unchanged
+    p.current = 10
+    assert p.next_batch_size(9.0) == 10  # floor
+    p.current = 1000
+    assert p.next_batch_size(0.1) == 1000  # cap
+    p.current = 11
+    assert p.next_batch_size(0.1) == 12  # always moves by at least one sample
+    assert EDBAPolicy({**OPTS, "bs_min": 50}, batch_size=20).batch_size() == 50  # initial size clamped
+
+
+def test_plan_trains_on_the_chosen_subset_and_leaves_buffers():
+    torch.manual_seed(0)
+    model = build_model("preresnet20", 10)
+    x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 10, (40,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p = EDBAPolicy(OPTS, batch_size=40)
+    plan = p.plan(x, y, ctx_for(model, step=3))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no buffer, no weight moved
+    (step,) = plan.steps
+    mask = random_subsets(256, 40, seed=(0 << 32) + 3)[plan.record["subset_index"]]
+    assert torch.equal(step.x, x[mask]) and torch.equal(step.y, y[mask])
+    r = plan.record
+    assert r["chosen_size"] == int(mask.sum()) > 0 and r["loss_ema"] is None  # first step: EMAs not yet set
+    assert p.loss_ema == pytest.approx(r["batch_loss"]) and p.grad_ema == pytest.approx(r["grad_norm"])
+    plan2 = p.plan(x, y, ctx_for(model, step=4))
+    assert plan2.record["loss_ema"] == pytest.approx(r["batch_loss"]) and plan2.record["margin"] >= 0
+    state = p.state_dict()
+    q = EDBAPolicy(OPTS, batch_size=40)
+    q.load_state_dict(state)
+    assert q.state_dict() == state
+
+
+def test_reuse_forward_masks_the_loss():
+    torch.manual_seed(0)
+    model = build_model("alexnet_cifar", 10).eval()  # eval: no dropout, so the forward is reproducible
+    x, y = torch.randn(24, 3, 16, 16), torch.randint(0, 10, (24,))
+    p = EDBAPolicy({**OPTS, "reuse_forward": True}, batch_size=24)
+    (step,) = p.plan(x, y, ctx_for(model)).steps
+    assert step.x is None and step.reuse_losses.requires_grad
+    with torch.no_grad():
+        direct = nn.functional.cross_entropy(model(x), y, reduction="none")
+    chosen = step.reuse_losses.detach()
+    assert any(torch.allclose(chosen, direct[m]) for m in random_subsets(256, 24, seed=0) if m.sum() == len(chosen))
+
+
+def test_model_without_linear_head_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(UserError, match="no nn.Linear head"):
+        EDBAPolicy(OPTS, batch_size=8).plan(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)), ctx_for(model))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--subsets", "0"), "--subsets must be in 1..65536"),
+    (("--subsets", "70000"), "--subsets must be in 1..65536"),
+    (("--subset-mode", "gaussian"), "--subset-mode"),
+    (("--bs-min", "50", "--bs-max", "20"), "--bs-min <= --bs-max"),
+    (("--bs-factor", "0.9"), "--bs-factor must be above 1"),
+])
+def test_edba_bad_options(tmp_path, capsys, args, needle):
+    rc, _, err = run_cli(capsys, "train", "--policy", "edba", "--out", tmp_path / "x", *args)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_edba_end_to_end_on_real_cifar(tmp_path, capsys, cifar_subset):
+    out = tmp_path / "edba"
+    rc, stdout, _ = run_cli(capsys, "train", "--policy", "edba", "--data", f"npz:{cifar_subset}", "--model",
+                            "preresnet20", "--train-samples", "1000", "--epochs", "4", "--lr", "0.05",
+                            "--subsets", "1024", "--out", out, "--no-progress")
+    assert rc == 0, stdout
+    steps, epochs = rows(out, "step"), rows(out, "epoch")
+    sizes = {r["policy_batch_size"] for r in steps}
+    assert len(sizes) > 1 and steps[0]["policy_batch_size"] == 100  # the batch size moved from its start
+    assert all(0 < r["chosen_size"] <= r["batch_size"] for r in steps)
+    assert all(r["trained_samples"] == r["chosen_size"] for r in steps)
+    for k in ("margin", "grad_norm", "loss_ema", "grad_ema", "selection_s", "subset_index"):
+        assert k in steps[1]
+    # Chance is 0.10 on the 1,017 test images (one standard error: 0.009); EDBA trains on ~half of each batch.
+    assert epochs[-1]["test_acc"] > 0.15 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    # resume mid-run keeps the policy state
+    rc, _, _ = run_cli(capsys, "train", "--resume", out, "--epochs", "5")
+    assert rc == 0 and len(rows(out, "epoch")) == 5
