@@ -6,8 +6,9 @@ from dynbatch.errors import UserError
 from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
 from dynbatch.policies.edba import EDBAPolicy
 from dynbatch.policies.fixed import FixedPolicy
+from dynbatch.policies.split import SplitPolicy
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy, EDBAPolicy)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy, SplitPolicy, EDBAPolicy)}
 
 
 def policy_class(name: str) -> type[Policy]:
