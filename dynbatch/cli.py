@@ -50,7 +50,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, help=f"SGD momentum (default {OPTIMIZER_DEFAULTS['momentum']})")
     g.add_argument("--nesterov", type=_bool, help="Nesterov momentum (true/false)")
     g.add_argument("--weight-decay", type=float, help=f"default {OPTIMIZER_DEFAULTS['weight_decay']}")
-    g.add_argument("--schedule", default=d.schedule, help=f"one of {', '.join(SCHEDULES)}")
+    g.add_argument("--schedule", help=f"one of {', '.join(SCHEDULES)} (default: the policy's, else cosine)")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear learning-rate warm-up")
     g.add_argument("--milestones", type=lambda s: tuple(float(v) for v in s.split(",")), default=d.milestones,
                    help="epochs of the step schedule, comma separated (default: 50%%,75%% of the budget)")

@@ -3,12 +3,13 @@ needs no change."""
 from __future__ import annotations
 
 from dynbatch.errors import UserError
+from dynbatch.policies.adabatch import AdaBatchPolicy
 from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
 from dynbatch.policies.edba import EDBAPolicy
 from dynbatch.policies.fixed import FixedPolicy
 from dynbatch.policies.split import SplitPolicy
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy, SplitPolicy, EDBAPolicy)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy, SplitPolicy, EDBAPolicy, AdaBatchPolicy)}
 
 
 def policy_class(name: str) -> type[Policy]:

@@ -66,6 +66,8 @@ class Policy:
     optimizer_defaults: ClassVar[dict[str, Any]] = {}
     # Loader batch size when the user gives no --batch-size.
     default_batch_size: ClassVar[int] = 128
+    # Defaults for other trainer settings this policy relies on (e.g. a schedule), applied unless the user sets them.
+    config_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -75,9 +77,10 @@ class Policy:
     def validate(cls, options: dict[str, Any]) -> None:
         """Raise ``UserError`` for bad option values, before any run file is written."""
 
-    def __init__(self, options: dict[str, Any], *, batch_size: int):
+    def __init__(self, options: dict[str, Any], *, batch_size: int, config: Any = None):
         self.options = options
         self.base_batch_size = batch_size
+        self.config = config  # the resolved TrainConfig (None in unit tests that build a policy alone)
 
     def batch_size(self) -> int:
         """Size of the next loader batch."""

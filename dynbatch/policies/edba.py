@@ -73,8 +73,8 @@ class EDBAPolicy(Policy):
         if o["selection_backend"] not in ("auto", "torch", "native", "triton"):
             raise UserError(f"--selection-backend must be auto, torch, native or triton (got {o['selection_backend']})")
 
-    def __init__(self, options, *, batch_size):
-        super().__init__(options, batch_size=batch_size)
+    def __init__(self, options, *, batch_size, config=None):
+        super().__init__(options, batch_size=batch_size, config=config)
         o = options
         self.current = min(max(batch_size, o["bs_min"]), o["bs_max"])
         self.loss_ema: float | None = None

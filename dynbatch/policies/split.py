@@ -110,13 +110,13 @@ class SplitPolicy(Policy):
         if o["split_clip"] <= 0:
             raise UserError("--split-clip must be positive")
 
-    def __init__(self, options, *, batch_size):
+    def __init__(self, options, *, batch_size, config=None):
         base = options["base_batch"] or batch_size
         splits = _parse_splits(options["splits"])
         bad = [k for k in splits if base % k]
         if bad:
             raise UserError(f"--splits {options['splits']} must divide the base batch {base}")
-        super().__init__(options, batch_size=base)
+        super().__init__(options, batch_size=base, config=config)
         self.splits = splits
 
     def choose(self, scores: dict[int, float], seed: int, step: int) -> int:

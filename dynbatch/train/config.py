@@ -27,7 +27,7 @@ class TrainConfig:
     momentum: float | None = None
     nesterov: bool | None = None
     weight_decay: float | None = None
-    schedule: str = "cosine"
+    schedule: str | None = None  # None: the policy's default, else cosine
     warmup_epochs: float = 0.0
     milestones: tuple[float, ...] = ()
     gamma: float = 0.1
@@ -48,6 +48,8 @@ class TrainConfig:
         """Fill unset settings from the policy (its paper's optimizer, its batch size), then global defaults."""
         if self.batch_size is None:
             self.batch_size = policy_cls.default_batch_size
+        if self.schedule is None:
+            self.schedule = policy_cls.config_defaults.get("schedule", "cosine")
         policy_defaults = policy_cls.optimizer_defaults
         for k, v in OPTIMIZER_DEFAULTS.items():
             if getattr(self, k) is None:

@@ -100,7 +100,7 @@ class Trainer:
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
             weight_decay=cfg.weight_decay,
         )
-        self.policy = self.policy_cls(cfg.policy_options, batch_size=cfg.batch_size)
+        self.policy = self.policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
         self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch)
         self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
