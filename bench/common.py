@@ -1,0 +1,130 @@
+"""Shared helpers for the benchmark suites: cases, peers, timing, and the quick/full switch.
+
+Quick is the default; ``DYNBATCH_BENCH=full`` (``dynbatch bench --full``) widens the grids.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+
+FULL = os.environ.get("DYNBATCH_BENCH") == "full"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NAIVE_MAX_N = 4096  # the per-subset Python loop is linear in N; beyond this it is measured at this N
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine() -> dict:
+    info = {"device": DEVICE.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        import cpuinfo
+
+        info["cpu"] = cpuinfo.get_cpu_info().get("brand_raw", info["cpu"])
+    except Exception:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if DEVICE.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(benchmark, fn, budget_s: float = 1.5, **extra):
+    """Time ``fn`` with pytest-benchmark: one warm-up, then as many rounds as fit ``budget_s`` (3..20)."""
+    import time
+
+    def call():
+        out = fn()
+        sync()
+        return out
+
+    t = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - t, 1e-6)
+    rounds = int(min(20, max(3, budget_s / once)))
+    benchmark.extra_info.update(extra, machine=machine())
+    return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+class SelectionCase:
+    """A last-layer selection problem: features (B, D), targets (B,), head (C, D)+(C,), masks (N, B)."""
+
+    def __init__(self, b: int, c: int, d: int, n: int, seed: int = 0):
+        from dynbatch.selection import random_subsets
+
+        g = torch.Generator().manual_seed(seed)
+        self.b, self.c, self.d, self.n = b, c, d, n
+        self.features = torch.randn(b, d, generator=g).relu().to(DEVICE)
+        self.weight = (torch.randn(c, d, generator=g) / d**0.5).to(DEVICE)
+        self.bias = torch.zeros(c, device=DEVICE)
+        self.targets = torch.randint(0, c, (b,), generator=g).to(DEVICE)
+        self.logits = F.linear(self.features, self.weight, self.bias)
+        self.seed = seed
+        self.masks = random_subsets(n, b, seed=seed, device=DEVICE)
+
+    def macs(self, route: str) -> int:
+        return self.n * self.b * (self.b if route == "gram" else self.c * (self.d + 1))
+
+
+def opacus_subset_norms(case: SelectionCase):
+    """Opacus ``GradSampleModule`` per-sample gradients, then the vectorised subset reduction."""
+    from opacus import GradSampleModule
+
+    from dynbatch.baselines import subset_mean_norms_matmul
+
+    head = torch.nn.Linear(case.d, case.c).to(DEVICE)
+    with torch.no_grad():
+        head.weight.copy_(case.weight)
+        head.bias.copy_(case.bias)
+    gsm = GradSampleModule(head, loss_reduction="sum")
+
+    def fn():
+        gsm.zero_grad(set_to_none=True)
+        F.cross_entropy(gsm(case.features), case.targets, reduction="sum").backward()
+        g = torch.cat([head.weight.grad_sample.flatten(1), head.bias.grad_sample], 1)
+        head.weight.grad_sample = head.bias.grad_sample = None
+        return subset_mean_norms_matmul(g, case.masks)
+
+    return fn
+
+
+def backpack_subset_norms(case: SelectionCase):
+    """BackPACK ``BatchGrad`` per-sample gradients, then the vectorised subset reduction."""
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    from dynbatch.baselines import subset_mean_norms_matmul
+
+    head = extend(torch.nn.Linear(case.d, case.c).to(DEVICE))
+    with torch.no_grad():
+        head.weight.copy_(case.weight)
+        head.bias.copy_(case.bias)
+    lossf = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+
+    def fn():
+        head.zero_grad(set_to_none=True)
+        with backpack(BatchGrad()):
+            lossf(head(case.features), case.targets).backward()
+        g = torch.cat([head.weight.grad_batch.flatten(1), head.bias.grad_batch], 1)
+        return subset_mean_norms_matmul(g, case.masks)
+
+    return fn
+
+
+def peer_missing(module: str) -> str | None:
+    try:
+        __import__(module)
+        return None
+    except ImportError:
+        return f"{module} not installed (pip install -e '.[peers]')"

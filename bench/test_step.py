@@ -1,0 +1,52 @@
+"""Suite 3: time per training step of every policy, as overhead against the fixed policy at the same batch.
+
+Each step is what the trainer does per loader batch: the policy's plan (selection, candidates) and its
+execution (forward, backward, optimizer step), on CIFAR-shaped inputs with the policy's CLI defaults. EDBA is
+pinned to the loader batch under test (its adaptation would otherwise move it).
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.common import DEVICE, FULL, run
+from dynbatch.cli import _config_from_args, build_parser
+from dynbatch.models import build_model
+from dynbatch.policies import StepContext
+from dynbatch.train.executor import PlanExecutor
+
+POLICIES = ("fixed", "split", "edba", "adabatch")
+MODELS = ("preresnet20", "preresnet56") if FULL else ("preresnet20",)
+BATCHES = (100, 256)
+
+
+def make_policy(name: str, batch: int):
+    parser, _ = build_parser()
+    cfg = _config_from_args(parser.parse_args(["train", "--policy", name, "--batch-size", str(batch)]))
+    from dynbatch.policies import policy_class
+
+    cls = policy_class(name)
+    cfg.resolve_defaults(cls)
+    return cls(cfg.policy_options, batch_size=batch, config=cfg)
+
+
+@pytest.mark.parametrize("model_name, batch", list(itertools.product(MODELS, BATCHES)))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_step(benchmark, policy, model_name, batch):
+    torch.manual_seed(0)
+    model = build_model(model_name, 10).to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    pol = make_policy(policy, batch)
+    ex = PlanExecutor(model, opt)
+    x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    ctx = StepContext(model, lambda z, t: F.cross_entropy(z, t, reduction="none"),
+                      lambda: torch.autocast("cpu", enabled=False), 0, 0, 0, DEVICE)
+
+    def step():
+        if policy == "edba":
+            pol.current = batch
+        ex.run(pol.plan(x, y, ctx), ctx, 0.01)
+
+    run(benchmark, step, budget_s=4.0, suite="step", impl=policy, model=model_name, batch=batch)
