@@ -20,7 +20,8 @@ constexpr uint32_t kRateSalt = 0x5BD1E995u;
 // Subsets per block: 1024 rows keep the BLAS calls efficient (256 measured ~10% slower at B=1000) while a block's
 // buffers stay a few MB whatever N is.
 constexpr int64_t kBlockRows = 1024;
-constexpr int64_t kTileCols = 512;  // about this many G columns per direct-route tile, rounded to whole classes
+constexpr int64_t kTileCols = 2048;  // G columns per direct-route tile, rounded to whole classes: (B x 2048)
+                                     // keeps C=10, D=64 in one GEMM per block, as wide as BLAS likes
 constexpr int kLanes = 8;            // independent accumulators, so reductions vectorise without -ffast-math
 
 // sum_i x[i] * y[i] in kLanes float lanes, combined in double.
@@ -140,10 +141,11 @@ std::tuple<torch::Tensor, torch::Tensor> subset_sq_sums(torch::Tensor e, torch::
   torch::Tensor mask_bytes;
   if (mode == 0) {
     TORCH_CHECK(masks.has_value(), "mode 0 needs a mask tensor");
-    mask_bytes = masks->to(torch::kUInt8).contiguous();
+    // bool and uint8 share a 0/1 byte layout: read bool masks in place instead of converting them.
+    mask_bytes = masks->scalar_type() == torch::kBool ? masks->contiguous() : masks->to(torch::kUInt8).contiguous();
     TORCH_CHECK(mask_bytes.size(0) == N && mask_bytes.size(1) == B, "masks must be (num_subsets, B)");
   }
-  MaskSource src{mode == 0 ? mask_bytes.data_ptr<uint8_t>() : nullptr, static_cast<uint32_t>(seed), mode,
+  MaskSource src{mode == 0 ? static_cast<const uint8_t*>(mask_bytes.data_ptr()) : nullptr, static_cast<uint32_t>(seed), mode,
                  static_cast<uint32_t>(thr), B};
   auto opts = e.options();
   auto sq = torch::zeros({N}, opts);

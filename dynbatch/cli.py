@@ -148,6 +148,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     plot.add_argument("runs", nargs="+", help="run folders")
     plot.add_argument("--out", required=True, help="PNG file to write")
     sub.add_parser("info", help="versions, devices, usable kernel backends")
+    from dynbatch.bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser, {"train": train}
 
 
@@ -159,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     handlers = {"train": cmd_train, "plot": cmd_plot, "info": cmd_info}
     try:
+        if args.command == "bench":
+            from dynbatch.bench_cli import cmd_bench
+
+            return cmd_bench(args)
         return handlers[args.command](args, subs.get(args.command))
     except UserError as e:
         print(f"dynbatch: error: {e}", file=sys.stderr)

@@ -84,7 +84,8 @@ def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoo
     _check(logits, targets, features)
     if masks.dim() != 2 or masks.shape[1] != logits.shape[0]:
         raise UserError(f"masks must be (N, {logits.shape[0]}), got {tuple(masks.shape)}")
-    m = masks.to(device=logits.device, dtype=torch.uint8).contiguous()
+    m = masks.to(device=logits.device)
+    m = (m if m.dtype in (torch.bool, torch.uint8) else m != 0).contiguous()
     q, c = _sq_sums(logits, targets, features, masks=m, num_subsets=m.shape[0], seed=0, mode=0, thr=0, bias=bias,
                     label_smoothing=label_smoothing, backend=backend, route=route)
     return _ref().mean_norms(q, c)

@@ -1,0 +1,177 @@
+"""Turn a pytest-benchmark JSON of the dynbatch suites into ``report.md`` (medians and ratios) and ``bench.png``.
+
+    python bench/report.py RESULTS.json --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+PEERS = ("opacus", "backpack")
+SEL_IMPLS = ("naive", "functorch", "opacus", "backpack", "torch_direct", "torch_gram", "native", "triton", "auto",
+             "select_torch", "select_auto")
+
+
+def load(path: Path):
+    data = json.loads(Path(path).read_text())
+    rows = []
+    for b in data["benchmarks"]:
+        e = dict(b.get("extra_info", {}))
+        e["median_s"] = b["stats"]["median"]
+        rows.append(e)
+    return data, rows
+
+
+def fmt_ms(s):
+    return "–" if s is None else (f"{s * 1e3:,.0f}" if s >= 0.1 else f"{s * 1e3:.2f}")
+
+
+def ratio(a, b):
+    return "–" if a is None or b is None else f"{a / b:.1f}×"
+
+
+def header(data, rows) -> list[str]:
+    m = next((r["machine"] for r in rows if "machine" in r), {})
+    lines = [f"- machine: {m.get('cpu', '?')}, {m.get('threads', '?')} torch threads; device **{m.get('device', '?')}**"
+             + (f" ({m['gpu']})" if m.get("gpu") else " (no GPU)"),
+             f"- torch {m.get('torch')}, triton {m.get('triton')}; run {data.get('datetime', '')[:19]}"]
+    return lines
+
+
+def selection_table(rows) -> list[str]:
+    sel = [r for r in rows if r.get("suite") == "selection"]
+    mm = {(r["B"], r["C"], r["N"]): r["median_s"] for r in rows if r.get("suite") == "roofline"}
+    if not sel:
+        return []
+    t = defaultdict(dict)
+    naive_n = {}
+    for r in sel:
+        key = (r["B"], r["C"], r["N"])
+        t[key][r["impl"]] = r["median_s"]
+        t[key]["route"] = r["route"]
+        if r["impl"] == "naive":
+            naive_n[key] = r["measured_N"]
+    present = [i for i in SEL_IMPLS if any(i in v for v in t.values())]
+    out = ["### Selection: norms of N subset-mean last-layer gradients (median ms)", "",
+           "D = 64. Every implementation is checked against the torch reference before it is timed. `auto` is "
+           "`subset_grad_norms(backend='auto')` with the masks given; `select_*` is the full `select_subset` with "
+           "masks drawn inside the kernel. `naive` beyond N = 4096 is measured at N = 4096 (marked *).", "",
+           "| B | C | N | route | " + " | ".join(present) + " | naive/auto | functorch/auto | opacus/auto | "
+           "backpack/auto | torch(route)/auto | select torch/auto | mm rate: auto | mm rate: select |",
+           "|" + "---|" * (4 + len(present) + 8)]
+    for key in sorted(t):
+        v = t[key]
+        route = v["route"]
+        cells = []
+        for i in present:
+            s = fmt_ms(v.get(i))
+            if i == "naive" and key in naive_n and naive_n[key] != key[2]:
+                s += "*"
+            cells.append(s)
+        naive_ok = naive_n.get(key) == key[2]
+        auto = v.get("auto")
+        torch_same = v.get(f"torch_{route}")
+        mmr = mm.get(key)
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {route} | " + " | ".join(cells) + " | "
+                   + " | ".join([ratio(v.get("naive"), auto) if naive_ok else "–", ratio(v.get("functorch"), auto),
+                                 ratio(v.get("opacus"), auto), ratio(v.get("backpack"), auto), ratio(torch_same, auto),
+                                 ratio(v.get("select_torch"), v.get("select_auto")),
+                                 f"{mmr / auto:.2f}" if mmr and auto else "–",
+                                 f"{mmr / v['select_auto']:.2f}" if mmr and v.get("select_auto") else "–"]) + " |")
+    missing = [p for p in PEERS if p not in present]
+    if missing:
+        out += ["", f"Missing peers (not installed here; `pip install -e '.[peers]'`): {', '.join(missing)}."]
+    out += ["", "mm rate: `torch.mm` time on the product the route is equivalent to ((N×B)@(B×B) for Gram, "
+            "(N×B)@(B×C(D+1)) for direct) divided by the implementation's time: the fraction of torch.mm's "
+            "multiply-add rate achieved (1.00 = as fast as the equivalent GEMM).", ""]
+    return out
+
+
+def step_table(rows) -> list[str]:
+    st = [r for r in rows if r.get("suite") == "step"]
+    if not st:
+        return []
+    t = defaultdict(dict)
+    for r in st:
+        t[(r["model"], r["batch"])][r["impl"]] = r["median_s"]
+    pols = ["fixed", "split", "edba", "adabatch"]
+    out = ["### Training step per policy (median ms per loader batch, and overhead against fixed)", "",
+           "| model | loader batch | " + " | ".join(pols) + " | " + " | ".join(f"{p}/fixed" for p in pols[1:]) + " |",
+           "|" + "---|" * (2 + 2 * len(pols) - 1)]
+    for key in sorted(t):
+        v = t[key]
+        out.append(f"| {key[0]} | {key[1]} | " + " | ".join(fmt_ms(v.get(p)) for p in pols) + " | "
+                   + " | ".join(ratio(v.get(p), v.get("fixed")) for p in pols[1:]) + " |")
+    return out + [""]
+
+
+def pipeline_table(rows) -> list[str]:
+    pl = [r for r in rows if r.get("suite") == "pipeline"]
+    if not pl:
+        return []
+    dev = next((r for r in pl if r["impl"] == "device_resident"), None)
+    out = ["### Data pipeline (augmented images per second, one epoch, batch 256)", "",
+           "| pipeline | images/s | device-resident speed-up |", "|---|---|---|"]
+    for r in sorted(pl, key=lambda r: r["median_s"]):
+        ips = r["samples"] / r["median_s"]
+        out.append(f"| {r['impl']} | {ips:,.0f} | {ratio(r['median_s'], dev['median_s']) if dev else '–'} |")
+    return out + [""]
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r.get("suite") == "selection" and r.get("measured_N") == r.get("N")]
+    if not sel:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), constrained_layout=True)
+    bs = sorted({r["B"] for r in sel})
+    b_mid = 256 if 256 in bs else bs[len(bs) // 2]
+    ns = sorted({r["N"] for r in sel})
+    n_mid = 4096 if 4096 in ns else ns[-1]
+    for col, c in enumerate(sorted({r["C"] for r in sel})[:2]):
+        for row, (xk, fixed_k, fixed_v) in enumerate((("N", "B", b_mid), ("B", "N", n_mid))):
+            ax = axes[row, col]
+            for impl in SEL_IMPLS:
+                pts = sorted((r[xk], r["median_s"] * 1e3) for r in sel
+                             if r["impl"] == impl and r["C"] == c and r[fixed_k] == fixed_v)
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xk)
+            ax.set_ylabel("median ms")
+            ax.set_title(f"C={c}, {fixed_k}={fixed_v}")
+            ax.grid(alpha=0.3, which="both")
+    axes[0, 0].legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("results")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--command", default="")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, rows = load(Path(a.results))
+    lines = ["## Benchmark report", ""] + header(data, rows)
+    if a.command:
+        lines.append(f"- produced by: `{a.command}`")
+    lines.append("")
+    lines += selection_table(rows) + step_table(rows) + pipeline_table(rows)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "bench.png")
+    print(f"wrote {out / 'report.md'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
