@@ -96,7 +96,7 @@ def step_table(rows) -> list[str]:
     t = defaultdict(dict)
     for r in st:
         t[(r["model"], r["batch"])][r["impl"]] = r["median_s"]
-    pols = ["fixed", "split", "edba", "adabatch"]
+    pols = [p for p in ("fixed", "split", "split_reuse", "edba", "adabatch") if any(p in v for v in t.values())]
     out = ["### Training step per policy (median ms per loader batch, and overhead against fixed)", "",
            "| model | loader batch | " + " | ".join(pols) + " | " + " | ".join(f"{p}/fixed" for p in pols[1:]) + " |",
            "|" + "---|" * (2 + 2 * len(pols) - 1)]
@@ -148,7 +148,8 @@ def plot(rows, path: Path) -> None:
             ax.set_ylabel("median ms")
             ax.set_title(f"C={c}, {fixed_k}={fixed_v}")
             ax.grid(alpha=0.3, which="both")
-    axes[0, 0].legend(fontsize=8)
+    if axes[0, 0].get_legend_handles_labels()[0]:
+        axes[0, 0].legend(fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -16,14 +16,17 @@ from dynbatch.models import build_model
 from dynbatch.policies import StepContext
 from dynbatch.train.executor import PlanExecutor
 
-POLICIES = ("fixed", "split", "edba", "adabatch")
+# split_reuse: split with --split-reuse-first, to show what reusing the first chunk's forward saves.
+POLICIES = ("fixed", "split", "split_reuse", "edba", "adabatch")
 MODELS = ("preresnet20", "preresnet56") if FULL else ("preresnet20",)
 BATCHES = (100, 256)
 
 
 def make_policy(name: str, batch: int):
     parser, _ = build_parser()
-    cfg = _config_from_args(parser.parse_args(["train", "--policy", name, "--batch-size", str(batch)]))
+    extra = ["--split-reuse-first"] if name == "split_reuse" else []
+    name = name.replace("_reuse", "")
+    cfg = _config_from_args(parser.parse_args(["train", "--policy", name, "--batch-size", str(batch), *extra]))
     from dynbatch.policies import policy_class
 
     cls = policy_class(name)

@@ -62,6 +62,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--amp", default=d.amp, help="auto (bf16 on CUDA), bf16, none")
     g.add_argument("--channels-last", default=d.channels_last, help="auto (on for CUDA), on, off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (global batch statistics)")
     g.add_argument("--micro-batch", type=int, help="largest chunk computed at once; larger steps accumulate gradients")
     g.add_argument("--eval-batch", type=int, default=d.eval_batch)
     g.add_argument("--util-interval", type=float, default=d.util_interval, help="seconds between utilisation samples")

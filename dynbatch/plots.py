@@ -55,7 +55,8 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         ax.grid(alpha=0.3)
         if yk == "lr":
             ax.set_yscale("log")
-    axes[0, 0].legend(fontsize=8)
+    if axes[0, 0].get_legend_handles_labels()[0]:  # a run stopped before its first epoch has no epoch points
+        axes[0, 0].legend(fontsize=8)
     tmp = out.with_name(f".{out.name}.tmp.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(tmp, dpi=90)

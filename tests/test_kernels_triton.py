@@ -19,7 +19,8 @@ def _case(b, c, d, seed=0, dtype=torch.float32):
     return tuple(t.to(DEV) for t in random_case(b, c, d, seed=seed, dtype=dtype))
 
 
-@pytest.mark.parametrize("b, c, d", [(1, 2, 1), (2, 7, 19), (37, 7, 19), (37, 2, 64), (100, 10, 1)])
+@pytest.mark.parametrize("b, c, d", [(1, 2, 1), (2, 7, 19), (37, 7, 19), (37, 2, 64), (100, 10, 1), (37, 100, 1),
+                                     (256, 10, 19)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_matches_reference(b, c, d, bias):
     logits, y, feats = _case(b, c, d, seed=b * 7 + d)

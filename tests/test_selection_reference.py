@@ -10,7 +10,7 @@ from selection_cases import TinyNet, autograd_per_sample_grads, last_layer_input
 RTOL, ATOL = 1e-4, 1e-6  # fp32
 
 
-@pytest.mark.parametrize("b, c, d", [(1, 2, 1), (2, 7, 19), (37, 7, 19), (100, 10, 64), (37, 100, 1)])
+@pytest.mark.parametrize("b, c, d", [(1, 2, 1), (2, 7, 19), (37, 7, 19), (100, 10, 64), (37, 100, 1), (256, 2, 19)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_reference_matches_autograd(b, c, d, bias, smoothing):

@@ -15,6 +15,8 @@ MODELS = {
     "preresnet20": partial(PreResNet, 20),
     "preresnet56": partial(PreResNet, 56),
     "preresnet110": partial(PreResNet, 110),
+    "preresnet20_gn": partial(PreResNet, 20, norm="gn"),
+    "preresnet56_gn": partial(PreResNet, 56, norm="gn"),
     "alexnet": TorchvisionAlexNet,
     "alexnet_cifar": AlexNetCifar,
     "resnet18": ResNet18,

@@ -75,7 +75,7 @@ class AdaBatchPolicy(Policy):
         return factor
 
     def plan(self, x, y, ctx: StepContext) -> Plan:
-        return Plan([TrainStep(x, y)])
+        return Plan([TrainStep(ctx.dist.local(x), ctx.dist.local(y))])
 
     def state_dict(self):
         return {"epoch": self.epoch}

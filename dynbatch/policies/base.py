@@ -1,6 +1,8 @@
 """The policy interface: a policy names the next batch size and turns a batch into a plan of optimizer steps.
 
-The orchestrator (``dynbatch.train.trainer``) draws the batch, asks the policy for a :class:`Plan`, executes it
+Policies receive the *global* batch; under DDP each rank works on its share (``ctx.dist.local``) and policies that
+choose (EDBA, split) agree across ranks through ``ctx.dist``. The orchestrator (``dynbatch.train.trainer``) draws
+the batch, asks the policy for a :class:`Plan`, executes it
 (learning-rate scale, micro-batching, clipping, optimizer steps) and logs ``Plan.record``. A policy keeps all of its
 state in ``state_dict()`` so a resumed run continues exactly.
 """
@@ -33,6 +35,9 @@ class TrainStep:
     # Sample losses already computed with a graph at the current weights (B,), reused instead of a new forward.
     reuse_losses: torch.Tensor | None = None
     reuse_logits: torch.Tensor | None = None
+    # Per-sample loss weights (B,); a rank with nothing to train on sends one sample at weight 0 so that every
+    # rank still runs the one synchronising backward DDP expects.
+    sample_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,6 +60,16 @@ class StepContext:
     seed: int  # the run's seed; policies derive per-step seeds from (seed, step)
     device: torch.device
     label_smoothing: float = 0.0
+    dist: Any = None  # dynbatch.train.distributed.Dist; None means a single process
+    raw_model: nn.Module | None = None  # the model without its DDP wrapper, for forwards that must not sync
+
+    def __post_init__(self):
+        if self.dist is None:
+            from dynbatch.train.distributed import SINGLE
+
+            self.dist = SINGLE
+        if self.raw_model is None:
+            self.raw_model = getattr(self.model, "module", self.model)
 
 
 class Policy:

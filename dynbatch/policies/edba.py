@@ -13,6 +13,11 @@ One step:
    one forward fewer, but BatchNorm then normalises with statistics of the whole loader batch, and its running
    statistics are updated from the whole batch.
 
+Under DDP (``torchrun``) every rank forwards its share, gathers the residual inputs of the whole global batch
+(logits and last-layer inputs: B x (C + D) values), selects with the shared seed (so every rank picks the same
+subset, which is checked), and trains on its own part of it; the executor weights the ranks' losses by the global
+subset size. A rank holding none of the chosen samples contributes a zero-weight sample.
+
 Batch-size rule (the paper only says: smaller while the loss is high, larger once it is low). The statistic is
 the loss-trend term of the margin loss, r = (L - L_ema) / L_ema, taken before the EMA update:
 r > ``--shrink-above`` (loss above its trend) divides the next batch by ``--bs-factor``; r < -``--grow-below``
@@ -95,13 +100,13 @@ class EDBAPolicy(Policy):
             return min(o["bs_max"], max(self.current + 1, round(self.current * o["bs_factor"])))
         return self.current
 
-    def _selection_forward(self, x, ctx: StepContext, keep_graph: bool):
-        head = final_linear(ctx.model)
+    def _selection_forward(self, model, x, ctx: StepContext, keep_graph: bool):
+        head = final_linear(model)
         captured = {}
         hook = head.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", inp[0]))
         try:
             with torch.set_grad_enabled(keep_graph), ctx.autocast():
-                logits = ctx.model(x)
+                logits = model(x)
         finally:
             hook.remove()
         return logits, captured["h"], head.bias is not None
@@ -110,20 +115,31 @@ class EDBAPolicy(Policy):
         from dynbatch.selection import select_subset
 
         o = self.options
+        d = ctx.dist
         t0 = time.perf_counter()
-        if o["reuse_forward"]:
-            logits, feats, bias = self._selection_forward(x, ctx, keep_graph=True)
+        xl, yl = d.local(x), d.local(y)
+        if o["reuse_forward"]:  # the training forward itself: through the DDP wrapper, which syncs gradients
+            logits, feats, bias = self._selection_forward(ctx.model, xl, ctx, keep_graph=True)
+        else:  # no graph, no buffer change, no collective: the unwrapped module
+            with preserved_buffers(ctx.raw_model):
+                logits, feats, bias = self._selection_forward(ctx.raw_model, xl, ctx, keep_graph=False)
+        losses = ctx.loss_fn(logits.float(), yl)
+        g_logits, g_feats = logits.detach(), feats.detach()
+        if d.enabled:
+            g_logits, g_feats = d.all_gather_rows(g_logits.float()), d.all_gather_rows(g_feats.float())
+            loss = float(d.all_reduce_sum(losses.detach().sum().reshape(1))[0]) / y.shape[0]
         else:
-            with preserved_buffers(ctx.model):
-                logits, feats, bias = self._selection_forward(x, ctx, keep_graph=False)
-        losses = ctx.loss_fn(logits.float(), y)
-        loss = float(losses.detach().mean())
+            loss = float(losses.detach().mean())
         sel = select_subset(
-            logits.detach(), y, feats.detach(), num_subsets=o["subsets"], seed=(ctx.seed << 32) + ctx.step,
+            g_logits, y, g_feats, num_subsets=o["subsets"], seed=(ctx.seed << 32) + ctx.step,
             loss=loss, loss_ema=self.loss_ema, grad_ema=self.grad_ema, mode=o["subset_mode"], p=o["subset_p"],
             backend=o["selection_backend"], bias=bias, label_smoothing=ctx.label_smoothing, eps=o["margin_eps"],
         )
         grad_norm, margin = float(sel.grad_norm), float(sel.margin)
+        if d.enabled:  # an invariant worth one tiny collective: every rank chose the same subset
+            chosen = d.gather_objects(int(sel.index))
+            if len(set(chosen)) != 1:
+                raise RuntimeError(f"EDBA ranks chose different subsets {chosen}: selection must be deterministic")
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         selection_s = time.perf_counter() - t0
@@ -140,11 +156,17 @@ class EDBAPolicy(Policy):
             self.grad_ema = beta * self.grad_ema + (1 - beta) * grad_norm
         self.current = nxt
         record["next_batch_size"] = nxt
-        mask = sel.mask
+        mask = sel.mask[d.share(y.shape[0])]
+        empty = d.enabled and not bool(mask.any())
+        if empty:  # this rank holds none of the chosen samples: one sample at weight 0 keeps DDP in step
+            mask = torch.zeros_like(mask)
+            mask[0] = True
+        weight = torch.zeros(1, device=x.device) if empty else None
         if o["reuse_forward"]:
-            step = TrainStep(x=None, y=y[mask], reuse_losses=losses[mask], reuse_logits=logits[mask].detach())
+            step = TrainStep(x=None, y=yl[mask], reuse_losses=losses[mask], reuse_logits=logits[mask].detach(),
+                             sample_weight=weight)
         else:
-            step = TrainStep(x[mask], y[mask])
+            step = TrainStep(xl[mask], yl[mask], sample_weight=weight)
         return Plan([step], record)
 
     def state_dict(self):

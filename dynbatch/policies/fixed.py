@@ -9,4 +9,4 @@ class FixedPolicy(Policy):
     help = "one step on the whole batch of --batch-size samples"
 
     def plan(self, x, y, ctx: StepContext) -> Plan:
-        return Plan([TrainStep(x, y)])
+        return Plan([TrainStep(ctx.dist.local(x), ctx.dist.local(y))])

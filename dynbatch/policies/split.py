@@ -10,6 +10,11 @@ stream, joined with events before the choice; on CPU they run one after another 
 
 Criteria: ``min`` or ``max`` average loss, or ``random`` (a control: does the loss signal matter at all?).
 
+Under DDP each chunk of the global batch is shared among the ranks (rank r forwards its share of every chunk);
+scores are summed across ranks, so every rank picks the same split, and each sub-step trains on every rank's share
+of its chunk. BatchNorm then sees per-rank chunk statistics unless ``--sync-bn``. ``--split-reuse-first`` is not
+available under DDP (several graph-keeping forwards through the DDP wrapper before one backward).
+
 Updates (k chunks of the chosen split):
 - ``sequential`` (default): k optimizer steps, each a fresh forward and backward of one chunk at the current
   weights, learning rate x 1/k. With ``--split-reuse-first`` the first chunk's candidate forward keeps its graph
@@ -40,19 +45,28 @@ def _parse_splits(s: str) -> tuple[int, ...]:
     return out
 
 
-def candidate_forwards(model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits, loss_fn, autocast,
-                       keep_first_graph: bool = False):
-    """Per-sample losses of every chunk of every split.
+def chunk_rows(batch: int, k: int, j: int, dist=None) -> slice:
+    """Rows of chunk j of k in a batch of ``batch``; under DDP, this rank's share of them."""
+    size = batch // k
+    if dist is None or not dist.enabled:
+        return slice(j * size, (j + 1) * size)
+    s = dist.share(size)
+    return slice(j * size + s.start, j * size + s.stop)
 
-    Returns {k: [losses of chunk 0, ..., chunk k-1]} (fp32 (B/k,) each). Buffers are restored; chunk 0 of each
+
+def candidate_forwards(model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits, loss_fn, autocast,
+                       keep_first_graph: bool = False, dist=None):
+    """Per-sample losses of every chunk of every split (this rank's share of each chunk under DDP).
+
+    Returns {k: [losses of chunk 0, ..., chunk k-1]} (fp32 each). Buffers are restored; chunk 0 of each
     split keeps its graph when ``keep_first_graph``. On CUDA the chunks run concurrently on separate streams.
     """
     chunks = [(k, j) for k in splits for j in range(k)]
     out: dict[int, list] = {k: [None] * k for k in splits}
 
     def run(k, j):
-        size = x.shape[0] // k
-        xs, ys = x[j * size : (j + 1) * size], y[j * size : (j + 1) * size]
+        rows = chunk_rows(x.shape[0], k, j, dist)
+        xs, ys = x[rows], y[rows]
         with torch.set_grad_enabled(keep_first_graph and j == 0), autocast():
             return loss_fn(model(xs).float(), ys)
 
@@ -130,38 +144,46 @@ class SplitPolicy(Policy):
         o = self.options
         if x.shape[0] != self.base_batch_size:
             # The last batch of an epoch holds what is left: too few for the candidates, so one plain step.
-            return Plan([TrainStep(x, y)], {"chosen_split": None})
+            return Plan([TrainStep(ctx.dist.local(x), ctx.dist.local(y))], {"chosen_split": None})
         t0 = time.perf_counter()
+        d = ctx.dist
         reuse = o["split_reuse_first"] and o["split_update"] == "sequential"
-        losses = candidate_forwards(ctx.model, x, y, self.splits, ctx.loss_fn, ctx.autocast, keep_first_graph=reuse)
-        scores = {k: float(torch.cat([v.detach() for v in losses[k]]).mean()) for k in self.splits}
+        if reuse and d.enabled:
+            raise UserError("--split-reuse-first is not available under DDP; drop it")
+        model = ctx.model if reuse else ctx.raw_model  # a graph to reuse must come from the model that trains
+        losses = candidate_forwards(model, x, y, self.splits, ctx.loss_fn, ctx.autocast, keep_first_graph=reuse,
+                                    dist=d)
+        sums = torch.stack([torch.cat([v.detach() for v in losses[k]]).sum() for k in self.splits])
+        sums = d.all_reduce_sum(sums) / x.shape[0]  # mean over the whole (global) base batch
+        scores = {k: float(v) for k, v in zip(self.splits, sums)}
         k = self.choose(scores, ctx.seed, ctx.step)
         candidates_s = time.perf_counter() - t0
         record = {"chosen_split": k, "candidates_s": candidates_s,
                   **{f"cand_loss_{s}": v for s, v in scores.items()}}
-        size = x.shape[0] // k
-        chunks = [(x[j * size : (j + 1) * size], y[j * size : (j + 1) * size]) for j in range(k)]
+        rows = [chunk_rows(x.shape[0], k, j, d) for j in range(k)]
+        chunks = [(x[r], y[r]) for r in rows]
         if o["split_update"] == "original":
-            return self._original_plan(chunks, ctx, record)
+            return self._original_plan(chunks, x.shape[0] // k, ctx, record)
         steps = [TrainStep(xs, ys, lr_scale=1.0 / k) for xs, ys in chunks]
         if reuse:
             steps[0] = TrainStep(None, chunks[0][1], lr_scale=1.0 / k, reuse_losses=losses[k][0])
         return Plan(steps, record)
 
-    def _original_plan(self, chunks, ctx: StepContext, record) -> Plan:
-        params = list(ctx.model.parameters())
+    def _original_plan(self, chunks, chunk_size: int, ctx: StepContext, record) -> Plan:
+        params = list(ctx.raw_model.parameters())
         k = len(chunks)
         clip = self.options["split_clip"]
         acc = [torch.zeros_like(p) for p in params]
         steps, loss_sum, correct = [], 0.0, 0
         for xs, ys in chunks:  # every gradient at the pre-step weights, as the stored graphs were
             with ctx.autocast():
-                logits = ctx.model(xs)
+                logits = ctx.raw_model(xs)
                 losses = ctx.loss_fn(logits.float(), ys)
-            grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+            # The chunk's mean loss over all ranks: local sum / global chunk size, gradients summed across ranks.
+            grads = torch.autograd.grad(losses.sum() / chunk_size, params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
-                    a.add_(g)
+                    a.add_(ctx.dist.all_reduce_sum(g))
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a) for a in acc]))
             acc = [a * (clip / (total + 1e-6)).clamp(max=1.0) for a in acc]  # clip_grad_norm_'s formula
             steps.append(TrainStep(grads=[a.clone() for a in acc], lr_scale=1.0 / k))

@@ -38,6 +38,7 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU
     channels_last: str = "auto"  # auto: on for CUDA
     compile: bool = False
+    sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch
     micro_batch: int | None = None
     eval_batch: int = 1000
     util_interval: float = 0.5

@@ -6,8 +6,15 @@ models without BatchNorm; with BatchNorm each chunk normalises with its own batc
 
 Out of memory: a chunk that raises ``torch.OutOfMemoryError`` halves the micro-batch and the whole step is redone
 from zeroed gradients, so no half-accumulated gradient is ever applied; below one sample the error is re-raised.
+Under DDP it is re-raised at once: a rank that retried alone would leave the others waiting in a collective.
+
+DDP: losses are normalised by the step's *global* sample count times the world size, which DDP's gradient
+averaging turns back into the global mean, exact even when ranks hold different numbers of samples. All micro-batches
+but the last run under ``no_sync()``, so each rank performs exactly one reducing backward per step.
 """
 from __future__ import annotations
+
+import contextlib
 
 from dataclasses import dataclass, field
 
@@ -15,6 +22,7 @@ import torch
 from torch import nn
 
 from dynbatch.policies.base import Plan, StepContext, TrainStep
+from dynbatch.train.distributed import SINGLE, Dist
 
 
 @dataclass
@@ -23,7 +31,7 @@ class StepOutcome:
 
     loss_sum: float = 0.0
     correct: int = 0
-    n: int = 0
+    n: float = 0  # samples trained on by this rank (weights summed)
     oom_retries: int = 0
     micro_batch: int | None = None
     events: list[str] = field(default_factory=list)
@@ -31,35 +39,53 @@ class StepOutcome:
 
 class PlanExecutor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int | None = None,
-                 max_oom_retries: int = 16):
+                 max_oom_retries: int = 16, dist: Dist = SINGLE):
         self.model = model
+        self.dist = dist
         self.optimizer = optimizer
         self.micro_batch = micro_batch  # None: whole steps; halved on OOM and kept for later steps
         self.max_oom_retries = max_oom_retries
 
-    def _forward_backward(self, step: TrainStep, ctx: StepContext) -> tuple[float, int]:
-        """Accumulate the gradient of the step's mean loss into ``.grad``; returns (loss sum, correct)."""
+    def _scale(self, step: TrainStep, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local sample count, 1 / normaliser): the step's mean loss is sum(weighted losses) * scale."""
+        local = step.sample_weight.sum() if step.sample_weight is not None else torch.tensor(float(n), device=device)
+        total = self.dist.all_reduce_sum(local.float().reshape(1))[0] if self.dist.enabled else local.float()
+        return local, self.dist.world / total.clamp_min(1e-12)
+
+    def _forward_backward(self, step: TrainStep, ctx: StepContext) -> tuple[float, int, float]:
+        """Accumulate the gradient of the step's mean loss into ``.grad``; returns (loss sum, correct, samples)."""
+        w = step.sample_weight
         if step.reuse_losses is not None:
             # The policy already ran this forward with a graph at the current weights.
-            loss_sum = step.reuse_losses.sum()
-            (loss_sum / step.reuse_losses.numel()).backward()
+            losses = step.reuse_losses if w is None else step.reuse_losses * w
+            local, scale = self._scale(step, losses.numel(), losses.device)
+            (losses.sum() * scale).backward()
             correct = int((step.reuse_logits.argmax(1) == step.y).sum()) if step.reuse_logits is not None else 0
-            return float(loss_sum.detach()), correct
+            return float(losses.detach().sum()), correct, float(local)
         n = step.x.shape[0]
         mb = self.micro_batch or n
+        local, scale = self._scale(step, n, step.x.device)
         total, correct = torch.zeros((), device=step.x.device), torch.zeros((), dtype=torch.long, device=step.x.device)
-        for start in range(0, n, mb):
+        starts = list(range(0, n, mb))
+        for i, start in enumerate(starts):
             xs, ys = step.x[start : start + mb], step.y[start : start + mb]
-            with ctx.autocast():
-                logits = self.model(xs)
-                losses = ctx.loss_fn(logits.float(), ys)
-            # Normalised by the whole step so the accumulated gradient is the gradient of the step's mean loss.
-            (losses.sum() / n).backward()
+            last = i == len(starts) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with ctx.autocast():
+                    logits = self.model(xs)
+                    losses = ctx.loss_fn(logits.float(), ys)
+                hit = logits.detach().argmax(1) == ys
+                if w is not None:
+                    ws = w[start : start + mb]
+                    losses, hit = losses * ws, hit & (ws > 0)
+                # Normalised by the whole step so the accumulated gradient is the gradient of the step's mean loss.
+                (losses.sum() * scale).backward()
             total += losses.detach().sum()
-            correct += (logits.detach().argmax(1) == ys).sum()
-        return float(total), int(correct)
+            correct += hit.sum()
+        return float(total), int(correct), float(local)
 
-    def _gradient_pass(self, step: TrainStep, ctx: StepContext, outcome: StepOutcome) -> tuple[float, int]:
+    def _gradient_pass(self, step: TrainStep, ctx: StepContext, outcome: StepOutcome) -> tuple[float, int, float]:
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             try:
@@ -67,7 +93,8 @@ class PlanExecutor:
             except torch.OutOfMemoryError:
                 n = step.x.shape[0] if step.x is not None else 0
                 current = self.micro_batch or n
-                if step.reuse_losses is not None or current <= 1 or outcome.oom_retries >= self.max_oom_retries:
+                if (step.reuse_losses is not None or current <= 1 or outcome.oom_retries >= self.max_oom_retries
+                        or self.dist.enabled):
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
                 self.micro_batch = max(1, current // 2)
@@ -86,8 +113,7 @@ class PlanExecutor:
                     p.grad = None if g is None else g.clone()
                 n = 0
             else:
-                loss_sum, correct = self._gradient_pass(step, ctx, outcome)
-                n = step.y.shape[0]
+                loss_sum, correct, n = self._gradient_pass(step, ctx, outcome)
                 outcome.loss_sum += loss_sum
                 outcome.correct += correct
                 outcome.n += n

@@ -82,6 +82,19 @@ class MetricsWriter:
         self._f.close()
 
 
+class NullWriter:
+    """What ranks other than 0 write to: nothing."""
+
+    def write(self, kind: str, row: dict[str, Any]) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():

@@ -5,6 +5,10 @@ pipeline augments them, the policy turns the batch into a :class:`~dynbatch.poli
 it, and a ``step`` row goes to ``metrics.jsonl``. At the end of every epoch the test split is evaluated, an
 ``epoch`` row written, and ``checkpoint.pt`` saved. SIGINT/SIGTERM (or ``stop_after_steps``) checkpoint after the
 step in flight and stop.
+
+Under ``torchrun`` (see ``dynbatch.train.distributed``) the model is wrapped in DistributedDataParallel, rank 0
+alone writes the run folder, step and epoch sums are reduced over ranks, all ranks stop at the same step, and a
+checkpoint resumes only with the number of ranks that wrote it.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from dynbatch.monitor import UtilisationMonitor
 from dynbatch.policies import StepContext, policy_class
 from dynbatch.train import records
 from dynbatch.train.config import TrainConfig
+from dynbatch.train.distributed import Dist
 from dynbatch.train.executor import PlanExecutor
 from dynbatch.train.schedules import scheduled_lr
 
@@ -72,6 +77,15 @@ class Trainer:
         cfg.validate()
         self.policy_cls.validate(cfg.policy_options)
         self.device = resolve_device(cfg.device)
+        self.dist = Dist.from_env(self.device.type)
+        if self.dist.enabled:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+                torch.cuda.set_device(self.device)
+            if not self.dist.is_main:
+                self.log = lambda msg: None
+            if cfg.batch_size < self.dist.world:
+                raise UserError(f"--batch-size {cfg.batch_size} is below the {self.dist.world} ranks; each needs a sample")
         on_cuda = self.device.type == "cuda"
         self.use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda)
         if self.use_amp and not on_cuda:
@@ -94,14 +108,22 @@ class Trainer:
         self.model = build_model(cfg.model, src.num_classes, c).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # The compiled wrapper runs the steps; checkpoints always hold the plain module's state.
-        self.step_model = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
+        wrapped = self.model
+        if cfg.sync_bn and not on_cuda:
+            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU use a model without "
+                            "BatchNorm statistics, such as preresnet20_gn")
+        if self.dist.enabled:
+            if cfg.sync_bn:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            wrapped = self._ddp(self.model, on_cuda)
+        # The (compiled, DDP) wrapper runs the steps; checkpoints always hold the plain module's state.
+        self.step_model = torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
             weight_decay=cfg.weight_decay,
         )
         self.policy = self.policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
-        self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch)
+        self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch, dist=self.dist)
         self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.augment = cfg.augment
@@ -115,12 +137,27 @@ class Trainer:
         self.last_epoch: dict[str, Any] = {}
         self._stop_signal: int | None = None
 
+    def _ddp(self, model: torch.nn.Module, on_cuda: bool) -> torch.nn.Module:
+        """DistributedDataParallel without buffer syncs in forwards: no hidden collective in forwards that only
+        some code paths run; ``--sync-bn`` gives global BatchNorm statistics instead."""
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        kw = {"device_ids": [self.device.index] if on_cuda else None}
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+            kw["forward_sync_buffers"] = False
+        else:
+            kw["broadcast_buffers"] = False
+        return DDP(model, **kw)
+
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def new(cls, cfg: TrainConfig, out: Path, overwrite: bool = False, **kw) -> "Trainer":
         t = cls(cfg, out, **kw)
-        records.prepare_new_run(t.out, overwrite)
-        records.write_json(t.out / "config.json", t.describe())
+        if t.dist.is_main:
+            records.prepare_new_run(t.out, overwrite)
+            records.write_json(t.out / "config.json", t.describe())
         return t
 
     @classmethod
@@ -137,8 +174,12 @@ class Trainer:
         cfg.stop_after_steps = stop_after_steps
         state = records.load_checkpoint(run / "checkpoint.pt")
         t = cls(cfg, run, **kw)
+        saved_world = state.get("world_size", 1)
+        if saved_world != t.dist.world:
+            raise UserError(f"{run} was trained on {saved_world} process(es), this launch has {t.dist.world}; "
+                            f"resume with the same number (torchrun --nproc_per_node={saved_world} for one node)")
         t.load_state(state)
-        if epochs is not None:
+        if epochs is not None and t.dist.is_main:
             records.write_json(run / "config.json", t.describe())
         return t
 
@@ -152,7 +193,7 @@ class Trainer:
             "data": {"name": self.data.source.name, "train_samples": len(self.data.train),
                      "test_samples": len(self.data.test), "num_classes": self.data.source.num_classes,
                      "image_shape": list(self.data.source.image_shape)},
-            "amp_bf16": self.use_amp, "channels_last": self.channels_last,
+            "amp_bf16": self.use_amp, "channels_last": self.channels_last, "world_size": self.dist.world,
             "command": sys.argv,
         }
 
@@ -171,6 +212,7 @@ class Trainer:
             "progress": {"epoch": self.epoch, "step": self.step, "samples_seen": self.samples_seen,
                          "wall_s": self.wall_offset + self._elapsed(), "epoch_acc": dict(self.epoch_acc)},
             "metrics_offset": self.metrics_offset,
+            "world_size": self.dist.world,
         }
 
     def load_state(self, s: dict[str, Any]) -> None:
@@ -191,8 +233,9 @@ class Trainer:
         self.metrics_offset = s["metrics_offset"]
 
     def checkpoint(self) -> None:
-        self.metrics_offset = self.metrics.offset()
-        records.save_checkpoint(self.out / "checkpoint.pt", self.state())
+        if self.dist.is_main:
+            self.metrics_offset = self.metrics.offset()
+            records.save_checkpoint(self.out / "checkpoint.pt", self.state())
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -236,7 +279,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``cfg.epochs``; returns a summary. ``summary['interrupted']`` is the signal number or None."""
         cfg = self.cfg
-        self.metrics = records.MetricsWriter(self.out / "metrics.jsonl", truncate_to=self.metrics_offset)
+        self.metrics = (records.MetricsWriter(self.out / "metrics.jsonl", truncate_to=self.metrics_offset)
+                        if self.dist.is_main else records.NullWriter())
         monitor = UtilisationMonitor(cfg.util_interval, on_note=lambda m: self.log(f"utilisation: {m}")).start()
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._t0 = time.perf_counter()
@@ -254,7 +298,9 @@ class Trainer:
                     if bar is not None:
                         bar.close()
                         bar = None
-                if self._stop_signal is not None or (cfg.stop_after_steps and steps_this_session >= cfg.stop_after_steps):
+                stop = self._stop_signal is not None or bool(cfg.stop_after_steps and
+                                                             steps_this_session >= cfg.stop_after_steps)
+                if self.dist.any(stop):  # every rank stops at the same step
                     self.checkpoint()
                     self._plot()
                     why = signal.Signals(self._stop_signal).name if self._stop_signal else "--stop-after-steps"
@@ -268,13 +314,14 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.metrics.close()
+            self.dist.close()
         self._plot()
         return {"interrupted": None, "out": str(self.out), "step": self.step, **self.last_epoch}
 
     def _plot(self) -> None:
         from dynbatch.plots import plot_runs
 
-        if (self.out / "metrics.jsonl").stat().st_size:
+        if self.dist.is_main and (self.out / "metrics.jsonl").stat().st_size:
             plot_runs([self.out], self.out / "curves.png")
 
     def _progress_bar(self):
@@ -298,16 +345,19 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = StepContext(self.step_model, self.loss_fn, self.autocast, self.step, self.epoch, cfg.seed, self.device,
-                          cfg.label_smoothing)
+                          cfg.label_smoothing, dist=self.dist, raw_model=self.model)
         self.step_model.train()
         plan = self.policy.plan(x, y, ctx)
         outcome = self.executor.run(plan, ctx, lr)
         self._sync()
         step_s = time.perf_counter() - t_start
         record = dict(plan.record)
-        loss_sum = outcome.loss_sum if outcome.n else record.pop("loss_sum", float("nan"))
-        correct = outcome.correct if outcome.n else record.pop("correct", 0)
-        trained = outcome.n or record.pop("trained_samples", idx.numel())
+        sums = [record.pop("loss_sum", 0.0), record.pop("correct", 0), record.pop("trained_samples", 0)]
+        if outcome.n:  # steps the executor ran itself; precomputed-gradient steps report their sums in the record
+            sums = [outcome.loss_sum, outcome.correct, outcome.n]
+        if self.dist.enabled:
+            sums = self.dist.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=self.device)).tolist()
+        loss_sum, correct, trained = sums[0], int(sums[1]), int(round(sums[2]))
         self.samples_seen += idx.numel()
         a = self.epoch_acc
         a["loss_sum"] += loss_sum
@@ -333,6 +383,14 @@ class Trainer:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}", bs=idx.numel(),
                             sps=f"{idx.numel() / max(step_s, 1e-9):.0f}")
 
+    def _utilisation(self, monitor: UtilisationMonitor) -> dict[str, Any]:
+        """This epoch's utilisation summary; under DDP every rank's, rank r's fields as ``util_rank<r>_*``."""
+        per_rank = self.dist.gather_objects(monitor.summary())
+        out = dict(per_rank[0])
+        for r, summary in enumerate(per_rank[1:], start=1):
+            out.update({k.replace("util_", f"util_rank{r}_", 1): v for k, v in summary.items()})
+        return out
+
     def _end_epoch(self, monitor: UtilisationMonitor, bar) -> None:
         test_loss, test_acc = self.evaluate()
         a = self.epoch_acc
@@ -341,7 +399,7 @@ class Trainer:
             "train_acc": a["correct"] / max(a["n"], 1), "test_loss": test_loss, "test_acc": test_acc,
             "epoch_s": a["time"], "steps": a["steps"], "trained_samples": a["n"],
             "samples_seen": self.samples_seen, "samples_per_s": len(self.data.train) / max(a["time"], 1e-9),
-            "wall_s": self.wall_offset + self._elapsed(), **monitor.summary(),
+            "wall_s": self.wall_offset + self._elapsed(), **self._utilisation(monitor),
         }
         self.metrics.write("epoch", row)
         self.last_epoch = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")}
