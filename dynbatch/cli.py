@@ -65,6 +65,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (global batch statistics)")
     g.add_argument("--micro-batch", type=int, help="largest chunk computed at once; larger steps accumulate gradients")
     g.add_argument("--eval-batch", type=int, default=d.eval_batch)
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between test evaluations (last always)")
     g.add_argument("--util-interval", type=float, default=d.util_interval, help="seconds between utilisation samples")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", help="run folder (default: runs/<time>-<policy>-<model>)")

@@ -41,6 +41,7 @@ class TrainConfig:
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch
     micro_batch: int | None = None
     eval_batch: int = 1000
+    eval_every: int = 1  # epochs between test evaluations; the last epoch is always evaluated
     util_interval: float = 0.5
     stop_after_steps: int | None = None
     progress: bool = True
@@ -66,6 +67,7 @@ class TrainConfig:
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("eval_batch", self.eval_batch)
+        positive("eval_every", self.eval_every)
         positive("micro_batch", self.micro_batch, allow_none=True)
         positive("train_samples", self.train_samples, allow_none=True)
         positive("num_classes", self.num_classes, allow_none=True)

@@ -392,7 +392,11 @@ class Trainer:
         return out
 
     def _end_epoch(self, monitor: UtilisationMonitor, bar) -> None:
-        test_loss, test_acc = self.evaluate()
+        last = self.epoch + 1 == self.cfg.epochs
+        if last or (self.epoch + 1) % self.cfg.eval_every == 0:
+            test_loss, test_acc = self.evaluate()
+        else:
+            test_loss = test_acc = None
         a = self.epoch_acc
         row = {
             "epoch": self.epoch, "step": self.step, "train_loss": a["loss_sum"] / max(a["n"], 1),
@@ -405,9 +409,9 @@ class Trainer:
         self.last_epoch = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")}
         if bar is not None:
             bar.clear()
+        test = f"test loss {test_loss:.4f} acc {test_acc:.3f}" if test_acc is not None else "test -"
         self.log(f"epoch {self.epoch + 1:>3}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
-                 f"acc {row['train_acc']:.3f}  test loss {test_loss:.4f} acc {test_acc:.3f}  "
-                 f"{a['time']:.1f}s  {row['samples_per_s']:.0f} img/s")
+                 f"acc {row['train_acc']:.3f}  {test}  {a['time']:.1f}s  {row['samples_per_s']:.0f} img/s")
         self.epoch += 1
         self.epoch_acc = {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0}
         self.sampler.new_epoch()
