@@ -105,21 +105,21 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         trainer = Trainer.resume(Path(args.resume), epochs=args.epochs if args.epochs != defaults["epochs"] else None,
                                  stop_after_steps=args.stop_after_steps)
         trainer.cfg.progress = args.progress
-        print(f"resuming {args.resume} at epoch {trainer.epoch + 1}, step {trainer.step}")
+        trainer.log(f"resuming {args.resume} at epoch {trainer.epoch + 1}, step {trainer.step}")
     else:
         cfg = _config_from_args(args)
         out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.policy}-{cfg.model}")
         trainer = Trainer.new(cfg, out, overwrite=args.overwrite)
-        print(f"run folder: {out}")
+        trainer.log(f"run folder: {out}")  # rank 0 only under torchrun
     summary = trainer.run()
     if summary["interrupted"] is not None:
         sig = summary["interrupted"]
         return 128 + sig if sig else 0
     if summary.get("test_acc") is not None:
-        print(f"done: test accuracy {summary['test_acc']:.4f} after {trainer.epoch} epochs; "
+        trainer.log(f"done: test accuracy {summary['test_acc']:.4f} after {trainer.epoch} epochs; "
               f"run folder: {summary['out']} (metrics.jsonl, checkpoint.pt, curves.png)")
     else:
-        print(f"nothing to do: the run already has {trainer.epoch} epochs; raise --epochs to continue")
+        trainer.log(f"nothing to do: the run already has {trainer.epoch} epochs; raise --epochs to continue")
     return 0
 
 

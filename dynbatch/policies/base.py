@@ -9,6 +9,7 @@ state in ``state_dict()`` so a resumed run continues exactly.
 from __future__ import annotations
 
 import argparse
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -72,8 +73,8 @@ class StepContext:
             self.raw_model = getattr(self.model, "module", self.model)
 
 
-class Policy:
-    """Base class; subclasses set ``name`` and implement :meth:`batch_size` and :meth:`plan`."""
+class Policy(ABC):
+    """Base class; subclasses set ``name`` and implement :meth:`plan` (and usually :meth:`batch_size`)."""
 
     name: ClassVar[str]
     help: ClassVar[str] = ""
@@ -108,8 +109,9 @@ class Policy:
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first batch of every epoch (0-based), also after a resume."""
 
+    @abstractmethod
     def plan(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> Plan:
-        raise NotImplementedError(f"policy {self.name} must implement plan()")
+        """Turn the global batch x (B, C, H, W), y (B,) into optimizer steps (see the module docstring)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

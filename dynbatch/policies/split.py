@@ -70,8 +70,11 @@ def candidate_forwards(model: nn.Module, x: torch.Tensor, y: torch.Tensor, split
         with torch.set_grad_enabled(keep_first_graph and j == 0), autocast():
             return loss_fn(model(xs).float(), ys)
 
+    # SyncBatchNorm issues collectives inside forwards; on concurrent streams their order could differ between
+    # ranks and deadlock, so such a model runs its candidates one after another.
+    concurrent = x.is_cuda and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     with preserved_buffers(model):
-        if x.is_cuda:
+        if concurrent:
             main = torch.cuda.current_stream(x.device)
             streams = [torch.cuda.Stream(x.device) for _ in chunks]
             events = []

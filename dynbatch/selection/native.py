@@ -30,13 +30,14 @@ def load():
             try:
                 import logging
 
-                from torch.utils.cpp_extension import load as build
-
-                # "No CUDA runtime is found" is expected on CPU-only machines; this build needs no CUDA.
+                # "No CUDA runtime is found" is expected on CPU-only machines (this build needs no CUDA); torch
+                # logs it when cpp_extension is first imported, so the level is lowered before the import.
                 log = logging.getLogger("torch.utils.cpp_extension")
                 level = log.level
                 log.setLevel(logging.ERROR)
                 try:
+                    from torch.utils.cpp_extension import load as build
+
                     # -fopenmp: at::parallel_for is OpenMP inline code; torch's own libgomp is already loaded.
                     _state["module"] = build(
                         name="dynbatch_native", sources=[str(SOURCE)], verbose=False,
