@@ -4,7 +4,6 @@ import torch
 
 from dynbatch.models import build_model, final_linear
 from dynbatch.selection import margins, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms
-from dynbatch_kernels import reference as ref
 from selection_cases import TinyNet, autograd_per_sample_grads, last_layer_inputs, random_case, route_atol
 
 RTOL, ATOL = 1e-4, 1e-6  # fp32
