@@ -53,17 +53,22 @@ def subset_masks(seed: int, rows: torch.Tensor, batch_size: int, mode: str = "be
     ``uniform_size``: subset n draws its own rate p_n ~ U(0, 1) from its key, then includes each sample with
     probability p_n, so its size is uniform over 0..B.
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown subset mode {mode!r}; choose one of {', '.join(MODES)}")
+    return draw_masks(seed, rows, batch_size, MODES[mode], bernoulli_threshold(p))
+
+
+def draw_masks(seed: int, rows: torch.Tensor, batch_size: int, mode_id: int, thr: int) -> torch.Tensor:
+    """:func:`subset_masks` in the kernels' terms: a mode id from ``MODES`` and the integer Bernoulli threshold."""
     rows = rows.to(torch.int64)
     key = row_keys(seed, rows)[:, None]
     i = torch.arange(batch_size, dtype=torch.int64, device=rows.device)[None, :]
     draw = mix32((key + i * GOLDEN) & M32) >> (32 - THRESHOLD_BITS)
-    if mode == "bernoulli":
-        thr = torch.tensor(bernoulli_threshold(p), dtype=torch.int64, device=rows.device)
-    elif mode == "uniform_size":
-        thr = mix32(key ^ RATE_SALT) >> (32 - THRESHOLD_BITS)
+    if mode_id == MODES["bernoulli"]:
+        limit = torch.tensor(thr, dtype=torch.int64, device=rows.device)
     else:
-        raise ValueError(f"unknown subset mode {mode!r}; choose one of {', '.join(MODES)}")
-    return draw < thr
+        limit = mix32(key ^ RATE_SALT) >> (32 - THRESHOLD_BITS)
+    return draw < limit
 
 
 # ---- last-layer residuals and per-sample norms ------------------------------------------------------------------
@@ -106,21 +111,34 @@ def subset_sq_sums(e: torch.Tensor, a: torch.Tensor, masks: torch.Tensor, route:
     e: fp32 (B, C) residuals; a: fp32 (B, D') augmented features. Rows are processed ``chunk`` at a time so
     memory stays bounded at large N.
     """
-    q_parts = []
+    return _chunked_sq_sums(e, a, masks.shape[0], lambda lo, hi: masks[lo:hi], route, chunk)
+
+
+def seeded_subset_sq_sums(e: torch.Tensor, a: torch.Tensor, num_subsets: int, seed: int, mode_id: int, thr: int,
+                          route: str = "gram", chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`subset_sq_sums` of subsets 0..N-1 drawn from ``seed``, a chunk at a time (no N x B mask is held)."""
+    def masks_for(lo, hi):
+        return draw_masks(seed, torch.arange(lo, hi, device=e.device), e.shape[0], mode_id, thr)
+
+    return _chunked_sq_sums(e, a, num_subsets, masks_for, route, chunk)
+
+
+def _chunked_sq_sums(e, a, n, masks_for, route, chunk):
     if route == "gram":
-        k = gram_matrix(e, a)
+        op = gram_matrix(e, a)  # formed once, whatever the number of chunks
     elif route == "direct":
-        g = (e[:, :, None] * a[:, None, :]).reshape(e.shape[0], -1)  # the reference may materialise G
+        op = (e[:, :, None] * a[:, None, :]).reshape(e.shape[0], -1)  # the reference may materialise G
     else:
         raise ValueError(f"unknown route {route!r}; use direct or gram")
-    for start in range(0, masks.shape[0], chunk):
-        m = masks[start : start + chunk].float()
-        if route == "gram":
-            q_parts.append(((m @ k) * m).sum(1))
-        else:
-            q_parts.append((m @ g).square().sum(1))
-    q = torch.cat(q_parts) if q_parts else torch.zeros(0, device=e.device)
-    return q, masks.float().sum(1)
+    q_parts, c_parts = [], []
+    for lo in range(0, n, chunk):
+        m = masks_for(lo, min(lo + chunk, n)).float()
+        q_parts.append(((m @ op) * m).sum(1) if route == "gram" else (m @ op).square().sum(1))
+        c_parts.append(m.sum(1))
+    if not q_parts:
+        empty = torch.zeros(0, device=e.device)
+        return empty, empty
+    return torch.cat(q_parts), torch.cat(c_parts)
 
 
 def mean_norms(sq_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -135,13 +135,11 @@ class EDBAPolicy(Policy):
             loss=loss, loss_ema=self.loss_ema, grad_ema=self.grad_ema, mode=o["subset_mode"], p=o["subset_p"],
             backend=o["selection_backend"], bias=bias, label_smoothing=ctx.label_smoothing, eps=o["margin_eps"],
         )
-        grad_norm, margin = float(sel.grad_norm), float(sel.margin)
+        grad_norm, margin = float(sel.grad_norm), float(sel.margin)  # float() waits for the device
         if d.enabled:  # an invariant worth one tiny collective: every rank chose the same subset
             chosen = d.gather_objects(int(sel.index))
             if len(set(chosen)) != 1:
                 raise RuntimeError(f"EDBA ranks chose different subsets {chosen}: selection must be deterministic")
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
         selection_s = time.perf_counter() - t0
         record = {"batch_loss": loss, "chosen_size": int(sel.size), "subset_index": int(sel.index),
                   "grad_norm": grad_norm, "margin": margin, "loss_ema": self.loss_ema, "grad_ema": self.grad_ema,

@@ -34,19 +34,7 @@ class TorchBackend:
     def sq_sums(self, e, a, n, masks, seed, mode, thr, route, dot_dtype):
         ref = _reference()
         if mode != 0:
-            # Drawn in chunks so the reference, too, never holds an N x B mask at large N.
-            mode_name = {v: k for k, v in ref.MODES.items()}[mode]
-            p = thr / (1 << ref.THRESHOLD_BITS)
-            parts_q, parts_c = [], []
-            for start in range(0, n, 2048):
-                rows = torch.arange(start, min(start + 2048, n), device=e.device)
-                m = ref.subset_masks(seed, rows, e.shape[0], mode_name, p)
-                q, c = ref.subset_sq_sums(e, a, m, route)
-                parts_q.append(q)
-                parts_c.append(c)
-            if not parts_q:
-                return torch.zeros(0, device=e.device), torch.zeros(0, device=e.device)
-            return torch.cat(parts_q), torch.cat(parts_c)
+            return ref.seeded_subset_sq_sums(e, a, n, seed, mode, thr, route)
         return ref.subset_sq_sums(e, a, masks, route)
 
 

@@ -105,7 +105,7 @@ class PlanExecutor:
 
     def run(self, plan: Plan, ctx: StepContext, base_lr: float) -> StepOutcome:
         outcome = StepOutcome()
-        params = [p for p in self.model.parameters()]
+        params = list(self.model.parameters())
         for step in plan.steps:
             if step.grads is not None:
                 self.optimizer.zero_grad(set_to_none=True)

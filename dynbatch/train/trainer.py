@@ -125,7 +125,6 @@ class Trainer:
         self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch, dist=self.dist)
         self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
-        self.augment = cfg.augment
         # Progress counters; all of them go into the checkpoint.
         self.epoch = 0
         self.step = 0
@@ -340,7 +339,7 @@ class Trainer:
         lr *= self.policy.lr_factor(progress)
         asked = self.policy.batch_size()
         idx = self.sampler.next(asked)
-        x, y = self.data.train.batch(idx, self.aug_gen if self.augment else None)
+        x, y = self.data.train.batch(idx, self.aug_gen)  # --no-augment zeroed padding and flips above
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = StepContext(self.step_model, self.loss_fn, self.autocast, self.step, self.epoch, cfg.seed, self.device,
