@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import DEVICE, FULL, run
-from dynbatch.cli import _config_from_args, build_parser
+from dynbatch.cli import train_config
 from dynbatch.models import build_model
 from dynbatch.policies import StepContext
 from dynbatch.train.executor import PlanExecutor
@@ -23,15 +23,12 @@ BATCHES = (100, 256)
 
 
 def make_policy(name: str, batch: int):
-    parser, _ = build_parser()
-    extra = ["--split-reuse-first"] if name == "split_reuse" else []
-    name = name.replace("_reuse", "")
-    cfg = _config_from_args(parser.parse_args(["train", "--policy", name, "--batch-size", str(batch), *extra]))
     from dynbatch.policies import policy_class
 
-    cls = policy_class(name)
-    cfg.resolve_defaults(cls)
-    return cls(cfg.policy_options, batch_size=batch, config=cfg)
+    extra = {"split_reuse_first": True} if name == "split_reuse" else {}
+    name = name.replace("_reuse", "")
+    cfg = train_config(policy=name, batch_size=batch, **extra).resolved()
+    return policy_class(name)(cfg.policy_options, batch_size=batch, config=cfg)
 
 
 @pytest.mark.parametrize("model_name, batch", list(itertools.product(MODELS, BATCHES)))

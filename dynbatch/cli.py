@@ -1,30 +1,104 @@
 """Command line: ``dynbatch train | plot | info | bench`` (also ``python -m dynbatch``).
 
-Bad input ends with one line on stderr, ``dynbatch: error: <problem>; <fix>``, and exit code 2.
+Bad input ends with one line on stderr, ``dynbatch: error: <problem>; <fix>``, exit code 2, and nothing written.
+Every option of ``train`` is registered with ``argparse.SUPPRESS`` as its parse-time default and its real default
+kept in :data:`TrainOptions.defaults`, so the parsed namespace holds exactly what the user typed: that is what tells
+an option given on resume from one left alone, and an option of another policy from a default.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from dynbatch.errors import UserError
 
 # Options a resumed run may change; everything else comes from the run's config.json.
-RESUMABLE_OVERRIDES = {"resume", "epochs", "stop_after_steps", "progress", "command"}
+RESUMABLE_OVERRIDES = {"resume", "autoresume", "epochs", "stop_after_steps", "progress", "command"}
+# Settings that say how a run is driven rather than what it computes: not compared by --autoresume.
+NOT_COMPARED = {"epochs", "stop_after_steps", "progress"}
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        self.exit(2, f"dynbatch: error: {message} (see '{self.prog} --help')\n")
+    def error(self, message: str):  # one line, with the fix, not usage + message
+        self.exit(2, f"dynbatch: error: {message}; see '{self.prog} --help'\n")
 
 
-def _bool(s: str) -> bool:
-    return s.lower() in ("1", "true", "yes", "on")
+# ---- value types: each refuses a bad value with a message that says what is expected -----------------------------
+def finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return v
 
 
-def _add_train(sub) -> argparse.ArgumentParser:
+def integer(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+
+
+def boolean(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{s!r} is not true or false")
+
+
+def milestones(s: str) -> tuple[float, ...]:
+    try:
+        out = tuple(finite_float(v) for v in s.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of epochs like 30,60,90") from None
+    return out
+
+
+class TrainOptions:
+    """Registers ``train``'s options, remembering each one's default and the policy that owns it (if any)."""
+
+    def __init__(self):
+        self.defaults: dict[str, Any] = {}
+        self.owner: dict[str, str] = {}  # dest -> policy name, for policy options
+
+    def group(self, parser: argparse.ArgumentParser, title: str, description: str | None = None,
+              owner: str | None = None) -> "_Group":
+        return _Group(self, parser.add_argument_group(title, description), owner)
+
+
+class _Group:
+    """The ``add_argument`` that policies call: the real default is recorded, argparse gets SUPPRESS."""
+
+    def __init__(self, options: TrainOptions, group, owner: str | None):
+        self.options, self.group, self.owner = options, group, owner
+
+    def add_argument(self, *flags, default=None, help: str = "", **kw):
+        action = kw.get("action")
+        if action == "store_true":
+            default = False
+        elif action == "store_false":
+            default = True
+        elif default is not None and "(default" not in help:
+            help = f"{help} (default: {default})" if help else f"default: {default}"
+        if kw.get("type") in (int, float):  # policies say int/float; parse them strictly, finite, with a fix
+            kw["type"] = {int: integer, float: finite_float}[kw["type"]]
+        a = self.group.add_argument(*flags, default=argparse.SUPPRESS, help=help, **kw)
+        self.options.defaults[a.dest] = default
+        if self.owner:
+            self.options.owner[a.dest] = self.owner
+        return a
+
+
+def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     from dynbatch.data import DATASET_NAMES
     from dynbatch.models import MODELS
     from dynbatch.policies import POLICIES
@@ -32,84 +106,138 @@ def _add_train(sub) -> argparse.ArgumentParser:
     from dynbatch.train.schedules import SCHEDULES
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a model", description="Train a classifier with a batch-size policy.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
+    opts = TrainOptions()
+    p = sub.add_parser("train", help="train a model", description="Train a classifier with a batch-size policy.")
+    g = opts.group(p, "data")
     g.add_argument("--data", default=d.data, help=f"data set: {', '.join(DATASET_NAMES)}")
     g.add_argument("--data-dir", help="folder with torchvision's CIFAR layout (no download)")
     g.add_argument("--num-classes", type=int, help="number of classes (default: from the labels)")
     g.add_argument("--train-samples", type=int, help="class-balanced seeded subset of N training samples")
     g.add_argument("--train-fraction", type=float, help="class-balanced seeded subset, a fraction in (0, 1]")
-    g.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop / flip")
-    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="train without random crops and flips (augmentation is on otherwise)")
+    g = opts.group(p, "model and optimisation")
     g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}")
     g.add_argument("--policy", default=d.policy, help=f"one of {', '.join(POLICIES)}")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, help="loader batch size (initial one for adaptive policies; default: the policy's)")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help="total epochs; with --resume, the new total (extends or finishes the run)")
+    g.add_argument("--batch-size", type=int, help="loader batch size; the initial one for adaptive policies "
+                   "(default: the policy's)")
     g.add_argument("--lr", type=float, help=f"learning rate (default: the policy's paper, else {OPTIMIZER_DEFAULTS['lr']})")
-    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {OPTIMIZER_DEFAULTS['momentum']})")
-    g.add_argument("--nesterov", type=_bool, help="Nesterov momentum (true/false)")
-    g.add_argument("--weight-decay", type=float, help=f"default {OPTIMIZER_DEFAULTS['weight_decay']}")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum in [0, 1) (default: the policy's paper, else {OPTIMIZER_DEFAULTS['momentum']})")
+    g.add_argument("--nesterov", type=boolean, help="Nesterov momentum, true or false (default: the policy's, else "
+                   "false)")
+    g.add_argument("--weight-decay", type=float, help=f"L2 penalty (default: the policy's paper, else {OPTIMIZER_DEFAULTS['weight_decay']})")
     g.add_argument("--schedule", help=f"one of {', '.join(SCHEDULES)} (default: the policy's, else cosine)")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear learning-rate warm-up")
-    g.add_argument("--milestones", type=lambda s: tuple(float(v) for v in s.split(",")), default=d.milestones,
-                   help="epochs of the step schedule, comma separated (default: 50%%,75%% of the budget)")
-    g.add_argument("--gamma", type=float, default=d.gamma, help="step-schedule factor")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("execution")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="epochs of linear learning-rate warm-up")
+    g.add_argument("--milestones", type=milestones, help="epochs of the step schedule, comma separated "
+                   "(default: 50%%,75%% of the budget)")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="step-schedule factor, in (0, 1]")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="in [0, 1)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds the model, subset, sampler and augmentation")
+    g = opts.group(p, "execution")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--amp", default=d.amp, help="auto (bf16 on CUDA), bf16, none")
     g.add_argument("--channels-last", default=d.channels_last, help="auto (on for CUDA), on, off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (global batch statistics)")
     g.add_argument("--micro-batch", type=int, help="largest chunk computed at once; larger steps accumulate gradients")
-    g.add_argument("--eval-batch", type=int, default=d.eval_batch)
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between test evaluations (last always)")
+    g.add_argument("--eval-batch", type=int, default=d.eval_batch, help="test images evaluated at once")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between test evaluations (the last "
+                   "epoch is always evaluated)")
     g.add_argument("--util-interval", type=float, default=d.util_interval, help="seconds between utilisation samples")
-    g = p.add_argument_group("run folder")
+    g.add_argument("--on-nonfinite", default=d.on_nonfinite, help="a non-finite loss or gradient: stop (exit 3, "
+                   "last checkpoint intact) or skip (the step is not applied and is counted in its row)")
+    g.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,
+                   help="with --on-nonfinite skip: stop after this many skipped steps in a row")
+    g = opts.group(p, "run folder")
     g.add_argument("--out", help="run folder (default: runs/<time>-<policy>-<model>)")
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a run (or a run stopped before its first "
+                   "checkpoint) in --out")
     g.add_argument("--resume", help="continue the run in this folder from its last checkpoint")
+    g.add_argument("--autoresume", action="store_true", help="with --out: start the run if the folder is new, resume "
+                   "it if it holds a run of the same settings (for schedulers and torchrun --max-restarts)")
     g.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after N steps (resumable)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    policy_dests = {}
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (the bar shows images per second, and the step's loss, accuracy and batch size)")
     for name, cls in POLICIES.items():
-        g = p.add_argument_group(f"policy {name}", cls.help)
-        before = {a.dest for a in p._actions}
-        cls.add_arguments(g)
-        policy_dests[name] = [a.dest for a in p._actions if a.dest not in before]
-    p.set_defaults(policy_dests=policy_dests)
-    return p
+        cls.add_arguments(opts.group(p, f"policy {name}", cls.help, owner=name))
+    return p, opts
 
 
-def _config_from_args(args: argparse.Namespace):
+def _check_policy_options(given: dict[str, Any], opts: TrainOptions, policy: str) -> None:
+    foreign = [k for k in given if opts.owner.get(k, policy) != policy]
+    if foreign:
+        k = foreign[0]
+        flag = "--" + k.replace("_", "-")
+        raise UserError(f"{flag} is an option of --policy {opts.owner[k]}, not of --policy {policy}; drop it or "
+                        f"choose --policy {opts.owner[k]}")
+
+
+def _config_from(given: dict[str, Any], opts: TrainOptions):
     from dynbatch.policies import policy_class
     from dynbatch.train.config import TrainConfig
 
-    cls = policy_class(args.policy)
-    opts = {k: getattr(args, k) for k in args.policy_dests.get(cls.name, [])}
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**fields, policy_options=opts)
+    values = {**opts.defaults, **given}
+    cls = policy_class(values["policy"])
+    _check_policy_options(given, opts, cls.name)
+    policy_options = {k: v for k, v in values.items() if opts.owner.get(k) == cls.name}
+    fields = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
+    if fields.get("milestones") is None:
+        fields["milestones"] = ()
+    return TrainConfig(**fields, policy_options=policy_options)
 
 
-def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def train_config(**given: Any):
+    """The ``TrainConfig`` that ``dynbatch train`` builds from these options (argparse names, e.g.
+    ``train_config(policy="edba", batch_size=100)``), with every default the command line has."""
+    _, opts = build_parser()
+    return _config_from(given, opts)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "command"}
+
+
+def _say(msg: str) -> None:
+    """print() that survives a closed stdout (``dynbatch train | head -1``): training goes on, output is dropped."""
+    try:
+        print(msg, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
+    from dynbatch.train import records
     from dynbatch.train.trainer import Trainer
 
-    if args.resume:
-        defaults = vars(parser.parse_args([]))
-        changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE_OVERRIDES and defaults.get(k) != v)
+    given = _given(args)
+    if given.get("resume") and (given.get("out") or given.get("autoresume")):
+        raise UserError("give either --resume DIR or --out DIR [--autoresume], not both; drop one of them")
+    if given.get("autoresume") and not given.get("out"):
+        raise UserError("--autoresume needs a run folder; add --out DIR, the folder to start or continue the run in")
+    resume = given.get("resume")
+    if resume is not None:
+        changed = sorted(k for k in given if k not in RESUMABLE_OVERRIDES)
         if changed:
-            raise UserError(f"--resume continues a run with its own settings; drop {', '.join('--' + c.replace('_', '-') for c in changed)} "
+            raise UserError(f"--resume continues a run with its own settings; drop "
+                            f"{', '.join('--' + c.replace('_', '-') for c in changed)} "
                             "(only --epochs and --stop-after-steps may change)")
-        trainer = Trainer.resume(Path(args.resume), epochs=args.epochs if args.epochs != defaults["epochs"] else None,
-                                 stop_after_steps=args.stop_after_steps)
-        trainer.cfg.progress = args.progress
-        trainer.log(f"resuming {args.resume} at epoch {trainer.epoch + 1}, step {trainer.step}")
+    elif given.get("autoresume") and (Path(given["out"]) / "config.json").is_file():
+        # The same command again (a scheduler's rerun, torchrun --max-restarts): continue the run it started.
+        records.require_same_config(Path(given["out"]), _config_from(given, opts).resolved(), ignore=NOT_COMPARED)
+        if records.has_checkpoint(Path(given["out"])):
+            resume = given["out"]
+    if resume is not None:
+        trainer = Trainer.resume(Path(resume), epochs=given.get("epochs"),
+                                 stop_after_steps=given.get("stop_after_steps"), log=_say)
+        trainer.cfg.progress = given.get("progress", True)
+        trainer.log(f"resuming {resume} at epoch {trainer.epoch + 1}, step {trainer.step}")
     else:
-        cfg = _config_from_args(args)
-        out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.policy}-{cfg.model}")
-        trainer = Trainer.new(cfg, out, overwrite=args.overwrite)
+        cfg = _config_from(given, opts)
+        out = Path(given.get("out") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.policy}-{cfg.model}")
+        overwrite = given.get("overwrite", False) or (given.get("autoresume", False) and records.is_restartable(out))
+        trainer = Trainer.new(cfg, out, overwrite=overwrite, given=given, log=_say)
         trainer.log(f"run folder: {out}")  # rank 0 only under torchrun
     summary = trainer.run()
     if summary["interrupted"] is not None:
@@ -117,47 +245,45 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 128 + sig if sig else 0
     if summary.get("test_acc") is not None:
         trainer.log(f"done: test accuracy {summary['test_acc']:.4f} after {trainer.epoch} epochs; "
-              f"run folder: {summary['out']} (metrics.jsonl, checkpoint.pt, curves.png)")
+                    f"run folder: {summary['out']} (metrics.jsonl, checkpoint.pt, curves.png)")
     else:
         trainer.log(f"nothing to do: the run already has {trainer.epoch} epochs; raise --epochs to continue")
     return 0
 
 
-def cmd_plot(args: argparse.Namespace, parser) -> int:
+def cmd_plot(args: argparse.Namespace, opts=None) -> int:
     from dynbatch.plots import plot_runs
 
-    runs = [Path(r) for r in args.runs]
-    for r in runs:
-        if not (r / "metrics.jsonl").is_file():
-            raise UserError(f"{r} is not a run folder (no metrics.jsonl); pass folders written by dynbatch train")
-    out = plot_runs(runs, Path(args.out))
+    out = plot_runs([Path(r) for r in args.runs], Path(args.out), x_axis=args.x)
     print(f"wrote {out}")
     return 0
 
 
-def cmd_info(args, parser) -> int:
+def cmd_info(args, opts=None) -> int:
     from dynbatch import info
 
     print(info.render(info.collect()))
     return 0
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser() -> tuple[argparse.ArgumentParser, TrainOptions]:
     parser = _Parser(prog="dynbatch", description="Training with dynamic batch sizes.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
-    train = _add_train(sub)
+    _, opts = _add_train(sub)
     plot = sub.add_parser("plot", help="overlay the curves of run folders")
     plot.add_argument("runs", nargs="+", help="run folders")
     plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.add_argument("--x", choices=("epochs", "samples"), default="epochs",
+                      help="x axis of the curves: epochs, or samples trained on (compares policies on compute)")
     sub.add_parser("info", help="versions, devices, usable kernel backends")
     from dynbatch.bench_cli import add_bench_parser
 
     add_bench_parser(sub)
-    return parser, {"train": train}
+    return parser, opts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, subs = build_parser()
+    parser, opts = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
@@ -168,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             from dynbatch.bench_cli import cmd_bench
 
             return cmd_bench(args)
-        return handlers[args.command](args, subs.get(args.command))
+        return handlers[args.command](args, opts)
     except UserError as e:
         print(f"dynbatch: error: {e}", file=sys.stderr)
         return e.exit_code

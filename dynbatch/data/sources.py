@@ -15,6 +15,10 @@ import numpy as np
 
 from dynbatch.errors import UserError
 
+# The largest class count accepted from labels or --num-classes: a linear head over more no longer fits a sensible
+# memory budget (nor the selection kernels' tiles).
+MAX_CLASSES = 100_000
+
 # Channel statistics of the full CIFAR training sets (images scaled to [0, 1]).
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -97,25 +101,35 @@ def _load_npz(path: str) -> DataSource:
     if not p.is_file():
         raise UserError(f"data file not found: {p}; {hint}")
     try:
-        with np.load(p, allow_pickle=False) as f:
+        loaded = np.load(p, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+            raise UserError(f"data file {p} is a single array, not an .npz archive of arrays; {hint}")
+        with loaded as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
             if missing:
                 raise UserError(f"data file {p} lacks {', '.join(missing)}; {hint}")
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except UserError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise UserError(f"data file {p} is unreadable or corrupted ({type(e).__name__}); {hint}") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim != 4:
             raise UserError(f"x_{split} in {p} is {x.dtype} with shape {x.shape}, expected uint8 (N, H, W, C); {hint}")
+        if min(x.shape[1:]) < 1:
+            raise UserError(f"x_{split} in {p} has images of shape {x.shape[1:]} (H, W, C); each needs at least one "
+                            f"pixel and one channel; {hint}")
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
             raise UserError(f"y_{split} in {p} must be integer labels, one per image of x_{split}; {hint}")
         if len(y) == 0:
             raise UserError(f"the {split} split in {p} is empty; {hint}")
         if y.min() < 0:
             raise UserError(f"y_{split} in {p} has negative labels; labels must be 0..num_classes-1")
+        # Compared in the labels' own dtype: a uint64 label >= 2**63 would wrap negative as int64.
+        if y.max() >= MAX_CLASSES:
+            raise UserError(f"y_{split} in {p} has a label of {y.max()}, beyond the supported {MAX_CLASSES} classes; "
+                            "labels must be 0..num_classes-1")
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise UserError(f"train and test images in {p} differ in shape; {hint}")
     y_tr, y_te = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
@@ -151,7 +165,7 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     gives all it has and the shortfall is drawn from the remaining samples.
     """
     if not 1 <= n <= len(labels):
-        raise UserError(f"--train-samples {n} is outside 1..{len(labels)} (the training split's size)")
+        raise UserError(f"--train-samples {n} is outside 1..{len(labels)} (the training split's size); give at most {len(labels)}")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     quota = np.full(len(classes), n // len(classes))

@@ -34,14 +34,14 @@ class AdaBatchPolicy(Policy):
     def validate(cls, o):
         for k in ("resize_every", "resize_factor", "max_batch", "warmup_base"):
             if o[k] < 1:
-                raise UserError(f"--{k.replace('_', '-')} must be positive (got {o[k]})")
+                raise UserError(f"--{k.replace('_', '-')} must be positive (got {o[k]}); give a whole number of 1 or more")
         if o["lr_factor"] <= 0:
-            raise UserError(f"--lr-factor must be positive (got {o['lr_factor']})")
+            raise UserError(f"--lr-factor must be positive (got {o['lr_factor']}); e.g. 0.75")
 
     def __init__(self, options, *, batch_size, config=None):
         super().__init__(options, batch_size=batch_size, config=config)
         if batch_size > options["max_batch"]:
-            raise UserError(f"--batch-size {batch_size} exceeds --max-batch {options['max_batch']}")
+            raise UserError(f"--batch-size {batch_size} exceeds --max-batch {options['max_batch']}; raise --max-batch or lower --batch-size")
         self.epoch = 0
 
     def resizes(self, epoch: int) -> int:

@@ -41,7 +41,7 @@ def _parse_splits(s: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in str(s).split(","))
     except ValueError:
-        raise UserError(f"--splits must be comma-separated integers like 1,2,4 (got {s!r})") from None
+        raise UserError(f"--splits must be comma-separated integers (got {s!r}); e.g. 1,2,4") from None
     return out
 
 
@@ -115,22 +115,22 @@ class SplitPolicy(Policy):
     def validate(cls, o):
         splits = _parse_splits(o["splits"])
         if not splits or any(k < 1 for k in splits) or len(set(splits)) != len(splits):
-            raise UserError(f"--splits must be distinct positive integers (got {o['splits']})")
+            raise UserError(f"--splits must be distinct positive integers (got {o['splits']}); e.g. 1,2,4")
         if o["base_batch"] is not None and o["base_batch"] < 1:
-            raise UserError(f"--base-batch must be positive (got {o['base_batch']})")
+            raise UserError(f"--base-batch must be positive (got {o['base_batch']}); e.g. 256")
         if o["criterion"] not in ("min", "max", "random"):
-            raise UserError(f"--criterion must be min, max or random (got {o['criterion']})")
+            raise UserError(f"--criterion must be min, max or random (got {o['criterion']!r}); min is the default")
         if o["split_update"] not in ("sequential", "original"):
-            raise UserError(f"--split-update must be sequential or original (got {o['split_update']})")
+            raise UserError(f"--split-update must be sequential or original (got {o['split_update']!r}); sequential is the default")
         if o["split_clip"] <= 0:
-            raise UserError("--split-clip must be positive")
+            raise UserError(f"--split-clip must be positive (got {o['split_clip']}); e.g. 5")
 
     def __init__(self, options, *, batch_size, config=None):
         base = options["base_batch"] or batch_size
         splits = _parse_splits(options["splits"])
         bad = [k for k in splits if base % k]
         if bad:
-            raise UserError(f"--splits {options['splits']} must divide the base batch {base}")
+            raise UserError(f"--splits {options['splits']} must divide the base batch {base}; choose divisors of {base}, e.g. 1,2,4")
         super().__init__(options, batch_size=base, config=config)
         self.splits = splits
 

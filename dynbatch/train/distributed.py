@@ -30,6 +30,11 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @staticmethod
+    def rank_from_env() -> int:
+        """This process's rank as torchrun announces it (0 outside torchrun), before any process group exists."""
+        return int(os.environ.get("RANK", "0"))
+
     @classmethod
     def from_env(cls, device_type: str) -> "Dist":
         """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on CPU)."""
@@ -39,7 +44,13 @@ class Dist:
         if not dist.is_available():
             raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run without torchrun")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            # Each torchrun restart attempt gets keys of its own: a rerun worker must never read the connection
+            # address a dead worker of the previous attempt left in the agent's store (seen here as gloo's
+            # "Connection refused" after --max-restarts brought the job back).
+            store, rank, size = next(dist.rendezvous("env://"))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=size,
+                                    store=dist.PrefixStore(f"dynbatch/attempt{attempt}", store))
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
     def shares(self, n: int) -> list[int]:

@@ -13,7 +13,7 @@ checkpoint resumes only with the number of ranks that wrote it.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import platform
 import signal
 import sys
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
-from dynbatch.errors import UserError
+from dynbatch.errors import Diverged, UserError
 from dynbatch.models import build_model
 from dynbatch.monitor import UtilisationMonitor
 from dynbatch.policies import StepContext, policy_class
@@ -33,9 +33,10 @@ from dynbatch.train import records
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.distributed import Dist
 from dynbatch.train.executor import PlanExecutor
+from dynbatch.train.optim import sgd
 from dynbatch.train.schedules import scheduled_lr
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: one CUDA generator state per rank
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,11 +70,15 @@ class Trainer:
     partial run behind.
     """
 
-    def __init__(self, cfg: TrainConfig, out: Path, log: Callable[[str], None] = print):
-        self.cfg, self.out, self.log = cfg, Path(out), log
-        self.policy_cls = policy_class(cfg.policy)
-        cfg.resolve_defaults(self.policy_cls)
+    def __init__(self, cfg: TrainConfig, out: Path, log: Callable[[str], None] = print,
+                 given: dict[str, Any] | None = None):
+        # What the user gave stays apart from the resolved settings, so config.json re-runs exactly.
+        self.given = dict(given or {})
+        self.cfg = cfg = cfg.resolved()
+        self.out, self.log = Path(out), log
+        self._lock: int | None = None
         cfg.validate()
+        self.policy_cls = policy_class(cfg.policy)
         self.policy_cls.validate(cfg.policy_options)
         self.device = resolve_device(cfg.device)
         self.dist = Dist.from_env(self.device.type)
@@ -84,7 +89,8 @@ class Trainer:
             if not self.dist.is_main:
                 self.log = lambda msg: None
             if cfg.batch_size < self.dist.world:
-                raise UserError(f"--batch-size {cfg.batch_size} is below the {self.dist.world} ranks; each needs a sample")
+                raise UserError(f"--batch-size {cfg.batch_size} is below the {self.dist.world} ranks, which each need "
+                                f"a sample; give at least {self.dist.world}")
         on_cuda = self.device.type == "cuda"
         self.use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda)
         if self.use_amp and not on_cuda:
@@ -96,10 +102,11 @@ class Trainer:
             src.crop_padding, src.flip = 0, False
         n_train = len(src.y_train)
         subset = None
+        train_samples = cfg.train_samples
         if cfg.train_fraction is not None:
-            cfg.train_samples = max(1, round(cfg.train_fraction * n_train))
-        if cfg.train_samples is not None:
-            subset = balanced_subset(src.y_train, cfg.train_samples, cfg.seed)
+            train_samples = max(1, round(cfg.train_fraction * n_train))
+        if train_samples is not None:
+            subset = balanced_subset(src.y_train, train_samples, cfg.seed)
         self.data = DeviceData(src, self.device, subset)
 
         torch.manual_seed(cfg.seed)
@@ -117,12 +124,11 @@ class Trainer:
             wrapped = self._ddp(self.model, on_cuda)
         # The (compiled, DDP) wrapper runs the steps; checkpoints always hold the plain module's state.
         self.step_model = torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = sgd(self.model, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+                             weight_decay=cfg.weight_decay)
         self.policy = self.policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
-        self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch, dist=self.dist)
+        self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch, dist=self.dist,
+                                     restore_buffers_on_skip=cfg.on_nonfinite == "skip")
         self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
         # Progress counters; all of them go into the checkpoint.
@@ -132,6 +138,8 @@ class Trainer:
         self.wall_offset = 0.0
         self.epoch_acc = {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0}
         self.metrics_offset: int | None = None
+        self.nonfinite_streak = 0  # consecutive steps with a skipped (non-finite) update
+        self.checkpoint_step: int | None = None  # the step the newest checkpoint.pt was written at
         self.last_epoch: dict[str, Any] = {}
         self._stop_signal: int | None = None
 
@@ -154,37 +162,67 @@ class Trainer:
     def new(cls, cfg: TrainConfig, out: Path, overwrite: bool = False, **kw) -> "Trainer":
         t = cls(cfg, out, **kw)
         if t.dist.is_main:
-            records.prepare_new_run(t.out, overwrite)
-            records.write_json(t.out / "config.json", t.describe())
+            t._lock = records.prepare_new_run(t.out, overwrite)
+            try:
+                records.write_json(t.out / "config.json", t.describe())
+            except BaseException:
+                records.unlock_run(t._lock)
+                records.discard_new_run(t.out)
+                raise
         return t
 
     @classmethod
     def resume(cls, run: Path, epochs: int | None = None, stop_after_steps: int | None = None, **kw) -> "Trainer":
+        """Continue ``run`` from its checkpoint. ``epochs`` is the new total (None: the run's own); below the
+        epochs already done it is an error. Extending a run re-plans the schedule over the new total."""
         run = Path(run)
+        if epochs is not None and epochs < 1:
+            raise UserError(f"--epochs must be positive (got {epochs}); it is the run's new total of epochs")
         records.require_resumable(run)
+        lock = records.lock_run(run) if Dist.rank_from_env() == 0 else None
         try:
-            saved = json.loads((run / "config.json").read_text())
+            saved = records.read_config(run)
             cfg = TrainConfig.from_dict(saved["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{run}/config.json is unreadable ({type(e).__name__}); the run cannot be resumed") from None
-        if epochs is not None:
-            cfg.epochs = epochs
-        cfg.stop_after_steps = stop_after_steps
-        state = records.load_checkpoint(run / "checkpoint.pt")
-        t = cls(cfg, run, **kw)
-        saved_world = state.get("world_size", 1)
-        if saved_world != t.dist.world:
-            raise UserError(f"{run} was trained on {saved_world} process(es), this launch has {t.dist.world}; "
-                            f"resume with the same number (torchrun --nproc_per_node={saved_world} for one node)")
-        t.load_state(state)
-        if epochs is not None and t.dist.is_main:
-            records.write_json(run / "config.json", t.describe())
+            state = records.load_checkpoint(run / "checkpoint.pt")
+            cfg.stop_after_steps = stop_after_steps
+            given = saved.get("given") if isinstance(saved.get("given"), dict) else {}
+            t = cls(cfg, run, given=given, **kw)
+            t._lock = lock
+            saved_world = state.get("world_size", 1)
+            if saved_world != t.dist.world:
+                raise UserError(f"{run} was trained on {saved_world} process(es), this launch has {t.dist.world}; "
+                                f"resume with the same number (torchrun --nproc_per_node={saved_world} for one node)")
+            t.load_state(state)
+            if t.dist.is_main:
+                records.verify_metrics(run / "metrics.jsonl", t.metrics_offset or 0)
+            if epochs is not None and epochs != t.cfg.epochs:
+                t._extend(epochs)
+        except BaseException:
+            records.unlock_run(lock)
+            raise
         return t
+
+    def _extend(self, epochs: int) -> None:
+        """Set a new total of epochs on a resumed run (checked before config.json is rewritten)."""
+        cfg = self.cfg
+        done = self.epoch + (self.sampler.pos > 0)
+        if epochs < done:
+            raise UserError(f"--epochs {epochs} is below the {done} epoch(s) this run has started; give at least "
+                            f"{done} (--epochs is the new total)")
+        progress = self.epoch + self.sampler.pos / self.sampler.n
+        before = self._lr(progress)
+        cfg.epochs = epochs
+        if cfg.schedule != "constant":
+            self.log(f"--epochs {epochs}: the {cfg.schedule} schedule is re-planned over {epochs} epochs; the "
+                     f"learning rate goes from {before:.4g} to {self._lr(progress):.4g} at epoch {progress:.2f}")
+        if self.dist.is_main:
+            records.write_json(self.out / "config.json", self.describe())
 
     def describe(self) -> dict[str, Any]:
         dev = self.device
         return {
             "config": self.cfg.to_dict(),
+            "given": {k: v for k, v in self.given.items() if k not in ("out", "overwrite", "autoresume")},
             "versions": package_versions(),
             "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
                        else platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
@@ -196,7 +234,8 @@ class Trainer:
         }
 
     # ---- state --------------------------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self, cuda_rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs; ``cuda_rng`` holds every rank's CUDA generator state, by rank."""
         return {
             "version": CHECKPOINT_VERSION,
             "model": self.model.state_dict(),
@@ -205,35 +244,56 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "aug_gen": self.aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "cuda_rng": cuda_rng,
             "micro_batch": self.executor.micro_batch,
             "progress": {"epoch": self.epoch, "step": self.step, "samples_seen": self.samples_seen,
-                         "wall_s": self.wall_offset + self._elapsed(), "epoch_acc": dict(self.epoch_acc)},
+                         "wall_s": self.wall_offset + self._elapsed(), "epoch_acc": dict(self.epoch_acc),
+                         "nonfinite_streak": self.nonfinite_streak},
             "metrics_offset": self.metrics_offset,
             "world_size": self.dist.world,
         }
 
     def load_state(self, s: dict[str, Any]) -> None:
         if s.get("version") != CHECKPOINT_VERSION:
-            raise UserError("checkpoint was written by an incompatible dynbatch version; start a new run")
-        self.model.load_state_dict(s["model"])
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.policy.load_state_dict(s["policy"])
-        self.sampler.load_state_dict(s["sampler"])
-        self.aug_gen.set_state(s["aug_gen"])
-        torch.set_rng_state(s["torch_rng"])
-        if s["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(s["cuda_rng"])
-        self.executor.micro_batch = s["micro_batch"]
-        p = s["progress"]
-        self.epoch, self.step, self.samples_seen = p["epoch"], p["step"], p["samples_seen"]
-        self.wall_offset, self.epoch_acc = p["wall_s"], dict(p["epoch_acc"])
-        self.metrics_offset = s["metrics_offset"]
+            raise UserError("checkpoint was written by an incompatible dynbatch version; start a new run "
+                            f"with --out {self.out} --overwrite")
+        try:
+            self.model.load_state_dict(s["model"])
+            self.optimizer.load_state_dict(s["optimizer"])
+            self.policy.load_state_dict(s["policy"])
+            self.sampler.load_state_dict(s["sampler"])
+            self.aug_gen.set_state(s["aug_gen"])
+            torch.set_rng_state(s["torch_rng"])
+            if s["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(s["cuda_rng"][self.dist.rank], self.device)
+            self.executor.micro_batch = s["micro_batch"]
+            p = s["progress"]
+            self.epoch, self.step, self.samples_seen = int(p["epoch"]), int(p["step"]), int(p["samples_seen"])
+            self.wall_offset, self.epoch_acc = float(p["wall_s"]), dict(p["epoch_acc"])
+            self.nonfinite_streak = int(p.get("nonfinite_streak", 0))
+            self.metrics_offset = s["metrics_offset"]
+            self.checkpoint_step = self.step
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.out}/checkpoint.pt does not fit the run's config.json ({first[:160]}); restore "
+                            f"the config.json written with it, or start again with --out {self.out} --overwrite"
+                            ) from None
 
     def checkpoint(self) -> None:
+        # A finite gradient times a huge learning rate can still overflow the weights; such a state is never
+        # written over the last good checkpoint. One read per checkpoint; every rank decides together.
+        floats = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if self.dist.any(not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())):
+            raise Diverged(f"training diverged by step {self.step}: the weights are not finite (a finite gradient "
+                           f"times the learning rate overflowed them); {self._checkpoint_note()}; lower --lr or raise --warmup-epochs and start again "
+                           "with --overwrite")
+        # A collective: every rank sends its own CUDA generator state, rank 0 writes them all.
+        cuda_rng = (self.dist.gather_objects(torch.cuda.get_rng_state(self.device))
+                    if self.device.type == "cuda" else None)
         if self.dist.is_main:
             self.metrics_offset = self.metrics.offset()
-            records.save_checkpoint(self.out / "checkpoint.pt", self.state())
+            records.save_checkpoint(self.out / "checkpoint.pt", self.state(cuda_rng))
+        self.checkpoint_step = self.step
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -250,6 +310,12 @@ class Trainer:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _lr(self, progress: float) -> float:
+        cfg = self.cfg
+        lr = scheduled_lr(progress, base_lr=cfg.lr, schedule=cfg.schedule, epochs=cfg.epochs,
+                          warmup_epochs=cfg.warmup_epochs, milestones=cfg.milestones, gamma=cfg.gamma)
+        return lr * self.policy.lr_factor(progress)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -279,7 +345,9 @@ class Trainer:
         cfg = self.cfg
         self.metrics = (records.MetricsWriter(self.out / "metrics.jsonl", truncate_to=self.metrics_offset)
                         if self.dist.is_main else records.NullWriter())
-        monitor = UtilisationMonitor(cfg.util_interval, on_note=lambda m: self.log(f"utilisation: {m}")).start()
+        # What the monitor cannot sample matters only where there is a GPU to watch.
+        on_note = (lambda m: self.log(f"utilisation: {m}")) if self.device.type == "cuda" else None
+        monitor = UtilisationMonitor(cfg.util_interval, on_note=on_note).start()
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._t0 = time.perf_counter()
         steps_this_session = 0
@@ -313,6 +381,8 @@ class Trainer:
                 signal.signal(s, h)
             self.metrics.close()
             self.dist.close()
+            records.unlock_run(self._lock)
+            self._lock = None
         self._plot()
         return {"interrupted": None, "out": str(self.out), "step": self.step, **self.last_epoch}
 
@@ -320,7 +390,10 @@ class Trainer:
         from dynbatch.plots import plot_runs
 
         if self.dist.is_main and (self.out / "metrics.jsonl").stat().st_size:
-            plot_runs([self.out], self.out / "curves.png")
+            try:
+                plot_runs([self.out], self.out / "curves.png")
+            except UserError as e:  # the figure is a convenience: its failure does not fail a trained run
+                self.log(f"curves.png not written: {e}")
 
     def _progress_bar(self):
         if not self.cfg.progress or not sys.stderr.isatty():
@@ -333,10 +406,7 @@ class Trainer:
     def _train_step(self, bar) -> None:
         cfg = self.cfg
         t_start = time.perf_counter()
-        progress = self.epoch + self.sampler.pos / self.sampler.n
-        lr = scheduled_lr(progress, base_lr=cfg.lr, schedule=cfg.schedule, epochs=cfg.epochs,
-                          warmup_epochs=cfg.warmup_epochs, milestones=cfg.milestones, gamma=cfg.gamma)
-        lr *= self.policy.lr_factor(progress)
+        lr = self._lr(self.epoch + self.sampler.pos / self.sampler.n)
         asked = self.policy.batch_size()
         idx = self.sampler.next(asked)
         x, y = self.data.train.batch(idx, self.aug_gen)  # --no-augment zeroed padding and flips above
@@ -350,12 +420,15 @@ class Trainer:
         self._sync()
         step_s = time.perf_counter() - t_start
         record = dict(plan.record)
-        sums = [record.pop("loss_sum", 0.0), record.pop("correct", 0), record.pop("trained_samples", 0)]
-        if outcome.n:  # steps the executor ran itself; precomputed-gradient steps report their sums in the record
-            sums = [outcome.loss_sum, outcome.correct, outcome.n]
-        if self.dist.enabled:
-            sums = self.dist.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=self.device)).tolist()
-        loss_sum, correct, trained = sums[0], int(sums[1]), int(round(sums[2]))
+        # One source per statistic: the executor's sums for the steps it ran forward itself; a plan of
+        # precomputed gradients (split's original update) reports its sums in the record.
+        policy_sums = [record.pop(k, 0.0) for k in ("loss_sum", "correct", "trained_samples")]
+        sums = ([outcome.loss_sum, outcome.correct, outcome.n] if outcome.ran_forward else
+                [torch.tensor(float(v), device=self.device) for v in policy_sums])
+        stats = torch.stack([torch.as_tensor(v, device=self.device).double() for v in (*sums, outcome.skipped)])
+        stats = self.dist.all_reduce_sum(stats) if self.dist.enabled else stats
+        loss_sum, correct, trained, skipped = stats.tolist()  # the step's one read from the device
+        correct, trained, skipped = int(correct), int(round(trained)), int(skipped)
         self.samples_seen += idx.numel()
         a = self.epoch_acc
         a["loss_sum"] += loss_sum
@@ -374,12 +447,38 @@ class Trainer:
             row.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
             for e in outcome.events:
                 self.log(f"step {self.step}: {e}")
+        if skipped:
+            row["nonfinite_skipped"] = skipped
         self.metrics.write("step", row)
+        self._guard_nonfinite(skipped, lr, loss_sum)
         self.step += 1
         if bar is not None:
             bar.update(idx.numel())
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}", bs=idx.numel(),
-                            sps=f"{idx.numel() / max(step_s, 1e-9):.0f}")
+            # tqdm shows the rate itself, in img/s (its unit); the postfix adds this step's loss, accuracy, batch.
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}", batch=idx.numel())
+
+    def _guard_nonfinite(self, skipped: int, lr: float, loss_sum: float) -> None:
+        """Stop (default) or count a step whose update was skipped because its loss or gradient was not finite."""
+        if not skipped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        cfg = self.cfg
+        if cfg.on_nonfinite == "skip" and self.nonfinite_streak < cfg.nonfinite_limit:
+            self.log(f"step {self.step}: non-finite loss or gradient; update skipped "
+                     f"({self.nonfinite_streak} in a row, limit {cfg.nonfinite_limit})")
+            return
+        what = "loss" if not math.isfinite(loss_sum) else "gradient"
+        streak = f" for {self.nonfinite_streak} steps in a row" if cfg.on_nonfinite == "skip" else ""
+        raise Diverged(f"training diverged at step {self.step} (epoch {self.epoch + 1}): the {what} is not finite"
+                       f"{streak} at learning rate {lr:.4g}; no such update was applied and {self._checkpoint_note()}; "
+                       "lower --lr or raise --warmup-epochs and start again with --overwrite, or pass "
+                       "--on-nonfinite skip")
+
+    def _checkpoint_note(self) -> str:
+        if self.checkpoint_step is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint (step {self.checkpoint_step}) is intact"
 
     def _utilisation(self, monitor: UtilisationMonitor) -> dict[str, Any]:
         """This epoch's utilisation summary; under DDP every rank's, rank r's fields as ``util_rank<r>_*``."""
