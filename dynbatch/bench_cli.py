@@ -18,12 +18,29 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated subset of {', '.join(SUITES)}")
     p.add_argument("--out", default="bench/results/latest", help="folder for results.json, report.md, bench.png")
     p.add_argument("-k", dest="select", help="pytest -k expression to narrow the cases")
+    p.add_argument("--gpu-aot", action="store_true",
+                   help="compile every Triton kernel for sm_80 and sm_90 over the full shape sweep (no GPU needed) "
+                        "and estimate selection times on A100/H100; writes bench/results/gpu-aot/")
+
+
+def cmd_gpu_aot(bench: Path) -> int:
+    """The full AOT sweep (compile table) and the paper estimate, into ``bench/results/gpu-aot/``."""
+    out = bench / "results" / "gpu-aot"
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
+    rc = subprocess.call([sys.executable, "-m", "dynbatch_kernels.aot", "--sweep", "full", "--json",
+                          str(out / "compile.json"), "--markdown", str(out / "compile.md")], cwd=REPO, env=env)
+    rc_est = subprocess.call([sys.executable, str(bench / "gpu_estimate.py"), "--out", str(out / "estimate.md")],
+                             cwd=REPO, env=env)
+    return rc or rc_est
 
 
 def cmd_bench(args) -> int:
     bench = REPO / "bench"
     if not (bench / "report.py").is_file():
         raise UserError(f"benchmarks not found at {bench}; run dynbatch bench from a clone (pip install -e .)")
+    if args.gpu_aot:
+        return cmd_gpu_aot(bench)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:

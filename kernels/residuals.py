@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import on_device
 from .reference import per_sample_grad_norms as REFERENCE  # noqa: F401  (the op this file must match)
 
 
@@ -47,8 +48,9 @@ def residuals_and_norms(logits: torch.Tensor, targets: torch.Tensor, features: t
     norms = torch.empty((b,), dtype=torch.float32, device=logits.device)
     if b == 0:
         return e, norms
-    _residuals_kernel[(b,)](
-        logits, targets, features, e, norms, c, d, logits.stride(0), features.stride(0), float(label_smoothing),
-        BIAS=bias, BLOCK_C=triton.next_power_of_2(c), BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 1024),
-    )
+    with on_device(logits):
+        _residuals_kernel[(b,)](
+            logits, targets, features, e, norms, c, d, logits.stride(0), features.stride(0), float(label_smoothing),
+            BIAS=bias, BLOCK_C=triton.next_power_of_2(c), BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 1024),
+        )
     return e, norms

@@ -11,8 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import arch_of, on_device, split_launch_options, subset_config
 from .reference import subset_sq_sums as REFERENCE  # noqa: F401  (the op this file must match)
 from .subset_rng import dot_dtype_args, low_precision_dot as _dot, mask_tile
+
+FILL_PROGRAMS = 264
 
 
 @triton.jit(do_not_specialize=["seed", "thr"])
@@ -58,17 +61,21 @@ def subset_sq_sums_direct(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *,
     da = a.shape[1]
     j = c * da
     n = num_subsets
-    block_n, block_b, block_j = 64, 32, 64
-    n_blocks = triton.cdiv(n, block_n)
-    on_gpu = e.is_cuda
-    sms = torch.cuda.get_device_properties(e.device).multi_processor_count if on_gpu else 1
-    split_j = max(1, min(triton.cdiv(j, block_j), triton.cdiv(2 * sms, n_blocks))) if on_gpu else 1
+    tiles, opts = split_launch_options(subset_config("direct", "fp32" if dot_dtype == torch.float32 else "16",
+                                                     e.device))
+    n_blocks = triton.cdiv(n, tiles["BLOCK_N"])
+    on_gpu = arch_of(e.device) is not None
+    # Enough programs to fill the largest GPUs (264 = 2 x 132 SMs of an H100) when the subsets alone do not. A
+    # constant, not the device's SM count: the partial sums then add up in the same order on every GPU model,
+    # so ranks of a mixed cluster compute bit-identical norms and choose the same subset.
+    split_j = max(1, min(triton.cdiv(j, tiles["BLOCK_J"]), triton.cdiv(FILL_PROGRAMS, n_blocks))) if on_gpu else 1
     sq = torch.empty((split_j, n), dtype=torch.float32, device=e.device)
     cnt = torch.empty((n,), dtype=torch.float32, device=e.device)
     if n == 0:
         return sq.sum(0), cnt
-    _direct_kernel[(n_blocks, split_j)](
-        e, a, masks if masks is not None else e, sq, cnt, n, b, c, da, j, seed, thr,
-        MODE=mode, SPLIT_J=split_j, BLOCK_N=block_n, BLOCK_B=block_b, BLOCK_J=block_j, **dot_dtype_args(dot_dtype),
-    )
+    with on_device(e):
+        _direct_kernel[(n_blocks, split_j)](
+            e, a, masks if masks is not None else e, sq, cnt, n, b, c, da, j, seed, thr,
+            MODE=mode, SPLIT_J=split_j, **tiles, **opts, **dot_dtype_args(dot_dtype),
+        )
     return sq.sum(0), cnt

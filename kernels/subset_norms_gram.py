@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .reference import subset_sq_sums as REFERENCE  # noqa: F401  (the op this file must match)
+from .configs import on_device, split_launch_options, subset_config
 from .subset_rng import dot_dtype_args, low_precision_dot as _dot, mask_tile
 
 
@@ -37,7 +38,12 @@ def _gram_kernel(k_ptr, masks_ptr, sq_ptr, cnt_ptr, N, B, seed, thr, MODE: tl.co
 
 def subset_sq_sums_gram(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *, masks: torch.Tensor | None,
                         seed: int, mode: int, thr: int, dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||sum_S g_i||^2, |S|), fp32 (N,) each; arguments as in ``subset_sq_sums_direct``."""
+    """(||sum_S g_i||^2, |S|), fp32 (N,) each; arguments as in ``subset_sq_sums_direct``.
+
+    K stays fp32 whatever ``dot_dtype``: K_ii = ||e_i||^2 ||a_i||^2 overflows fp16 (65,504) for inputs that fp16
+    holds (features of 120 over D = 512 give 4.8e5), so 16-bit inputs multiply K as tf32 on tensor cores instead:
+    fp32's range, fp16's 10-bit mantissa, fp32 accumulation.
+    """
     b = e.shape[0]
     n = num_subsets
     k = ((e @ e.T) * (a @ a.T)).contiguous()  # fp32 (B, B)
@@ -45,9 +51,11 @@ def subset_sq_sums_gram(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *, m
     cnt = torch.empty((n,), dtype=torch.float32, device=e.device)
     if n == 0:
         return sq, cnt
-    block_n = 64
-    _gram_kernel[(triton.cdiv(n, block_n),)](
-        k, masks if masks is not None else k, sq, cnt, n, b, seed, thr, MODE=mode, BLOCK_N=block_n,
-        BLOCK_I=64, BLOCK_K=32, **dot_dtype_args(dot_dtype),
-    )
+    low = dot_dtype != torch.float32
+    tiles, opts = split_launch_options(subset_config("gram", "tf32" if low else "fp32", e.device))
+    with on_device(e):
+        _gram_kernel[(triton.cdiv(n, tiles["BLOCK_N"]),)](
+            k, masks if masks is not None else k, sq, cnt, n, b, seed, thr, MODE=mode, **tiles, **opts,
+            **dot_dtype_args(torch.float32, tf32=low),
+        )
     return sq, cnt

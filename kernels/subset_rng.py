@@ -54,13 +54,14 @@ def low_precision_dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexp
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-def dot_dtype_args(dot_dtype) -> dict:
-    """Launch constants for ``low_precision_dot``: fp32 runs as IEEE fp32; bf16/fp16 on tensor cores."""
+def dot_dtype_args(dot_dtype, tf32: bool = False) -> dict:
+    """Launch constants for ``low_precision_dot``: fp32 runs as IEEE fp32 (or as tf32 on tensor cores with
+    ``tf32``); bf16/fp16 run on tensor cores in that type."""
     import os
 
     import torch
 
     tl_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dot_dtype]
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return {"DOT_DTYPE": tl_dtype, "PRECISION": "ieee" if dot_dtype == torch.float32 else "tf32",
+    return {"DOT_DTYPE": tl_dtype, "PRECISION": "tf32" if tf32 or dot_dtype != torch.float32 else "ieee",
             "ROUND_ONLY": interpreted and dot_dtype == torch.bfloat16}

@@ -26,11 +26,12 @@ r > ``--shrink-above`` (loss above its trend) divides the next batch by ``--bs-f
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
-from dynbatch.errors import UserError
+from dynbatch.errors import RunFailure, UserError
 from dynbatch.models import final_linear
 from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
 from dynbatch.train.buffers import preserved_buffers
@@ -52,8 +53,8 @@ class EDBAPolicy(Policy):
         g.add_argument("--ema-decay", type=float, default=0.9, help="decay of the loss and gradient-norm EMAs")
         g.add_argument("--margin-eps", type=float, default=1e-8, help="floor of |G_S - G_ema| in the margin")
         g.add_argument("--reuse-forward", action="store_true", help="one forward per step, loss masked to the subset")
-        g.add_argument("--bs-min", type=int, default=10)
-        g.add_argument("--bs-max", type=int, default=1000)
+        g.add_argument("--bs-min", type=int, default=10, help="smallest loader batch the batch-size rule may set")
+        g.add_argument("--bs-max", type=int, default=1000, help="largest loader batch the batch-size rule may set")
         g.add_argument("--bs-factor", type=float, default=1.1, help="batch-size change factor (> 1)")
         g.add_argument("--grow-below", type=float, default=0.05, help="grow when (L - L_ema)/L_ema < -this")
         g.add_argument("--shrink-above", type=float, default=0.05, help="shrink when (L - L_ema)/L_ema > this")
@@ -62,21 +63,26 @@ class EDBAPolicy(Policy):
     @classmethod
     def validate(cls, o):
         if not 1 <= o["subsets"] <= MAX_SUBSETS:
-            raise UserError(f"--subsets must be in 1..{MAX_SUBSETS} (got {o['subsets']})")
+            raise UserError(f"--subsets must be in 1..{MAX_SUBSETS} (got {o['subsets']}); e.g. 4096")
         if o["subset_mode"] not in ("bernoulli", "uniform_size"):
-            raise UserError(f"--subset-mode must be bernoulli or uniform_size (got {o['subset_mode']})")
+            raise UserError(f"--subset-mode must be bernoulli or uniform_size (got {o['subset_mode']!r}); "
+                            "bernoulli is the default")
         if not 0 < o["subset_p"] <= 1:
-            raise UserError(f"--subset-p must be in (0, 1] (got {o['subset_p']})")
+            raise UserError(f"--subset-p must be in (0, 1] (got {o['subset_p']}); e.g. 0.5")
         if not 0 <= o["ema_decay"] < 1:
-            raise UserError(f"--ema-decay must be in [0, 1) (got {o['ema_decay']})")
+            raise UserError(f"--ema-decay must be in [0, 1) (got {o['ema_decay']}); e.g. 0.9")
         if not 1 <= o["bs_min"] <= o["bs_max"]:
-            raise UserError(f"need 1 <= --bs-min <= --bs-max (got {o['bs_min']}, {o['bs_max']})")
+            raise UserError(f"need 1 <= --bs-min <= --bs-max (got {o['bs_min']}, {o['bs_max']}); e.g. 10 and 1000")
         if o["bs_factor"] <= 1:
-            raise UserError(f"--bs-factor must be above 1 (got {o['bs_factor']})")
+            raise UserError(f"--bs-factor must be above 1 (got {o['bs_factor']}); e.g. 1.1")
         if o["margin_eps"] <= 0:
-            raise UserError("--margin-eps must be positive")
+            raise UserError(f"--margin-eps must be positive (got {o['margin_eps']}); e.g. 1e-8")
+        for k in ("grow_below", "shrink_above"):
+            if o[k] < 0:
+                raise UserError(f"--{k.replace('_', '-')} must be non-negative (got {o[k]}); e.g. 0.05")
         if o["selection_backend"] not in ("auto", "torch", "native", "triton"):
-            raise UserError(f"--selection-backend must be auto, torch, native or triton (got {o['selection_backend']})")
+            raise UserError(f"--selection-backend must be auto, torch, native or triton (got "
+                            f"{o['selection_backend']!r}); auto picks the fastest usable one")
 
     def __init__(self, options, *, batch_size, config=None):
         super().__init__(options, batch_size=batch_size, config=config)
@@ -124,18 +130,24 @@ class EDBAPolicy(Policy):
             with preserved_buffers(ctx.raw_model):
                 logits, feats, bias = self._selection_forward(ctx.raw_model, xl, ctx, keep_graph=False)
         losses = ctx.loss_fn(logits.float(), yl)
-        g_logits, g_feats = logits.detach(), feats.detach()
+        # One selection precision on one rank and on many: fp32 inputs (bf16 autocast outputs are upcast before any
+        # gather), and one loss formula, so the same data chooses the same subset whatever the number of ranks.
+        g_logits, g_feats = logits.detach().float(), feats.detach().float()
         if d.enabled:
-            g_logits, g_feats = d.all_gather_rows(g_logits.float()), d.all_gather_rows(g_feats.float())
-            loss = float(d.all_reduce_sum(losses.detach().sum().reshape(1))[0]) / y.shape[0]
-        else:
-            loss = float(losses.detach().mean())
+            g_logits, g_feats = d.all_gather_rows(g_logits), d.all_gather_rows(g_feats)
+        loss = float(d.all_reduce_sum(losses.detach().sum().reshape(1))[0]) / y.shape[0]
         sel = select_subset(
             g_logits, y, g_feats, num_subsets=o["subsets"], seed=(ctx.seed << 32) + ctx.step,
             loss=loss, loss_ema=self.loss_ema, grad_ema=self.grad_ema, mode=o["subset_mode"], p=o["subset_p"],
             backend=o["selection_backend"], bias=bias, label_smoothing=ctx.label_smoothing, eps=o["margin_eps"],
         )
         grad_norm, margin = float(sel.grad_norm), float(sel.margin)  # float() waits for the device
+        if math.isfinite(loss) and not math.isfinite(grad_norm):
+            # Non-finite subset norms map to the largest margin, so a NaN would otherwise be chosen only silently,
+            # when every subset is NaN; with a finite loss that is a kernel fault, not a divergence.
+            raise RunFailure(f"EDBA's selection gave a non-finite gradient norm at step {ctx.step} although the loss "
+                             f"is finite (backend {o['selection_backend']}); rerun with --selection-backend torch "
+                             "and report it")
         if d.enabled:  # an invariant worth one tiny collective: every rank chose the same subset
             chosen = d.gather_objects(int(sel.index))
             if len(set(chosen)) != 1:
@@ -144,10 +156,14 @@ class EDBAPolicy(Policy):
         record = {"batch_loss": loss, "chosen_size": int(sel.size), "subset_index": int(sel.index),
                   "grad_norm": grad_norm, "margin": margin, "loss_ema": self.loss_ema, "grad_ema": self.grad_ema,
                   "selection_s": selection_s}
-        # EMAs and batch size move after the choice, as in the paper.
-        nxt = self.next_batch_size(loss)
+        # EMAs and batch size move after the choice, as in the paper. A non-finite step (whose update the executor
+        # skips) must not poison the EMAs for the rest of the run.
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        nxt = self.next_batch_size(loss) if finite else self.current
         beta = o["ema_decay"]
-        if self.loss_ema is None:
+        if not finite:
+            pass
+        elif self.loss_ema is None:
             self.loss_ema, self.grad_ema = loss, grad_norm
         else:
             self.loss_ema = beta * self.loss_ema + (1 - beta) * loss
