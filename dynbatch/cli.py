@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynbatch.errors import UserError
+from dynbatch.errors import DynbatchError, UserError
 
 # Options a resumed run may change; everything else comes from the run's config.json.
 RESUMABLE_OVERRIDES = {"resume", "autoresume", "epochs", "stop_after_steps", "progress", "command"}
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_bench(args)
         return handlers[args.command](args, opts)
-    except UserError as e:
+    except DynbatchError as e:
         print(f"dynbatch: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

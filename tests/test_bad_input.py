@@ -93,7 +93,7 @@ CLI = [
     (("--policy", "edba", "--resize-every", "5"), "--resize-every is an option of --policy adabatch"),
     (("--policy", "split", "--reuse-forward"), "--reuse-forward is an option of --policy edba"),
     (("--policy", "edba", "--subsets", "0"), "--subsets must be in 1.."),
-    (("--policy", "edba", "--subsets", "70000"), "--subsets must be in 1.."),
+    (("--policy", "edba", "--subsets", "2000000"), "--subsets must be in 1.."),
     (("--policy", "edba", "--subset-mode", "gaussian"), "--subset-mode must be bernoulli or uniform_size"),
     (("--policy", "edba", "--subset-p", "0"), "--subset-p must be in (0, 1]"),
     (("--policy", "edba", "--subset-p", "nan"), "is not a finite number"),

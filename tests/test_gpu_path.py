@@ -16,6 +16,7 @@ import torch
 
 from cli_helpers import REPO
 from dynbatch.selection import random_subsets, select_subset, subset_grad_norms
+from dynbatch.selectors.edba import EDBAState
 from selection_cases import assert_same_choice_up_to_ties, random_case
 
 
@@ -178,23 +179,20 @@ def _edba(b, dist=None):
 
 
 def test_one_rank_and_many_select_at_the_same_precision(monkeypatch):
-    from dynbatch.selection import functional
+    from dynbatch.selectors import edba as edba_selector
 
     seen = []
-    real = functional.select_subset
+    real = edba_selector.select_subset
 
     def spy(logits, targets, features, **kw):
         seen.append((logits.dtype, features.dtype))
         return real(logits, targets, features, **kw)
 
-    monkeypatch.setattr(functional, "select_subset", spy)
-    import dynbatch.selection
-
-    monkeypatch.setattr(dynbatch.selection, "select_subset", spy)
+    monkeypatch.setattr(edba_selector, "select_subset", spy)
     records = []
     for dist in (None, _FakeRanks()):
         pol, ctx, x, y = _edba(16, dist)
-        pol.loss_ema, pol.grad_ema = 2.0, 0.5
+        pol.selector.state = EDBAState(16, 2.0, 0.5)
         records.append(pol.plan(x, y, ctx).record)
     assert seen[0] == seen[1] == (torch.float32, torch.float32)  # bf16 autocast outputs, upcast on both paths
     assert records[0]["subset_index"] == records[1]["subset_index"]

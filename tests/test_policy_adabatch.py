@@ -10,7 +10,7 @@ OPTS = dict(resize_every=20, resize_factor=2, lr_factor=0.75, max_batch=4096, wa
 
 def test_published_schedule_at_epoch_boundaries():
     p = AdaBatchPolicy(OPTS, batch_size=128)
-    got = [(e, p.batch_at(e), p.lr_at(e)) for e in (0, 19, 20, 39, 40, 60, 80, 99)]
+    got = [(e, p.schedule.batch_size(e), p.schedule.lr_factor(e)) for e in (0, 19, 20, 39, 40, 60, 80, 99)]
     assert got == [(0, 128, 1.0), (19, 128, 1.0), (20, 256, 0.75), (39, 256, 0.75), (40, 512, 0.5625),
                    (60, 1024, 0.421875), (80, 2048, 0.31640625), (99, 2048, 0.31640625)]
     p.on_epoch_start(45)
@@ -19,9 +19,9 @@ def test_published_schedule_at_epoch_boundaries():
 
 def test_cap_moves_the_whole_decay_to_the_learning_rate():
     p = AdaBatchPolicy({**OPTS, "resize_every": 1, "max_batch": 300}, batch_size=128)
-    assert [p.batch_at(e) for e in range(4)] == [128, 256, 300, 300]
+    assert [p.schedule.batch_size(e) for e in range(4)] == [128, 256, 300, 300]
     # 128 -> 256 and 256 -> 300 grew (x0.75 each); then capped: x0.375 per resize
-    assert [p.lr_at(e) for e in range(4)] == pytest.approx([1, 0.75, 0.5625, 0.5625 * 0.375])
+    assert [p.schedule.lr_factor(e) for e in range(4)] == pytest.approx([1, 0.75, 0.5625, 0.5625 * 0.375])
 
 
 def test_warmup_reaches_lr_times_batch_over_base():

@@ -7,7 +7,8 @@ from torch import nn
 from cli_helpers import rows, run_cli
 from dynbatch.models import build_model
 from dynbatch.policies import StepContext
-from dynbatch.policies.split import SplitPolicy, candidate_forwards
+from dynbatch.policies.split import SplitPolicy
+from dynbatch.selectors.split import candidate_forwards, choose_split, pick
 from dynbatch.train.executor import PlanExecutor
 
 OPTS = dict(base_batch=None, splits="1,2,4", criterion="min", split_update="sequential", split_clip=5.0,
@@ -77,7 +78,7 @@ def _run(policy, model, x, y, lr):
 def test_sequential_update_is_k_sgd_steps_at_lr_over_k(reuse):
     x, y = data(16)
     p = SplitPolicy({**OPTS, "criterion": "random", "split_reuse_first": reuse}, batch_size=16)
-    k = p.choose({1: 0, 2: 0, 4: 0}, seed=0, step=0)
+    k = pick({1: 0, 2: 0, 4: 0}, p.options.criterion, seed=0, step=0)
     got = _run(p, mlp(), x, y, lr=0.3)
     manual = mlp()
     for xc, yc in zip(x.chunk(k), y.chunk(k)):
@@ -117,10 +118,21 @@ def test_original_update_matches_hand_computation():
 
 
 def test_random_criterion_is_seeded_and_uses_every_split():
-    p = SplitPolicy({**OPTS, "criterion": "random"}, batch_size=16)
-    picks = [p.choose({1: 0.0, 2: 5.0, 4: 1.0}, seed=3, step=s) for s in range(60)]
+    picks = [pick({1: 0.0, 2: 5.0, 4: 1.0}, "random", seed=3, step=s) for s in range(60)]
     assert set(picks) == {1, 2, 4}
-    assert picks == [p.choose({1: 0.0, 2: 5.0, 4: 1.0}, seed=3, step=s) for s in range(60)]
+    assert picks == [pick({1: 0.0, 2: 5.0, 4: 1.0}, "random", seed=3, step=s) for s in range(60)]
+
+
+def test_choose_split_in_a_plain_loop_matches_the_policy():
+    """The public function and the policy make the same choice from the same batch."""
+    x, y = data(16)
+    model = mlp()
+    for criterion in ("min", "max"):
+        k, scores = choose_split(model, x, y, splits=(1, 2, 4), criterion=criterion)
+        p = SplitPolicy({**OPTS, "criterion": criterion}, batch_size=16)
+        plan = p.plan(x, y, ctx_for(model))
+        assert plan.record["chosen_split"] == k and len(plan.steps) == k
+        assert plan.record["cand_loss_2"] == pytest.approx(scores[2])
 
 
 def test_short_last_batch_is_one_plain_step():

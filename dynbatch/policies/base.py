@@ -8,7 +8,6 @@ state in ``state_dict()`` so a resumed run continues exactly.
 """
 from __future__ import annotations
 
-import argparse
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+
+from dynbatch.selectors.options import cli_spec, from_mapping
 
 
 @dataclass
@@ -85,18 +86,30 @@ class Policy(ABC):
     # Defaults for other trainer settings this policy relies on (e.g. a schedule), applied unless the user sets them.
     config_defaults: ClassVar[dict[str, Any]] = {}
 
+    # The policy's typed options (a dataclass of ``dynbatch.selectors``, with defaults and ``validate()``).
+    options_type: ClassVar[type | None] = None
+
     @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Register this policy's command-line options (dest names must be unique across policies)."""
+    def add_arguments(cls, group) -> None:
+        """Register this policy's command-line options: one flag per field of ``options_type``."""
+        for spec in cli_spec(cls.options_type) if cls.options_type else ():
+            group.add_argument(*spec.pop("flags"), **spec)
 
     @classmethod
     def validate(cls, options: dict[str, Any]) -> None:
         """Raise ``UserError`` for bad option values, before any run file is written."""
+        if cls.options_type:
+            from_mapping(cls.options_type, options)
 
-    def __init__(self, options: dict[str, Any], *, batch_size: int, config: Any = None):
-        self.options = options
+    def __init__(self, options: Any = None, *, batch_size: int, config: Any = None):
+        # A mapping of some options (the rest take their defaults) or an options instance; validated.
+        self.options = from_mapping(self.options_type, options or {}) if self.options_type else options
         self.base_batch_size = batch_size
         self.config = config  # the resolved TrainConfig (None in unit tests that build a policy alone)
+
+    def check_world_size(self, world: int) -> None:
+        """Raise ``UserError`` if this policy's options cannot run on ``world`` processes (checked before the run
+        folder is touched)."""
 
     def batch_size(self) -> int:
         """Size of the next loader batch."""

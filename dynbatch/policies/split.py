@@ -26,74 +26,13 @@ Updates (k chunks of the chosen split):
 """
 from __future__ import annotations
 
-import random
 import time
 
 import torch
-from torch import nn
 
 from dynbatch.errors import UserError
 from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
-from dynbatch.train.buffers import preserved_buffers
-
-
-def _parse_splits(s: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in str(s).split(","))
-    except ValueError:
-        raise UserError(f"--splits must be comma-separated integers (got {s!r}); e.g. 1,2,4") from None
-    return out
-
-
-def chunk_rows(batch: int, k: int, j: int, dist=None) -> slice:
-    """Rows of chunk j of k in a batch of ``batch``; under DDP, this rank's share of them."""
-    size = batch // k
-    if dist is None or not dist.enabled:
-        return slice(j * size, (j + 1) * size)
-    s = dist.share(size)
-    return slice(j * size + s.start, j * size + s.stop)
-
-
-def candidate_forwards(model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits, loss_fn, autocast,
-                       keep_first_graph: bool = False, dist=None):
-    """Per-sample losses of every chunk of every split (this rank's share of each chunk under DDP).
-
-    Returns {k: [losses of chunk 0, ..., chunk k-1]} (fp32 each). Buffers are restored; chunk 0 of each
-    split keeps its graph when ``keep_first_graph``. On CUDA the chunks run concurrently on separate streams.
-    """
-    chunks = [(k, j) for k in splits for j in range(k)]
-    out: dict[int, list] = {k: [None] * k for k in splits}
-
-    def run(k, j):
-        rows = chunk_rows(x.shape[0], k, j, dist)
-        xs, ys = x[rows], y[rows]
-        with torch.set_grad_enabled(keep_first_graph and j == 0), autocast():
-            return loss_fn(model(xs).float(), ys)
-
-    # SyncBatchNorm issues collectives inside forwards; on concurrent streams their order could differ between
-    # ranks and deadlock, so such a model runs its candidates one after another.
-    concurrent = x.is_cuda and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    with preserved_buffers(model):
-        if concurrent:
-            main = torch.cuda.current_stream(x.device)
-            streams = [torch.cuda.Stream(x.device) for _ in chunks]
-            events = []
-            for (k, j), s in zip(chunks, streams):
-                s.wait_stream(main)  # inputs were produced on the main stream
-                with torch.cuda.stream(s):
-                    losses = run(k, j)
-                    ev = torch.cuda.Event()
-                    ev.record(s)
-                x.record_stream(s)  # x is read on s: the allocator must not reuse it before s is done
-                out[k][j] = losses
-                events.append((ev, losses))
-            for ev, losses in events:
-                main.wait_event(ev)
-                losses.record_stream(main)  # allocated on a side stream, consumed on main
-        else:
-            for k, j in chunks:
-                out[k][j] = run(k, j)
-    return out
+from dynbatch.selectors.split import SplitOptions, candidate_forwards, chunk_rows, pick, split_scores
 
 
 class SplitPolicy(Policy):
@@ -101,45 +40,21 @@ class SplitPolicy(Policy):
     help = "online batch-size selection: 1x256 / 2x128 / 4x64 candidate splits, chosen by average loss"
     default_batch_size = 256
 
-    @classmethod
-    def add_arguments(cls, g):
-        g.add_argument("--base-batch", type=int, help="samples per step (default: --batch-size, 256)")
-        g.add_argument("--splits", default="1,2,4", help="numbers of chunks to try, each dividing the base batch")
-        g.add_argument("--criterion", default="min", help="min, max or random")
-        g.add_argument("--split-update", default="sequential", help="sequential or original")
-        g.add_argument("--split-clip", type=float, default=5.0, help="gradient-norm clip of the original update")
-        g.add_argument("--split-reuse-first", action="store_true",
-                       help="back-propagate the first chunk's candidate forward instead of recomputing it")
+    options_type = SplitOptions
 
-    @classmethod
-    def validate(cls, o):
-        splits = _parse_splits(o["splits"])
-        if not splits or any(k < 1 for k in splits) or len(set(splits)) != len(splits):
-            raise UserError(f"--splits must be distinct positive integers (got {o['splits']}); e.g. 1,2,4")
-        if o["base_batch"] is not None and o["base_batch"] < 1:
-            raise UserError(f"--base-batch must be positive (got {o['base_batch']}); e.g. 256")
-        if o["criterion"] not in ("min", "max", "random"):
-            raise UserError(f"--criterion must be min, max or random (got {o['criterion']!r}); min is the default")
-        if o["split_update"] not in ("sequential", "original"):
-            raise UserError(f"--split-update must be sequential or original (got {o['split_update']!r}); sequential is the default")
-        if o["split_clip"] <= 0:
-            raise UserError(f"--split-clip must be positive (got {o['split_clip']}); e.g. 5")
-
-    def __init__(self, options, *, batch_size, config=None):
-        base = options["base_batch"] or batch_size
-        splits = _parse_splits(options["splits"])
-        bad = [k for k in splits if base % k]
+    def __init__(self, options=None, *, batch_size, config=None):
+        super().__init__(options, batch_size=batch_size, config=config)
+        self.base_batch_size = self.options.base_batch or batch_size
+        self.splits = self.options.split_counts
+        bad = [k for k in self.splits if self.base_batch_size % k]
         if bad:
-            raise UserError(f"--splits {options['splits']} must divide the base batch {base}; choose divisors of {base}, e.g. 1,2,4")
-        super().__init__(options, batch_size=base, config=config)
-        self.splits = splits
+            raise UserError(f"--splits {self.options.splits} must divide the base batch {self.base_batch_size}; "
+                            f"choose divisors of {self.base_batch_size}, e.g. 1,2,4")
 
-    def choose(self, scores: dict[int, float], seed: int, step: int) -> int:
-        c = self.options["criterion"]
-        if c == "random":
-            return random.Random(seed * 1_000_003 + step).choice(sorted(scores))
-        pick = min if c == "min" else max
-        return pick(sorted(scores), key=lambda k: scores[k])  # ties: the fewest chunks
+    def check_world_size(self, world: int) -> None:
+        if world > 1 and self.options.split_reuse_first:
+            raise UserError("--split-reuse-first is not available under DDP (several graph-keeping forwards through "
+                            "the DDP wrapper before one backward); drop it")
 
     def plan(self, x, y, ctx: StepContext) -> Plan:
         o = self.options
@@ -148,22 +63,17 @@ class SplitPolicy(Policy):
             return Plan([TrainStep(ctx.dist.local(x), ctx.dist.local(y))], {"chosen_split": None})
         t0 = time.perf_counter()
         d = ctx.dist
-        reuse = o["split_reuse_first"] and o["split_update"] == "sequential"
-        if reuse and d.enabled:
-            raise UserError("--split-reuse-first is not available under DDP; drop it")
+        reuse = o.split_reuse_first and o.split_update == "sequential"
         model = ctx.model if reuse else ctx.raw_model  # a graph to reuse must come from the model that trains
         losses = candidate_forwards(model, x, y, self.splits, ctx.loss_fn, ctx.autocast, keep_first_graph=reuse,
                                     dist=d)
-        sums = torch.stack([torch.cat([v.detach() for v in losses[k]]).sum() for k in self.splits])
-        sums = d.all_reduce_sum(sums) / x.shape[0]  # mean over the whole (global) base batch
-        scores = {k: float(v) for k, v in zip(self.splits, sums)}
-        k = self.choose(scores, ctx.seed, ctx.step)
-        candidates_s = time.perf_counter() - t0
-        record = {"chosen_split": k, "candidates_s": candidates_s,
+        scores = split_scores(losses, self.splits, x.shape[0], d)
+        k = pick(scores, o.criterion, ctx.seed, ctx.step)
+        record = {"chosen_split": k, "candidates_s": time.perf_counter() - t0,
                   **{f"cand_loss_{s}": v for s, v in scores.items()}}
         rows = [chunk_rows(x.shape[0], k, j, d) for j in range(k)]
         chunks = [(x[r], y[r]) for r in rows]
-        if o["split_update"] == "original":
+        if o.split_update == "original":
             return self._original_plan(chunks, x.shape[0] // k, ctx, record)
         steps = [TrainStep(xs, ys, lr_scale=1.0 / k) for xs, ys in chunks]
         if reuse:
@@ -173,7 +83,7 @@ class SplitPolicy(Policy):
     def _original_plan(self, chunks, chunk_size: int, ctx: StepContext, record) -> Plan:
         params = list(ctx.raw_model.parameters())
         k = len(chunks)
-        clip = self.options["split_clip"]
+        clip = self.options.split_clip
         acc = [torch.zeros_like(p) for p in params]
         steps, loss_sum, correct = [], 0.0, 0
         for xs, ys in chunks:  # every gradient at the pre-step weights, as the stored graphs were

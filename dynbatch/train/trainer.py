@@ -127,6 +127,7 @@ class Trainer:
         self.optimizer = sgd(self.model, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
                              weight_decay=cfg.weight_decay)
         self.policy = self.policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
+        self.policy.check_world_size(self.dist.world)
         self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch, dist=self.dist,
                                      restore_buffers_on_skip=cfg.on_nonfinite == "skip")
         self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)

@@ -1,0 +1,205 @@
+"""EDBA for any PyTorch loop: which samples of a batch to train on, and how large the next batch should be.
+
+Three layers, so each idea exists once and is used by ``EDBAPolicy``, the public API and the tests alike:
+
+- :class:`EDBAOptions`: every option with its type, default and range.
+- :class:`EDBAState` and :func:`advance`: the EMAs and the batch size, updated explicitly and purely from one
+  step's batch loss and chosen gradient norm (EMAs after the choice, as in the paper).
+- :class:`EDBASelector`: finds the model's final ``nn.Linear``, captures its input during a forward that builds
+  no graph and moves no buffer, selects (``dynbatch.selection.select_subset``: fused kernels, no per-sample
+  gradient materialised), advances the state, and holds it for ``state_dict()``.
+
+Batch-size rule (the paper says only: smaller while the loss is high, larger once it is low). The statistic is
+the loss-trend term of the margin loss, r = (L - L_ema) / L_ema, taken before the EMA update: r > ``shrink_above``
+divides the next batch by ``bs_factor``; r < -``grow_below`` multiplies it; it moves by at least one sample and
+stays in [``bs_min``, ``bs_max``].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dynbatch.errors import RunFailure, UserError
+from dynbatch.selectors.buffers import preserved_buffers
+from dynbatch.selection.functional import MAX_SUBSETS, Selection, select_subset
+from dynbatch.selectors.options import from_mapping, option
+
+
+@dataclass
+class EDBAOptions:
+    subsets: int = option(4096, f"random subsets scored per step (1..{MAX_SUBSETS})")
+    subset_mode: str = option("bernoulli", "bernoulli (each sample in with p) or uniform_size")
+    subset_p: float = option(0.5, "inclusion probability for bernoulli subsets")
+    ema_decay: float = option(0.9, "decay of the loss and gradient-norm EMAs")
+    margin_eps: float = option(1e-8, "floor of |G_S - G_ema| in the margin")
+    reuse_forward: bool = option(False, "one forward per step, loss masked to the subset")
+    bs_min: int = option(10, "smallest batch the batch-size rule may set")
+    bs_max: int = option(1000, "largest batch the batch-size rule may set")
+    bs_factor: float = option(1.1, "batch-size change factor (> 1)")
+    grow_below: float = option(0.05, "grow when (L - L_ema)/L_ema < -this")
+    shrink_above: float = option(0.05, "shrink when (L - L_ema)/L_ema > this")
+    selection_backend: str = option("auto", "auto, torch, native, triton")
+
+    def validate(self) -> None:
+        """Raise ``UserError`` (a ``ValueError``) naming the first bad option, its range and an example."""
+        if not 1 <= self.subsets <= MAX_SUBSETS:
+            raise UserError(f"--subsets must be in 1..{MAX_SUBSETS} (got {self.subsets}); e.g. 4096")
+        if self.subset_mode not in ("bernoulli", "uniform_size"):
+            raise UserError(f"--subset-mode must be bernoulli or uniform_size (got {self.subset_mode!r}); "
+                            "bernoulli is the default")
+        if not 0 < self.subset_p <= 1:
+            raise UserError(f"--subset-p must be in (0, 1] (got {self.subset_p}); e.g. 0.5")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}); e.g. 0.9")
+        if not 1 <= self.bs_min <= self.bs_max:
+            raise UserError(f"need 1 <= --bs-min <= --bs-max (got {self.bs_min}, {self.bs_max}); e.g. 10 and 1000")
+        if not self.bs_factor > 1:
+            raise UserError(f"--bs-factor must be above 1 (got {self.bs_factor}); e.g. 1.1")
+        if not self.margin_eps > 0:
+            raise UserError(f"--margin-eps must be positive (got {self.margin_eps}); e.g. 1e-8")
+        for k in ("grow_below", "shrink_above"):
+            if getattr(self, k) < 0:
+                raise UserError(f"--{k.replace('_', '-')} must be non-negative (got {getattr(self, k)}); e.g. 0.05")
+        if self.selection_backend not in ("auto", "torch", "native", "triton"):
+            raise UserError(f"--selection-backend must be auto, torch, native or triton (got "
+                            f"{self.selection_backend!r}); auto picks the fastest usable one")
+
+
+@dataclass(frozen=True)
+class EDBAState:
+    """What EDBA carries from step to step: the next batch size and the EMAs (None before the first step)."""
+
+    batch_size: int
+    loss_ema: float | None = None
+    grad_ema: float | None = None
+
+
+def next_batch_size(state: EDBAState, loss: float, opts: EDBAOptions) -> int:
+    """The batch-size rule of the module docstring, from this step's batch loss (EMA not yet updated)."""
+    if state.loss_ema is None or state.loss_ema <= 0:
+        return state.batch_size
+    r = (loss - state.loss_ema) / state.loss_ema
+    if r > opts.shrink_above:
+        return max(opts.bs_min, min(state.batch_size - 1, round(state.batch_size / opts.bs_factor)))
+    if r < -opts.grow_below:
+        return min(opts.bs_max, max(state.batch_size + 1, round(state.batch_size * opts.bs_factor)))
+    return state.batch_size
+
+
+def advance(state: EDBAState, loss: float, grad_norm: float, opts: EDBAOptions) -> EDBAState:
+    """The state after a step with batch loss ``loss`` whose chosen subset has gradient norm ``grad_norm``.
+
+    A non-finite step (whose update the trainer skips) leaves the state as it was: it must not poison the EMAs.
+    """
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return state
+    nxt = next_batch_size(state, loss, opts)
+    if state.loss_ema is None:
+        return EDBAState(nxt, loss, grad_norm)
+    b = opts.ema_decay
+    return EDBAState(nxt, b * state.loss_ema + (1 - b) * loss, b * state.grad_ema + (1 - b) * grad_norm)
+
+
+def capture_last_layer(model: nn.Module, head: nn.Linear, x: torch.Tensor, *, keep_graph: bool = False,
+                       autocast: Callable[[], Any] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, C), the head's input features (B, D)) of one forward of ``model`` on ``x``."""
+    captured = {}
+    hook = head.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", inp[0]))
+    try:
+        with torch.set_grad_enabled(keep_graph), autocast():
+            logits = model(x)
+    finally:
+        hook.remove()
+    if "h" not in captured:
+        raise UserError(f"the head {type(head).__name__} was not called in the model's forward; pass the "
+                        "nn.Linear that produces the logits as head=")
+    return logits, captured["h"]
+
+
+class EDBASelector:
+    """EDBA inside your own loop::
+
+        selector = EDBASelector(model)                      # finds the final nn.Linear (or pass head=)
+        for x, y in loader:                                 # batches of selector.batch_size (see the sampler)
+            idx = selector.select(x, y, step=step).mask     # (B,) bool: the samples to train on
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            ...
+
+    ``select`` runs one train-mode forward that builds no graph and leaves every buffer (BatchNorm running
+    statistics) as it was, scores ``subsets`` random subsets, picks the one whose gradient norm best follows the
+    loss trend, and advances the state (EMAs, next batch size). ``select_from`` does the same from logits and
+    features you already have. Its options are those of ``EDBAOptions`` (keywords or ``options=``).
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, head: nn.Linear | None = None, batch_size: int = 100,
+                 seed: int = 0, options: EDBAOptions | dict | None = None, **overrides):
+        base = dataclasses.asdict(options) if isinstance(options, EDBAOptions) else dict(options or {})
+        self.options = from_mapping(EDBAOptions, {**base, **overrides})
+        self.model = model  # may be bound later (a policy gets its model at the first step)
+        self._head = head
+        self.seed = seed
+        o = self.options
+        self.state = EDBAState(min(max(batch_size, o.bs_min), o.bs_max))
+        self.last_grad_norm: float | None = None  # the chosen subset's gradient norm at the last selection
+
+    @property
+    def head(self) -> nn.Linear:
+        """The layer whose per-sample gradients are scored: given, or the model's final ``nn.Linear``."""
+        if self._head is None:
+            from dynbatch.models import final_linear
+
+            self._head = final_linear(self.model)
+        return self._head
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size EDBA asks for next."""
+        return self.state.batch_size
+
+    def forward(self, x: torch.Tensor, *, keep_graph: bool = False, autocast=nullcontext):
+        """(logits, features) of a selection forward; without ``keep_graph`` no buffer moves."""
+        guard = nullcontext() if keep_graph else preserved_buffers(self.model)
+        with guard:
+            return capture_last_layer(self.model, self.head, x, keep_graph=keep_graph, autocast=autocast)
+
+    def select(self, x: torch.Tensor, y: torch.Tensor, *, step: int, label_smoothing: float = 0.0,
+               autocast=nullcontext) -> Selection:
+        """Choose the samples of (x (B, ...), y (B,)) to train on at ``step`` (seeds the subsets), and advance."""
+        logits, feats = self.forward(x, autocast=autocast)
+        losses = nn.functional.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
+        return self.select_from(logits, y, feats, float(losses.sum()) / y.shape[0], step=step,
+                                label_smoothing=label_smoothing)
+
+    def select_from(self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, loss: float, *,
+                    step: int, label_smoothing: float = 0.0) -> Selection:
+        """The choice from a forward you ran: logits (B, C), features (B, D) (the head's input), and the batch's
+        mean loss. Selects in fp32 whatever the inputs' dtype; advances the state."""
+        o, s = self.options, self.state
+        sel = select_subset(
+            logits.detach().float(), y, features.detach().float(), num_subsets=o.subsets,
+            seed=(self.seed << 32) + step, loss=loss, loss_ema=s.loss_ema, grad_ema=s.grad_ema, mode=o.subset_mode,
+            p=o.subset_p, backend=o.selection_backend, bias=self.head.bias is not None,
+            label_smoothing=label_smoothing, eps=o.margin_eps,
+        )
+        grad_norm = float(sel.grad_norm)  # the state's EMA needs it on the host: this step's one read
+        if math.isfinite(loss) and not math.isfinite(grad_norm):
+            # Non-finite subset norms map to the largest margin, so a NaN would otherwise be chosen only silently,
+            # when every subset is NaN; with a finite loss that is a kernel fault, not a divergence.
+            raise RunFailure(f"EDBA's selection gave a non-finite gradient norm at step {step} although the loss is "
+                             f"finite (backend {o.selection_backend}); rerun with --selection-backend torch and "
+                             "report it")
+        self.last_grad_norm = grad_norm
+        self.state = advance(self.state, loss, grad_norm, o)
+        return sel
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current": self.state.batch_size, "loss_ema": self.state.loss_ema, "grad_ema": self.state.grad_ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = EDBAState(state["current"], state["loss_ema"], state["grad_ema"])

@@ -1,0 +1,37 @@
+"""The plain loop of examples/plain_loop.py with EDBA: train on the subset of each batch whose last-layer gradient
+best follows the loss trend, and let EDBA set the next batch size. Run: python examples/edba_loop.py
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+from dynbatch.selectors import DynamicBatchSampler, EDBASelector
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--steps", type=int, default=200)
+args = parser.parse_args()
+torch.manual_seed(0)
+digits = load_digits()
+images = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 1, 1)  # (N, 3, 8, 8)
+dataset = TensorDataset(images, torch.tensor(digits.target))
+model = torchvision.models.resnet18(num_classes=10)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+selector = EDBASelector(model, batch_size=100)  # scores model.fc, the final nn.Linear
+loader = DataLoader(dataset, batch_sampler=DynamicBatchSampler(len(dataset), selector))
+
+step = 0
+while step < args.steps:
+    for x, y in loader:
+        keep = selector.select(x, y, step=step).mask  # (B,) bool; sets selector.batch_size for the next batch
+        loss = F.cross_entropy(model(x[keep]), y[keep])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step == args.steps:
+            break
+print(f"step {step}: loss {loss.item():.3f}, next batch {selector.batch_size}")
