@@ -8,14 +8,13 @@ generator, unique DRAM bytes) and the targets' published dense peak rates, the e
 assuming operands re-read by every program (K, or the E and A tiles) stay in L2, which they do at these sizes
 (K is 4 MB at B = 1000). Real kernels reach some fraction of peak; read the figures as lower bounds.
 
-    python bench/gpu_estimate.py [--out bench/results/gpu-aot/estimate.md]
+    python -m dynbatch_bench.gpu_estimate [--out bench/results/gpu-aot/estimate.md]
 """
 from __future__ import annotations
 
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -76,8 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/gpu-aot/estimate.md")
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.common import machine
+    from dynbatch_bench.common import machine
 
     m = machine()
     lines = [

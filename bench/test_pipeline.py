@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.common import DEVICE, run
+from .common import DEVICE, run
 from dynbatch.data import DataSource, DeviceData, VariableBatchSampler, load_dataset
 
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from bench.common import DEVICE, FULL, NAIVE_MAX_N, SelectionCase, backpack_subset_norms, opacus_subset_norms, \
+from .common import DEVICE, FULL, NAIVE_MAX_N, SelectionCase, backpack_subset_norms, opacus_subset_norms, \
     peer_missing, run
 from dynbatch import baselines
 from dynbatch.selection import select_subset, subset_grad_norms

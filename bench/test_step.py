@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import DEVICE, FULL, run
+from .common import DEVICE, FULL, run
 from dynbatch.cli import train_config
 from dynbatch.models import build_model
 from dynbatch.policies import StepContext

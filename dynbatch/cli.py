@@ -8,6 +8,7 @@ an option given on resume from one left alone, and an option of another policy f
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -69,6 +70,7 @@ class TrainOptions:
     def __init__(self):
         self.defaults: dict[str, Any] = {}
         self.owner: dict[str, str] = {}  # dest -> policy name, for policy options
+        self.parse: dict[str, Any] = {}  # dest -> the function that reads a value of it (bool for flags)
 
     def group(self, parser: argparse.ArgumentParser, title: str, description: str | None = None,
               owner: str | None = None) -> "_Group":
@@ -93,6 +95,7 @@ class _Group:
             kw["type"] = {int: integer, float: finite_float}[kw["type"]]
         a = self.group.add_argument(*flags, default=argparse.SUPPRESS, help=help, **kw)
         self.options.defaults[a.dest] = default
+        self.options.parse[a.dest] = bool if action in ("store_true", "store_false") else kw.get("type", str)
         if self.owner:
             self.options.owner[a.dest] = self.owner
         return a
@@ -150,6 +153,9 @@ def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
                    "last checkpoint intact) or skip (the step is not applied and is counted in its row)")
     g.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,
                    help="with --on-nonfinite skip: stop after this many skipped steps in a row")
+    g = opts.group(p, "config file")
+    g.add_argument("--config", help="YAML or JSON file of options by name (lr: 0.1, policy: edba, ...); flags on "
+                   "the command line override it; a run's config.json re-runs that run")
     g = opts.group(p, "run folder")
     g.add_argument("--out", help="run folder (default: runs/<time>-<policy>-<model>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run (or a run stopped before its first "
@@ -195,6 +201,60 @@ def train_config(**given: Any):
     return _config_from(given, opts)
 
 
+def load_config_file(path: str, opts: TrainOptions) -> dict[str, Any]:
+    """Option values from a YAML or JSON file (a run's ``config.json`` included), checked like command-line
+    values; the file's keys are option names (``train_samples`` or ``train-samples``)."""
+    fix = "give a mapping of option names to values, e.g. 'lr: 0.1'"
+    p = Path(path)
+    try:
+        text = p.read_text()
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --config {p} ({getattr(e, 'strerror', None) or type(e).__name__}); "
+                        "check the path") from None
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise UserError(f"--config {p} is not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                        f"({type(e).__name__}); {fix}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):  # a run folder's config.json
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise UserError(f"--config {p} holds a {type(data).__name__}, not a mapping; {fix}")
+    flat = {k: v for k, v in data.items() if k != "policy_options"}
+    flat.update(data.get("policy_options") or {})
+    out = {}
+    for key, value in flat.items():
+        dest = str(key).replace("-", "_")
+        if dest not in opts.defaults or dest in ("config", "resume", "out", "overwrite", "autoresume"):
+            raise UserError(f"--config {p}: unknown option {key!r}; use the names of 'dynbatch train --help' "
+                            "(without the dashes)")
+        if value is None:
+            continue  # None means the default
+        out[dest] = _config_value(dest, value, opts.parse[dest], p)
+    return out
+
+
+def _config_value(dest: str, value: Any, parse, path: Path) -> Any:
+    """A config-file value checked as the command line checks it (a YAML 1e-3 is a number, "1e-3" a string)."""
+    bad = UserError(f"--config {path}: {dest} = {value!r} is not a valid value; see 'dynbatch train --help'")
+    if parse in (bool, boolean, str):
+        if not isinstance(value, str if parse is str else bool):
+            raise bad
+        return value
+    if isinstance(value, (bool, dict)):
+        raise bad
+    if parse is milestones and isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    try:
+        return parse(str(value))
+    except argparse.ArgumentTypeError:
+        raise bad from None
+
+
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "command"}
 
@@ -212,6 +272,8 @@ def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
     from dynbatch.train.trainer import Trainer
 
     given = _given(args)
+    if "config" in given and not given.get("resume"):
+        given = {**load_config_file(given.pop("config"), opts), **given}  # flags override the file
     if given.get("resume") and (given.get("out") or given.get("autoresume")):
         raise UserError("give either --resume DIR or --out DIR [--autoresume], not both; drop one of them")
     if given.get("autoresume") and not given.get("out"):

@@ -11,7 +11,16 @@ import os
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "dynbatch_native.cpp"
+def _source() -> Path:
+    """The C++ source, from the installed ``dynbatch_csrc`` package (a clone's ``csrc/`` or a wheel's copy)."""
+    try:
+        import dynbatch_csrc
+    except ImportError:
+        return Path("dynbatch_csrc-not-installed") / "dynbatch_native.cpp"
+    return Path(dynbatch_csrc.__file__).resolve().parent / "dynbatch_native.cpp"
+
+
+SOURCE = _source()
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -25,7 +34,7 @@ def load():
         if os.environ.get("DYNBATCH_NO_NATIVE"):
             _state["why"] = "disabled by DYNBATCH_NO_NATIVE"
         elif not SOURCE.is_file():
-            _state["why"] = f"source {SOURCE} not found (install from a clone with pip install -e .)"
+            _state["why"] = f"source {SOURCE} not found (reinstall dynbatch: its wheel carries csrc/)"
         else:
             try:
                 import logging
