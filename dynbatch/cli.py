@@ -114,18 +114,23 @@ def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     g = opts.group(p, "data")
     g.add_argument("--data", default=d.data, help=f"data set: {', '.join(DATASET_NAMES)}")
     g.add_argument("--data-dir", help="folder with torchvision's CIFAR layout (no download)")
+    g.add_argument("--image-size", type=int, help="imagefolder data: side in pixels the images are resized to "
+                   "(default: 32)")
     g.add_argument("--num-classes", type=int, help="number of classes (default: from the labels)")
     g.add_argument("--train-samples", type=int, help="class-balanced seeded subset of N training samples")
     g.add_argument("--train-fraction", type=float, help="class-balanced seeded subset, a fraction in (0, 1]")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="train without random crops and flips (augmentation is on otherwise)")
     g = opts.group(p, "model and optimisation")
-    g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}")
+    g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}, or package.module:factory (a "
+                   "callable taking num_classes and in_channels that returns an nn.Module)")
     g.add_argument("--policy", default=d.policy, help=f"one of {', '.join(POLICIES)}")
     g.add_argument("--epochs", type=int, default=d.epochs,
                    help="total epochs; with --resume, the new total (extends or finishes the run)")
     g.add_argument("--batch-size", type=int, help="loader batch size; the initial one for adaptive policies "
                    "(default: the policy's)")
+    g.add_argument("--optimizer", default=d.optimizer, help="sgd, adam or adamw (fused; --momentum and --nesterov "
+                   "are SGD's)")
     g.add_argument("--lr", type=float, help=f"learning rate (default: the policy's paper, else {OPTIMIZER_DEFAULTS['lr']})")
     g.add_argument("--momentum", type=float, help=f"SGD momentum in [0, 1) (default: the policy's paper, else {OPTIMIZER_DEFAULTS['momentum']})")
     g.add_argument("--nesterov", type=boolean, help="Nesterov momentum, true or false (default: the policy's, else "
@@ -149,6 +154,8 @@ def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between test evaluations (the last "
                    "epoch is always evaluated)")
     g.add_argument("--util-interval", type=float, default=d.util_interval, help="seconds between utilisation samples")
+    g.add_argument("--log", default=d.log, help="loggers beside metrics.jsonl, comma separated: tensorboard "
+                   "(events in <out>/tensorboard; nothing logged twice on resume)")
     g.add_argument("--on-nonfinite", default=d.on_nonfinite, help="a non-finite loss or gradient: stop (exit 3, "
                    "last checkpoint intact) or skip (the step is not applied and is counted in its row)")
     g.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,
@@ -187,6 +194,10 @@ def _config_from(given: dict[str, Any], opts: TrainOptions):
     values = {**opts.defaults, **given}
     cls = policy_class(values["policy"])
     _check_policy_options(given, opts, cls.name)
+    sgd_only = [k for k in ("momentum", "nesterov") if k in given]
+    if values["optimizer"] != "sgd" and sgd_only:
+        raise UserError(f"--{sgd_only[0]} is an option of --optimizer sgd, not of --optimizer {values['optimizer']}; "
+                        "drop it (Adam's betas are torch's defaults)")
     policy_options = {k: v for k, v in values.items() if opts.owner.get(k) == cls.name}
     fields = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
     if fields.get("milestones") is None:

@@ -1,8 +1,9 @@
 """Data sets by name, loaded to host memory as uint8 NHWC arrays with integer labels.
 
 Names: ``digits`` (scikit-learn's real 8x8 handwritten digits; offline, the embedded default), ``cifar10``,
-``cifar100`` (torchvision; downloaded where reachable, or read from ``data_dir`` in torchvision's layout) and
-``npz:PATH`` (any file with ``x_train, y_train, x_test, y_test``).
+``cifar100`` (torchvision; downloaded where reachable, or read from ``data_dir`` in torchvision's layout),
+``npz:PATH`` (any file with ``x_train, y_train, x_test, y_test``) and ``imagefolder:PATH`` (torchvision
+``ImageFolder`` trees ``train/`` and ``test/``, resized once).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ MAX_CLASSES = 100_000
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "npz:PATH")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "npz:PATH", "imagefolder:PATH")
 
 
 @dataclass
@@ -138,9 +139,55 @@ def _load_npz(path: str) -> DataSource:
     return DataSource(f"npz:{p}", arrays["x_train"], y_tr, arrays["x_test"], y_te, k, mean, std)
 
 
-def load_dataset(spec: str, data_dir: str | None = None, num_classes: int | None = None) -> DataSource:
-    """Load a data set by name (see module docstring); ``num_classes`` overrides the inferred class count."""
-    if spec == "digits":
+def _load_imagefolder(path: str, size: int) -> DataSource:
+    """torchvision ``ImageFolder`` trees ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (or ``val``), each image
+    resized to ``size`` x ``size`` RGB and stored as uint8 once, so the device-resident pipeline serves it."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path).expanduser()
+    hint = "give a folder with train/<class>/<images> and test/<class>/<images> (or val/)"
+    if not root.is_dir():
+        raise UserError(f"image folder {root} not found; {hint}")
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise UserError(f"image folder {root} lacks train/ or test/; {hint}")
+
+    def load(folder: Path, classes: dict[str, int] | None):
+        try:
+            ds = ImageFolder(str(folder), transform=lambda im: np.asarray(
+                im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8))
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"{folder} holds no readable images ({str(e).splitlines()[0]}); {hint}") from None
+        if classes is not None and not set(ds.class_to_idx) <= set(classes):
+            extra = sorted(set(ds.class_to_idx) - set(classes))
+            raise UserError(f"{folder} has classes the training folder lacks ({', '.join(extra[:3])}); {hint}")
+        mapping = classes or ds.class_to_idx
+        xs, ys = [], []
+        for i, (file, label) in enumerate(ds.samples):
+            try:
+                xs.append(ds[i][0])
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                raise UserError(f"cannot read image {file} ({type(e).__name__}); remove or replace it") from None
+            ys.append(mapping[ds.classes[label]])
+        return np.stack(xs), np.asarray(ys, dtype=np.int64), ds.class_to_idx
+
+    x_tr, y_tr, classes = load(root / "train", None)
+    x_te, y_te, _ = load(test_dir, classes)
+    mean, std = _channel_stats(x_tr)
+    return DataSource(f"imagefolder:{root}", x_tr, y_tr, x_te, y_te, len(classes), mean, std,
+                      crop_padding=max(1, size // 8))
+
+
+def load_dataset(spec: str, data_dir: str | None = None, num_classes: int | None = None,
+                 image_size: int | None = None) -> DataSource:
+    """Load a data set by name (see module docstring); ``num_classes`` overrides the inferred class count;
+    ``image_size`` is the side images of an ``imagefolder:`` tree are resized to (default 32)."""
+    if image_size is not None and not spec.startswith("imagefolder:"):
+        raise UserError("--image-size applies to --data imagefolder:PATH only; drop it")
+    if spec.startswith("imagefolder:") and len(spec) > 12:
+        src = _load_imagefolder(spec[12:], image_size or 32)
+    elif spec == "digits":
         src = _load_digits()
     elif spec in ("cifar10", "cifar100"):
         src = _load_cifar(spec, data_dir)

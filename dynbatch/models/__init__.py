@@ -25,10 +25,40 @@ MODELS = {
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """A freshly initialised model; any input size and channel count is accepted."""
+    """A freshly initialised model: one of ``MODELS``, or ``package.module:factory`` for a model of your own (a
+    callable taking ``num_classes`` and ``in_channels`` and returning an ``nn.Module``)."""
+    if ":" in name:
+        return _user_model(name, num_classes, in_channels)
     if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or give package.module:factory")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def _user_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # the console script does not put the working folder on the path; python -m does
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UserError(f"--model {spec}: cannot import {module_name} ({type(e).__name__}: {e}); make it importable "
+                        "from the working folder or PYTHONPATH") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"--model {spec}: {module_name} has no callable {attr!r}; give module:factory") from None
+    try:
+        model = factory(num_classes=num_classes, in_channels=in_channels)
+    except Exception as e:
+        raise UserError(f"--model {spec}: the factory raised {type(e).__name__}: {e}; it must accept num_classes= and "
+                        "in_channels=") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module; return the "
+                        "model")
+    return model
 
 
 def final_linear(model: nn.Module) -> nn.Linear:

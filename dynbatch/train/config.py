@@ -8,6 +8,8 @@ from typing import Any
 
 from dynbatch.data.sources import MAX_CLASSES
 from dynbatch.errors import UserError
+from dynbatch.train.loggers import parse_loggers
+from dynbatch.train.optim import OPTIMIZERS
 from dynbatch.train.schedules import SCHEDULES
 
 # Used where neither the user nor the policy's paper says otherwise.
@@ -22,6 +24,7 @@ class TrainConfig:
     data: str = "digits"
     data_dir: str | None = None
     num_classes: int | None = None
+    image_size: int | None = None  # imagefolder data: side of the resized images (default 32)
     train_samples: int | None = None
     train_fraction: float | None = None
     model: str = "preresnet20"
@@ -29,8 +32,9 @@ class TrainConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 30
     batch_size: int | None = None  # None: the policy's default
+    optimizer: str = "sgd"  # sgd, adam, adamw
     lr: float | None = None
-    momentum: float | None = None
+    momentum: float | None = None  # SGD only
     nesterov: bool | None = None
     weight_decay: float | None = None
     schedule: str | None = None  # None: the policy's default, else cosine
@@ -49,6 +53,7 @@ class TrainConfig:
     eval_batch: int = 1000
     eval_every: int = 1  # epochs between test evaluations; the last epoch is always evaluated
     util_interval: float = 0.5
+    log: str = ""  # loggers beside metrics.jsonl: "tensorboard"
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: stop the run, or skip the step
     nonfinite_limit: int = 10  # skip mode: stop after this many skipped steps in a row
     stop_after_steps: int | None = None
@@ -88,6 +93,7 @@ class TrainConfig:
         for name in ("micro_batch", "train_samples", "stop_after_steps"):
             at_least(name, 1, allow_none=True)
         at_least("num_classes", 2, allow_none=True)
+        at_least("image_size", 1, allow_none=True)
         if self.num_classes is not None and self.num_classes > MAX_CLASSES:
             raise UserError(f"--num-classes {self.num_classes} is above the supported {MAX_CLASSES}; give the "
                             "number of classes in the labels")
@@ -107,6 +113,8 @@ class TrainConfig:
             raise UserError(f"--momentum must be in [0, 1) (got {self.momentum}); e.g. 0.9, or 0 for none")
         if self.nesterov and self.momentum == 0:
             raise UserError("--nesterov needs a positive --momentum; give --momentum 0.9 or --nesterov false")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not 0 < self.gamma <= 1:
@@ -122,6 +130,7 @@ class TrainConfig:
             raise UserError(f"--amp must be auto, bf16 or none (got {self.amp!r}); auto picks bf16 where it is fast")
         if self.channels_last not in ("auto", "on", "off"):
             raise UserError(f"--channels-last must be auto, on or off (got {self.channels_last!r}); auto is the default")
+        parse_loggers(self.log)
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise UserError(f"--on-nonfinite must be stop or skip (got {self.on_nonfinite!r}); stop is the default")
 

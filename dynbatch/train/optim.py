@@ -10,6 +10,20 @@ import torch
 from torch import nn
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def build_optimizer(name: str, model: nn.Module, *, lr: float, momentum: float, nesterov: bool,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """``sgd`` (momentum, Nesterov, L2 weight decay), ``adam`` (L2) or ``adamw`` (decoupled weight decay), fused,
+    with torch's default betas; every one honours ``found_inf`` (see :func:`step_unless`)."""
+    if name == "sgd":
+        return sgd(model, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def sgd(model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
     """Fused SGD with its momentum buffers seeded with zeros.
 

@@ -29,11 +29,11 @@ from dynbatch.errors import Diverged, UserError
 from dynbatch.models import build_model
 from dynbatch.monitor import UtilisationMonitor
 from dynbatch.policies import StepContext, policy_class
-from dynbatch.train import records
+from dynbatch.train import loggers, records
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.distributed import Dist
 from dynbatch.train.executor import PlanExecutor
-from dynbatch.train.optim import sgd
+from dynbatch.train.optim import build_optimizer
 from dynbatch.train.schedules import scheduled_lr
 
 CHECKPOINT_VERSION = 2  # 2: one CUDA generator state per rank
@@ -97,7 +97,7 @@ class Trainer:
             raise UserError("--amp bf16 needs a CUDA device here; use --amp none on CPU")
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_cuda)
 
-        src = load_dataset(cfg.data, cfg.data_dir, cfg.num_classes)
+        src = load_dataset(cfg.data, cfg.data_dir, cfg.num_classes, cfg.image_size)
         if not cfg.augment:
             src.crop_padding, src.flip = 0, False
         n_train = len(src.y_train)
@@ -124,8 +124,8 @@ class Trainer:
             wrapped = self._ddp(self.model, on_cuda)
         # The (compiled, DDP) wrapper runs the steps; checkpoints always hold the plain module's state.
         self.step_model = torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped
-        self.optimizer = sgd(self.model, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
-                             weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=bool(cfg.nesterov), weight_decay=cfg.weight_decay)
         self.policy = self.policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
         self.policy.check_world_size(self.dist.world)
         self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch, dist=self.dist,
@@ -346,6 +346,7 @@ class Trainer:
         cfg = self.cfg
         self.metrics = (records.MetricsWriter(self.out / "metrics.jsonl", truncate_to=self.metrics_offset)
                         if self.dist.is_main else records.NullWriter())
+        self.loggers = loggers.open_loggers(cfg.log, self.out, self.checkpoint_step) if self.dist.is_main else []
         # What the monitor cannot sample matters only where there is a GPU to watch.
         on_note = (lambda m: self.log(f"utilisation: {m}")) if self.device.type == "cuda" else None
         monitor = UtilisationMonitor(cfg.util_interval, on_note=on_note).start()
@@ -381,6 +382,8 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.metrics.close()
+            for lg in self.loggers:
+                lg.close()
             self.dist.close()
             records.unlock_run(self._lock)
             self._lock = None
@@ -450,13 +453,18 @@ class Trainer:
                 self.log(f"step {self.step}: {e}")
         if skipped:
             row["nonfinite_skipped"] = skipped
-        self.metrics.write("step", row)
+        self._record("step", row)
         self._guard_nonfinite(skipped, lr, loss_sum)
         self.step += 1
         if bar is not None:
             bar.update(idx.numel())
             # tqdm shows the rate itself, in img/s (its unit); the postfix adds this step's loss, accuracy, batch.
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}", batch=idx.numel())
+
+    def _record(self, kind: str, row: dict[str, Any]) -> None:
+        self.metrics.write(kind, row)
+        for lg in self.loggers:
+            lg.write(kind, row)
 
     def _guard_nonfinite(self, skipped: int, lr: float, loss_sum: float) -> None:
         """Stop (default) or count a step whose update was skipped because its loss or gradient was not finite."""
@@ -503,7 +511,7 @@ class Trainer:
             "samples_seen": self.samples_seen, "samples_per_s": len(self.data.train) / max(a["time"], 1e-9),
             "wall_s": self.wall_offset + self._elapsed(), **self._utilisation(monitor),
         }
-        self.metrics.write("epoch", row)
+        self._record("epoch", row)
         self.last_epoch = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")}
         if bar is not None:
             bar.clear()
