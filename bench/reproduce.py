@@ -9,7 +9,6 @@ Each experiment writes ``<out>/<name>/table.md`` and figures beside its runs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -69,10 +68,12 @@ EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs
 
 
 def rows_of(run: Path, kind: str) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    """The run's rows of ``kind`` (none before it has started), through dynbatch's one metrics reader."""
+    from dynbatch.train.records import read_metrics
+
+    if not (run / "metrics.jsonl").is_file():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+    return [r for r in read_metrics(run) if r["kind"] == kind]
 
 
 def finished(run: Path, epochs: int) -> bool:

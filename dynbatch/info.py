@@ -6,9 +6,20 @@ import platform
 import torch
 
 
-def collect() -> dict:
-    from dynbatch.train.trainer import package_versions
+def package_versions() -> dict[str, str | None]:
+    """Versions of Python and of the packages a run depends on (recorded in every config.json)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    out = {"python": platform.python_version()}
+    for pkg in ("dynbatch", "torch", "torchvision", "triton", "numpy", "nvidia-ml-py"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def collect() -> dict:
     info = {"versions": package_versions(), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -1,6 +1,6 @@
 """Fused softmax residuals and per-sample last-layer gradient norms.
 
-Matches ``kernels.reference.residuals`` and ``kernels.reference.per_sample_grad_norms``: one program per sample
+Matches ``dynbatch_kernels.reference.residuals`` and ``dynbatch_kernels.reference.per_sample_grad_norms``: one program per sample
 computes e_i = softmax(z_i) - t_i in fp32 (whatever the logits' dtype), stores it for the subset kernels, and
 ||g_i|| = ||e_i|| * ||[h_i, 1]||.
 """

@@ -1,6 +1,6 @@
 """Squared norms of subset-sum gradients, direct route: row norms of M G, G = per-sample gradients.
 
-Matches ``kernels.reference.subset_sq_sums(route="direct")``. G (B x C(D+1)) is never stored: each program forms
+Matches ``dynbatch_kernels.reference.subset_sq_sums(route="direct")``. G (B x C(D+1)) is never stored: each program forms
 G tile by tile from E (B x C) and A (B x (D+1)) in registers, G[i, j] = E[i, j // (D+1)] * A[i, j % (D+1)], and
 multiplies it with a mask tile drawn in-kernel. Work: N * B * C(D+1) multiply-adds.
 

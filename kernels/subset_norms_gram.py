@@ -1,6 +1,6 @@
 """Squared norms of subset-sum gradients, Gram route: m^T K m with K = (E E^T) o (A A^T).
 
-Matches ``kernels.reference.subset_sq_sums(route="gram")``. K (B x B) costs two small matmuls; the kernel then
+Matches ``dynbatch_kernels.reference.subset_sq_sums(route="gram")``. K (B x B) costs two small matmuls; the kernel then
 computes rowsum((M K) o M) with the mask tiles drawn in-kernel, never storing M. Work: N * B^2 multiply-adds,
 cheaper than the direct route whenever B < C(D+1).
 """

@@ -1,6 +1,6 @@
 """Triton device functions shared by the subset kernels: the counter-based subset generator and the dot.
 
-Must match ``kernels.reference.subset_masks`` bit for bit (tested in ``tests/test_kernels_triton.py``): lowbias32
+Must match ``dynbatch_kernels.reference.subset_masks`` bit for bit (tested in ``tests/test_kernels_triton.py``): lowbias32
 in uint32 arithmetic, whose wrap-around is what the reference emulates in int64.
 """
 import triton

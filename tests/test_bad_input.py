@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 
 FAST = ("--model", "preresnet20", "--no-progress", "--util-interval", "5")
-
-
-def assert_one_line(rc, err, needle, code=2):
-    assert rc == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dynbatch: error:") and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
-    assert "; " in lines[0], f"no fix offered: {lines[0]}"
 
 
 # ---- command-line options (a new run in a fresh folder: nothing may be created) ----------------------------------
@@ -130,34 +122,34 @@ def test_bad_option(tmp_path, capsys, args, needle):
     out = tmp_path / "never"
     argv = ("train", *args) if "--autoresume" in args else ("train", "--out", out, *args)
     rc, _, err = run_cli(capsys, *argv)
-    assert_one_line(rc, err, needle)
+    assert_one_line_error(rc, err, needle)
     assert not out.exists()
 
 
 def test_resume_and_out_together(tmp_path, capsys):
-    assert_one_line(*run_cli(capsys, "train", "--resume", tmp_path, "--out", tmp_path / "x")[::2], "not both")
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", tmp_path, "--out", tmp_path / "x")[::2], "not both")
 
 
 # ---- where --out cannot be ---------------------------------------------------------------------------------------
 def test_out_under_proc(tmp_path, capsys):
-    assert_one_line(*run_cli(capsys, "train", "--out", "/proc/dynbatch-run", *FAST)[::2], "cannot create the run folder")
+    assert_one_line_error(*run_cli(capsys, "train", "--out", "/proc/dynbatch-run", *FAST)[::2], "cannot create the run folder")
 
 
 def test_out_under_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    assert_one_line(*run_cli(capsys, "train", "--out", f / "run", *FAST)[::2], "cannot create the run folder")
+    assert_one_line_error(*run_cli(capsys, "train", "--out", f / "run", *FAST)[::2], "cannot create the run folder")
     assert f.read_text() == "x"
 
 
 def test_out_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    assert_one_line(*run_cli(capsys, "train", "--out", f, *FAST)[::2], "is a file")
+    assert_one_line_error(*run_cli(capsys, "train", "--out", f, *FAST)[::2], "is a file")
 
 
 def test_out_on_a_read_only_filesystem(tmp_path, capsys):
-    assert_one_line(*run_cli(capsys, "train", "--out", "/sys/dynbatch-run", *FAST)[::2], "cannot create the run folder")
+    assert_one_line_error(*run_cli(capsys, "train", "--out", "/sys/dynbatch-run", *FAST)[::2], "cannot create the run folder")
 
 
 # ---- npz contents ----------------------------------------------------------------------------------------------
@@ -199,12 +191,12 @@ def test_bad_npz(tmp_path, capsys, case):
         with open(path, "wb") as f:
             np.savez(f, **content)  # allow_pickle is only refused on load
     out = tmp_path / "never"
-    assert_one_line(*run_cli(capsys, "train", "--data", f"npz:{path}", "--out", out, *FAST)[::2], needle)
+    assert_one_line_error(*run_cli(capsys, "train", "--data", f"npz:{path}", "--out", out, *FAST)[::2], needle)
     assert not out.exists()
 
 
 def test_npz_path_is_a_folder(tmp_path, capsys):
-    assert_one_line(*run_cli(capsys, "train", "--data", f"npz:{tmp_path}", *FAST)[::2], "data file not found")
+    assert_one_line_error(*run_cli(capsys, "train", "--data", f"npz:{tmp_path}", *FAST)[::2], "data file not found")
 
 
 # ---- run-folder contents (resume): the folder must be left exactly as it was ----------------------------------------
@@ -272,7 +264,7 @@ def test_bad_run_folder(tmp_path, capsys, base_run, case):
     shutil.copytree(base_run, run)
     damage(run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
-    assert_one_line(*run_cli(capsys, "train", "--resume", run)[::2], needle)
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", run)[::2], needle)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
     assert not any(p.name.endswith(".tmp") for p in run.iterdir())
 
@@ -290,20 +282,20 @@ def test_bad_resume_arguments(tmp_path, capsys, base_run, args, needle):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    assert_one_line(*run_cli(capsys, "train", "--resume", run, *args)[::2], needle)
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", run, *args)[::2], needle)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_resume_a_missing_folder(tmp_path, capsys):
-    assert_one_line(*run_cli(capsys, "train", "--resume", tmp_path / "nope")[::2], "no such run folder")
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", tmp_path / "nope")[::2], "no such run folder")
 
 
 def test_out_holding_a_run(tmp_path, capsys, base_run):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    assert_one_line(*run_cli(capsys, "train", "--out", run, *FAST)[::2], "already holds a run")
-    assert_one_line(*run_cli(capsys, "train", "--out", run, "--lr", "0.01", "--autoresume", *FAST)[::2],
+    assert_one_line_error(*run_cli(capsys, "train", "--out", run, *FAST)[::2], "already holds a run")
+    assert_one_line_error(*run_cli(capsys, "train", "--out", run, "--lr", "0.01", "--autoresume", *FAST)[::2],
                     "other settings")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
@@ -334,18 +326,18 @@ def test_bad_plot_input(tmp_path, capsys, case):
     target = Path(out) if out.startswith("/") else tmp_path / out
     if out == "folder.png":
         target.mkdir()
-    assert_one_line(*run_cli(capsys, "plot", run, "--out", target)[::2], needle)
+    assert_one_line_error(*run_cli(capsys, "plot", run, "--out", target)[::2], needle)
     assert not any(p.name.endswith(".tmp.png") for p in tmp_path.iterdir())
 
 
 def test_plot_metrics_is_a_folder(tmp_path, capsys):
     d = tmp_path / "r"
     (d / "metrics.jsonl").mkdir(parents=True)
-    assert_one_line(*run_cli(capsys, "plot", d, "--out", tmp_path / "x.png")[::2], "not a run folder")
+    assert_one_line_error(*run_cli(capsys, "plot", d, "--out", tmp_path / "x.png")[::2], "not a run folder")
 
 
 def test_plot_bad_axis(tmp_path, capsys):
-    assert_one_line(*run_cli(capsys, "plot", tmp_path, "--out", tmp_path / "x.png", "--x", "steps")[::2],
+    assert_one_line_error(*run_cli(capsys, "plot", tmp_path, "--out", tmp_path / "x.png", "--x", "steps")[::2],
                     "invalid choice")
 
 

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli_helpers import rows, run_cli
+from cli_helpers import assert_one_line_error, rows, run_cli
 
 FAST = ("--no-progress", "--util-interval", "5")
 
@@ -136,7 +136,7 @@ def test_bad_image_folders(tmp_path, capsys, kind, needle):
     root = _bad_tree(tmp_path, kind)
     out = tmp_path / "never"
     rc, _, err = run_cli(capsys, "train", "--data", f"imagefolder:{root}", "--out", out, *FAST)
-    assert rc == 2 and needle in err and "; " in err and len(err.strip().splitlines()) == 1, err
+    assert_one_line_error(rc, err, needle)
     assert not out.exists()
 
 
@@ -153,5 +153,5 @@ def test_bad_image_folders(tmp_path, capsys, kind, needle):
 def test_bad_own_pieces(tmp_path, capsys, user_models, args, needle):
     out = tmp_path / "never"
     rc, _, err = run_cli(capsys, "train", "--out", out, *args, *FAST)
-    assert rc == 2 and needle in err and "; " in err and len(err.strip().splitlines()) == 1, err
+    assert_one_line_error(rc, err, needle)
     assert not out.exists()

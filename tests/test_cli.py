@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from cli_helpers import rows, run_cli, spawn, without_timing
+from cli_helpers import assert_one_line_error, rows, run_cli, spawn, without_timing
 
 FAST = ("--model", "preresnet20", "--no-progress", "--util-interval", "5")
 
@@ -47,23 +47,16 @@ def test_resume_can_extend_epochs(tmp_path, capsys):
     assert [r["epoch"] for r in rows(out, "epoch")] == [0, 1]
 
 
-def _assert_one_line_error(rc, err, needle):
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dynbatch: error:") and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
-
-
 def test_resume_without_checkpoint_and_out_with_a_run(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_one_line_error(*run_cli(capsys, "train", "--resume", empty)[::2], "no checkpoint.pt")
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", empty)[::2], "no checkpoint.pt")
     run = tmp_path / "run"
     assert run_cli(capsys, "train", "--out", run, "--epochs", "1", "--train-samples", "50", *FAST)[0] == 0
     before = (run / "metrics.jsonl").read_bytes()
-    _assert_one_line_error(*run_cli(capsys, "train", "--out", run)[::2], "already holds a run")
+    assert_one_line_error(*run_cli(capsys, "train", "--out", run)[::2], "already holds a run")
     assert (run / "metrics.jsonl").read_bytes() == before  # refused: nothing touched
-    _assert_one_line_error(*run_cli(capsys, "train", "--resume", run, "--lr", "0.3")[::2], "drop --lr")
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", run, "--lr", "0.3")[::2], "drop --lr")
     assert run_cli(capsys, "train", "--resume", run)[0] == 0  # the refusal broke nothing
     assert run_cli(capsys, "train", "--out", run, "--overwrite", "--epochs", "1", "--train-samples", "50", *FAST)[0] == 0
     assert len(rows(run, "epoch")) == 1
@@ -77,7 +70,7 @@ def test_plot_and_info(tmp_path, capsys):
         runs.append(r)
     rc, out, _ = run_cli(capsys, "plot", *runs, "--out", tmp_path / "cmp.png")
     assert rc == 0 and (tmp_path / "cmp.png").stat().st_size > 10_000
-    _assert_one_line_error(*run_cli(capsys, "plot", tmp_path, "--out", tmp_path / "x.png")[::2], "not a run folder")
+    assert_one_line_error(*run_cli(capsys, "plot", tmp_path, "--out", tmp_path / "x.png")[::2], "not a run folder")
     rc, out, _ = run_cli(capsys, "info")
     assert rc == 0 and "torch" in out and "kernel backends" in out and "reference" in out
 

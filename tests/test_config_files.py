@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cli_helpers import rows, run_cli, without_timing
+from cli_helpers import assert_one_line_error, rows, run_cli, without_timing
 
 FAST = ("--no-progress", "--util-interval", "5")
 
@@ -49,8 +49,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys, name, content, n
     cfg.write_text(content)
     out = tmp_path / "never"
     rc, _, err = run_cli(capsys, "train", "--config", cfg, "--out", out, *FAST)
-    assert rc == 2 and err.startswith("dynbatch: error:") and len(err.strip().splitlines()) == 1, err
-    assert needle in err and "; " in err, err
+    assert_one_line_error(rc, err, needle)
     assert not out.exists()
 
 

@@ -24,3 +24,26 @@ def test_package_import_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", "import sys, dynbatch; assert 'torch' not in sys.modules"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_imports_run_one_way():
+    """CLI and trainer -> policies -> selectors -> selection -> kernels: no module imports a layer above its own."""
+    import ast
+    from pathlib import Path
+
+    above = {
+        "dynbatch/selection": ("dynbatch.selectors", "dynbatch.policies", "dynbatch.train", "dynbatch.cli"),
+        "dynbatch/selectors": ("dynbatch.policies", "dynbatch.train", "dynbatch.cli"),
+        "dynbatch/policies": ("dynbatch.train", "dynbatch.cli"),
+        "dynbatch/train": ("dynbatch.cli",),
+        "kernels": ("dynbatch",),
+    }
+    repo = Path(__file__).resolve().parents[1]
+    for folder, banned in above.items():
+        for path in (repo / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                for name in names:
+                    assert not any(name == b or name.startswith(b + ".") for b in banned), \
+                        f"{path.relative_to(repo)} imports {name}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import REPO, rows, run_cli, spawn, without_timing
+from cli_helpers import REPO, assert_one_line_error, rows, run_cli, spawn, without_timing
 from dynbatch.errors import Diverged
 from dynbatch.train import records
 from dynbatch.train.config import TrainConfig
@@ -20,14 +20,6 @@ from dynbatch.train.trainer import Trainer
 
 FAST = ("--model", "preresnet20", "--no-progress", "--util-interval", "5")
 TINY = ("--train-samples", "60", "--batch-size", "20", *FAST)  # 3 steps an epoch
-
-
-def one_line_error(rc, err, needle, code=2):
-    assert rc == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dynbatch: error:") and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
-    assert "; " in lines[0], f"no fix offered: {lines[0]}"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -54,7 +46,7 @@ def test_epochs_on_resume_is_the_new_total_whatever_its_value(tmp_path, capsys):
     args = ("--train-samples", "20", "--batch-size", "20", "--eval-every", "50", *FAST)
     assert run_cli(capsys, "train", "--out", run, "--epochs", "2", *args)[0] == 0
     config_before = (run / "config.json").read_bytes()
-    one_line_error(*run_cli(capsys, "train", "--resume", run, "--epochs", "1")[::2], "below the 2 epoch(s)")
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", run, "--epochs", "1")[::2], "below the 2 epoch(s)")
     assert (run / "config.json").read_bytes() == config_before  # refused before anything was written
     rc, out, _ = run_cli(capsys, "train", "--resume", run, "--epochs", "30")
     assert rc == 0
@@ -88,7 +80,7 @@ def test_damaged_metrics_are_refused_never_padded(tmp_path, capsys, damage):
         m.write_bytes(b"x" * len(data))
     before = snapshot(run)
     rc, _, err = run_cli(capsys, "train", "--resume", run)
-    one_line_error(rc, err, "metrics.jsonl")
+    assert_one_line_error(rc, err, "metrics.jsonl")
     assert "--overwrite" in err
     assert snapshot(run) == before
     assert b"\x00" not in (m.read_bytes() if m.exists() else b"")
@@ -99,7 +91,7 @@ def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, capsys):
     """Defect 4: --lr 1e6 gave NaN rows, NaN checkpoints and 'done ... exit 0'."""
     run = tmp_path / "r"
     rc, _, err = run_cli(capsys, "train", "--out", run, "--epochs", "3", "--lr", "1e6", *TINY)
-    one_line_error(rc, err, "training diverged", code=3)
+    assert_one_line_error(rc, err, "training diverged", code=3)
     assert "--lr" in err
     if (run / "checkpoint.pt").exists():
         state = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -169,7 +161,7 @@ def test_planted_checkpoint_runs_no_code(tmp_path, capsys, monkeypatch):
     marker = tmp_path / "marker"
     monkeypatch.setenv("DYNBATCH_PLANTED_MARKER", str(marker))
     torch.save({"version": 2, "model": _Planted()}, run / "checkpoint.pt")
-    one_line_error(*run_cli(capsys, "train", "--resume", run)[::2], "refusing")
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", run)[::2], "refusing")
     assert not marker.exists()
 
 
@@ -184,8 +176,8 @@ def test_a_running_run_cannot_be_resumed_or_overwritten(tmp_path, capsys):
         while time.time() < deadline and not (run / "checkpoint.pt").exists():
             time.sleep(0.2)
         assert (run / "checkpoint.pt").exists(), p.stderr.read() if p.poll() is not None else "no checkpoint"
-        one_line_error(*run_cli(capsys, "train", "--resume", run)[::2], "in use by another dynbatch process")
-        one_line_error(*run_cli(capsys, "train", "--out", run, "--overwrite", *TINY)[::2], "in use")
+        assert_one_line_error(*run_cli(capsys, "train", "--resume", run)[::2], "in use by another dynbatch process")
+        assert_one_line_error(*run_cli(capsys, "train", "--out", run, "--overwrite", *TINY)[::2], "in use")
         assert (run / "config.json").exists()
     finally:
         p.send_signal(signal.SIGTERM)
@@ -222,7 +214,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, m
             monkeypatch.setattr(torch, "save", small_disk)
         run = disk / "r"
         rc, _, err = run_cli(capsys, "train", "--out", run, "--epochs", "3", *TINY)
-        one_line_error(rc, err, "the disk is full", code=1)
+        assert_one_line_error(rc, err, "the disk is full", code=1)
         assert "--resume" in err
         assert sorted(p.name for p in run.iterdir()) == [records.LOCK, "checkpoint.pt", "config.json",
                                                           "metrics.jsonl"]
@@ -258,8 +250,8 @@ def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tmp_path, cap
     run = tmp_path / "r"
     assert run_cli(capsys, "train", "--out", run, "--epochs", "1", *TINY)[0] == 0
     (run / "checkpoint.pt").unlink()  # what a kill before the first epoch end leaves
-    one_line_error(*run_cli(capsys, "train", "--resume", run)[::2], "--overwrite")
-    one_line_error(*run_cli(capsys, "train", "--out", run, "--epochs", "1", *TINY)[::2], "--overwrite")
+    assert_one_line_error(*run_cli(capsys, "train", "--resume", run)[::2], "--overwrite")
+    assert_one_line_error(*run_cli(capsys, "train", "--out", run, "--epochs", "1", *TINY)[::2], "--overwrite")
     assert run_cli(capsys, "train", "--out", run, "--epochs", "1", *TINY, "--autoresume")[0] == 0
     assert (run / "checkpoint.pt").is_file() and len(rows(run, "epoch")) == 1
 
@@ -272,7 +264,7 @@ def test_autoresume_starts_continues_and_refuses_other_settings(tmp_path, capsys
     assert rc == 0 and "resuming" in out
     assert [r["step"] for r in rows(run, "step")] == list(range(6))
     rc, _, err = run_cli(capsys, "train", "--out", run, "--epochs", "2", *TINY, "--lr", "0.01", "--autoresume")
-    one_line_error(rc, err, "other settings (lr: 0.05 there, 0.01 now)")
+    assert_one_line_error(rc, err, "other settings (lr: 0.05 there, 0.01 now)")
 
 
 def _torchrun(*argv, max_restarts=0):

@@ -62,12 +62,12 @@ class StepContext:
     seed: int  # the run's seed; policies derive per-step seeds from (seed, step)
     device: torch.device
     label_smoothing: float = 0.0
-    dist: Any = None  # dynbatch.train.distributed.Dist; None means a single process
+    dist: Any = None  # dynbatch.distributed.Dist; None means a single process
     raw_model: nn.Module | None = None  # the model without its DDP wrapper, for forwards that must not sync
 
     def __post_init__(self):
         if self.dist is None:
-            from dynbatch.train.distributed import SINGLE
+            from dynbatch.distributed import SINGLE
 
             self.dist = SINGLE
         if self.raw_model is None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dynbatch.policies.base import Plan, StepContext, TrainStep
-from dynbatch.train.distributed import SINGLE, Dist
+from dynbatch.distributed import SINGLE, Dist
 from dynbatch.train.optim import step_unless
 
 

@@ -6,7 +6,7 @@ it, and a ``step`` row goes to ``metrics.jsonl``. At the end of every epoch the 
 ``epoch`` row written, and ``checkpoint.pt`` saved. SIGINT/SIGTERM (or ``stop_after_steps``) checkpoint after the
 step in flight and stop.
 
-Under ``torchrun`` (see ``dynbatch.train.distributed``) the model is wrapped in DistributedDataParallel, rank 0
+Under ``torchrun`` (see ``dynbatch.distributed``) the model is wrapped in DistributedDataParallel, rank 0
 alone writes the run folder, step and epoch sums are reduced over ranks, all ranks stop at the same step, and a
 checkpoint resumes only with the number of ranks that wrote it.
 """
@@ -26,12 +26,13 @@ import torch.nn.functional as F
 
 from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
 from dynbatch.errors import Diverged, UserError
+from dynbatch.info import package_versions
 from dynbatch.models import build_model
 from dynbatch.monitor import UtilisationMonitor
 from dynbatch.policies import StepContext, policy_class
 from dynbatch.train import loggers, records
 from dynbatch.train.config import TrainConfig
-from dynbatch.train.distributed import Dist
+from dynbatch.distributed import Dist
 from dynbatch.train.executor import PlanExecutor
 from dynbatch.train.optim import build_optimizer
 from dynbatch.train.schedules import scheduled_lr
@@ -49,18 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
     return dev
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("dynbatch", "torch", "torchvision", "triton", "numpy", "nvidia-ml-py"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 class Trainer:
