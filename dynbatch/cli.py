@@ -259,6 +259,8 @@ def _config_value(dest: str, value: Any, parse, path: Path) -> Any:
     if isinstance(value, (bool, dict)):
         raise bad
     if parse is milestones and isinstance(value, (list, tuple)):
+        if not value:
+            return ()  # no milestones: the step schedule's own (50%, 75% of the budget)
         value = ",".join(map(str, value))
     try:
         return parse(str(value))

@@ -57,6 +57,9 @@ def test_own_model_with_adamw_from_a_yaml_config_writes_tensorboard_events(tmp_p
 
     c = json.loads((run / "config.json").read_text())["config"]
     assert (c["model"], c["optimizer"], c["policy"]) == (f"{user_models}:make", "adamw", "edba")
+    assert c["momentum"] is None  # SGD's option stays unset, so the config.json re-runs:
+    again = tmp_path / "again"
+    assert run_cli(capsys, "train", "--config", run / "config.json", "--out", again, "--epochs", "1", *FAST)[0] == 0
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])

@@ -71,6 +71,8 @@ class TrainConfig:
         if out.schedule is None:
             out.schedule = policy_cls.config_defaults.get("schedule", "cosine")
         for k, v in OPTIMIZER_DEFAULTS.items():
+            if k in ("momentum", "nesterov") and out.optimizer != "sgd":
+                continue  # SGD's; left unset so an Adam run's config.json re-runs as it is
             if getattr(out, k) is None:
                 setattr(out, k, policy_cls.optimizer_defaults.get(k, v))
         return out
