@@ -58,7 +58,8 @@ class PlanExecutor:
 
     def _scale(self, step: TrainStep, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(local sample count, 1 / normaliser): the step's mean loss is sum(weighted losses) * scale."""
-        local = step.sample_weight.sum() if step.sample_weight is not None else torch.tensor(float(n), device=device)
+        # torch.full, not torch.tensor: a fill kernel instead of a blocking host-to-device copy.
+        local = step.sample_weight.sum() if step.sample_weight is not None else torch.full((), float(n), device=device)
         total = self.dist.all_reduce_sum(local.float().reshape(1))[0] if self.dist.enabled else local.float()
         return local, self.dist.world / total.clamp_min(1e-12)
 

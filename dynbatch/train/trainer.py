@@ -2,7 +2,8 @@
 
 One step: the policy names a batch size, the sampler draws that many indices of a seeded permutation, the device
 pipeline augments them, the policy turns the batch into a :class:`~dynbatch.policies.Plan`, the executor applies
-it, and a ``step`` row goes to ``metrics.jsonl``. At the end of every epoch the test split is evaluated, an
+it, and the step's statistics stay on the device; every ``FLUSH_EVERY`` steps (and at an epoch's end, before any
+checkpoint) one read brings a block of them to the host and their ``step`` rows go to ``metrics.jsonl``. At the end of every epoch the test split is evaluated, an
 ``epoch`` row written, and ``checkpoint.pt`` saved. SIGINT/SIGTERM (or ``stop_after_steps``) checkpoint after the
 step in flight and stop.
 
@@ -38,6 +39,7 @@ from dynbatch.train.optim import build_optimizer
 from dynbatch.train.schedules import scheduled_lr
 
 CHECKPOINT_VERSION = 2  # 2: one CUDA generator state per rank
+FLUSH_EVERY = 50  # steps whose rows are written together, after one read from the device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,6 +132,9 @@ class Trainer:
         self.metrics_offset: int | None = None
         self.nonfinite_streak = 0  # consecutive steps with a skipped (non-finite) update
         self.checkpoint_step: int | None = None  # the step the newest checkpoint.pt was written at
+        # Steps whose rows wait for the block's one device read: (known fields, policy record, stats, t0, t1).
+        self._pending: list[tuple] = []
+        self._bar = None
         self.last_epoch: dict[str, Any] = {}
         self._stop_signal: int | None = None
 
@@ -270,6 +275,7 @@ class Trainer:
                             ) from None
 
     def checkpoint(self) -> None:
+        self._flush()  # the checkpoint counts every row and sum of the steps it contains
         # A finite gradient times a huge learning rate can still overflow the weights; such a state is never
         # written over the last good checkpoint. One read per checkpoint; every rank decides together.
         floats = [t for t in self.model.state_dict().values() if t.is_floating_point()]
@@ -296,10 +302,6 @@ class Trainer:
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, reduction="none", label_smoothing=self.cfg.label_smoothing)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _lr(self, progress: float) -> float:
         cfg = self.cfg
@@ -342,19 +344,18 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._t0 = time.perf_counter()
         steps_this_session = 0
-        bar = None
         try:
             while self.epoch < cfg.epochs:
                 if self.sampler.pos == 0:
                     self.policy.on_epoch_start(self.epoch)
-                bar = bar or self._progress_bar()
-                self._train_step(bar)
+                self._bar = self._bar or self._progress_bar()
+                self._train_step()
                 steps_this_session += 1
                 if self.sampler.epoch_done:
-                    self._end_epoch(monitor, bar)
-                    if bar is not None:
-                        bar.close()
-                        bar = None
+                    self._end_epoch(monitor)
+                    if self._bar is not None:
+                        self._bar.close()
+                        self._bar = None
                 stop = self._stop_signal is not None or bool(cfg.stop_after_steps and
                                                              steps_this_session >= cfg.stop_after_steps)
                 if self.dist.any(stop):  # every rank stops at the same step
@@ -365,8 +366,9 @@ class Trainer:
                              f"dynbatch train --resume {self.out}")
                     return {"interrupted": self._stop_signal or 0, "out": str(self.out), "step": self.step}
         finally:
-            if bar is not None:
-                bar.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
             monitor.stop()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -396,9 +398,26 @@ class Trainer:
         return tqdm(total=len(self.data.train), initial=self.sampler.pos, unit="img", leave=False,
                     desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True)
 
-    def _train_step(self, bar) -> None:
+    def _clock(self):
+        """A point in time: a recorded CUDA event on a GPU (read at the flush, never waited for here), else the
+        host clock (CPU work is done when the call returns)."""
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _seconds(self, t0, t1) -> float:
+        if self.device.type == "cuda":
+            t1.synchronize()  # already complete after the flush's read; this only makes it certain
+            return t0.elapsed_time(t1) / 1000.0
+        return t1 - t0
+
+    def _train_step(self) -> None:
+        """One step, queued: its statistics stay on the device until the block is flushed (:meth:`_flush`), so the
+        step itself asks the device for nothing (policies that choose, EDBA and split, read their own numbers)."""
         cfg = self.cfg
-        t_start = time.perf_counter()
+        t0 = self._clock()
         lr = self._lr(self.epoch + self.sampler.pos / self.sampler.n)
         asked = self.policy.batch_size()
         idx = self.sampler.next(asked)
@@ -410,52 +429,64 @@ class Trainer:
         self.step_model.train()
         plan = self.policy.plan(x, y, ctx)
         outcome = self.executor.run(plan, ctx, lr)
-        self._sync()
-        step_s = time.perf_counter() - t_start
         record = dict(plan.record)
         # One source per statistic: the executor's sums for the steps it ran forward itself; a plan of
         # precomputed gradients (split's original update) reports its sums in the record.
         policy_sums = [record.pop(k, 0.0) for k in ("loss_sum", "correct", "trained_samples")]
         sums = ([outcome.loss_sum, outcome.correct, outcome.n] if outcome.ran_forward else
-                [torch.tensor(float(v), device=self.device) for v in policy_sums])
+                [torch.full((), float(v), device=self.device) for v in policy_sums])
         stats = torch.stack([torch.as_tensor(v, device=self.device).double() for v in (*sums, outcome.skipped)])
         stats = self.dist.all_reduce_sum(stats) if self.dist.enabled else stats
-        loss_sum, correct, trained, skipped = stats.tolist()  # the step's one read from the device
-        correct, trained, skipped = int(correct), int(round(trained)), int(skipped)
         self.samples_seen += idx.numel()
-        a = self.epoch_acc
-        a["loss_sum"] += loss_sum
-        a["correct"] += correct
-        a["n"] += trained
-        a["time"] += step_s
-        a["steps"] += 1
-        row = {
-            "step": self.step, "epoch": self.epoch, "batch_size": idx.numel(), "policy_batch_size": asked,
-            "trained_samples": trained,
-            "lr": lr, "train_loss": loss_sum / max(trained, 1), "train_acc": correct / max(trained, 1),
-            "samples_seen": self.samples_seen, "wall_s": self.wall_offset + self._elapsed(), "step_s": step_s,
-            **record,
-        }
         if outcome.oom_retries:
-            row.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
+            record.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
             for e in outcome.events:
                 self.log(f"step {self.step}: {e}")
-        if skipped:
-            row["nonfinite_skipped"] = skipped
-        self._record("step", row)
-        self._guard_nonfinite(skipped, lr, loss_sum)
+        known = {"step": self.step, "epoch": self.epoch, "batch_size": idx.numel(), "policy_batch_size": asked,
+                 "lr": lr, "samples_seen": self.samples_seen, "wall_s": self.wall_offset + self._elapsed()}
+        self._pending.append((known, record, stats, t0, self._clock()))
         self.step += 1
-        if bar is not None:
-            bar.update(idx.numel())
-            # tqdm shows the rate itself, in img/s (its unit); the postfix adds this step's loss, accuracy, batch.
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}", batch=idx.numel())
+        if len(self._pending) >= FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the queued step rows, with one read from the device for the whole block (stats (4,) per step:
+        loss sum, correct, trained samples, skipped updates), in step order; then the non-finite guard and the
+        progress bar. Runs every ``FLUSH_EVERY`` steps, at the end of an epoch and before any checkpoint."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        values = torch.stack([p[2] for p in pending]).tolist()
+        a = self.epoch_acc
+        for (known, record, _, t0, t1), (loss_sum, correct, trained, skipped) in zip(pending, values):
+            correct, trained, skipped = int(correct), int(round(trained)), int(skipped)
+            step_s = self._seconds(t0, t1)
+            a["loss_sum"] += loss_sum
+            a["correct"] += correct
+            a["n"] += trained
+            a["time"] += step_s
+            a["steps"] += 1
+            row = {**{k: known[k] for k in ("step", "epoch", "batch_size", "policy_batch_size")},
+                   "trained_samples": trained, "lr": known["lr"], "train_loss": loss_sum / max(trained, 1),
+                   "train_acc": correct / max(trained, 1), "samples_seen": known["samples_seen"],
+                   "wall_s": known["wall_s"], "step_s": step_s, **record}
+            if skipped:
+                row["nonfinite_skipped"] = skipped
+            self._record("step", row)
+            self._guard_nonfinite(skipped, known["lr"], loss_sum, known["step"], known["epoch"])
+            if self._bar is not None:
+                self._bar.update(known["batch_size"])
+        if self._bar is not None:
+            # tqdm shows the rate itself, in img/s (its unit); the postfix adds the latest step's numbers.
+            self._bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                                  batch=row["batch_size"])
 
     def _record(self, kind: str, row: dict[str, Any]) -> None:
         self.metrics.write(kind, row)
         for lg in self.loggers:
             lg.write(kind, row)
 
-    def _guard_nonfinite(self, skipped: int, lr: float, loss_sum: float) -> None:
+    def _guard_nonfinite(self, skipped: int, lr: float, loss_sum: float, step: int, epoch: int) -> None:
         """Stop (default) or count a step whose update was skipped because its loss or gradient was not finite."""
         if not skipped:
             self.nonfinite_streak = 0
@@ -463,12 +494,12 @@ class Trainer:
         self.nonfinite_streak += 1
         cfg = self.cfg
         if cfg.on_nonfinite == "skip" and self.nonfinite_streak < cfg.nonfinite_limit:
-            self.log(f"step {self.step}: non-finite loss or gradient; update skipped "
+            self.log(f"step {step}: non-finite loss or gradient; update skipped "
                      f"({self.nonfinite_streak} in a row, limit {cfg.nonfinite_limit})")
             return
         what = "loss" if not math.isfinite(loss_sum) else "gradient"
         streak = f" for {self.nonfinite_streak} steps in a row" if cfg.on_nonfinite == "skip" else ""
-        raise Diverged(f"training diverged at step {self.step} (epoch {self.epoch + 1}): the {what} is not finite"
+        raise Diverged(f"training diverged at step {step} (epoch {epoch + 1}): the {what} is not finite"
                        f"{streak} at learning rate {lr:.4g}; no such update was applied and {self._checkpoint_note()}; "
                        "lower --lr or raise --warmup-epochs and start again with --overwrite, or pass "
                        "--on-nonfinite skip")
@@ -486,7 +517,8 @@ class Trainer:
             out.update({k.replace("util_", f"util_rank{r}_", 1): v for k, v in summary.items()})
         return out
 
-    def _end_epoch(self, monitor: UtilisationMonitor, bar) -> None:
+    def _end_epoch(self, monitor: UtilisationMonitor) -> None:
+        self._flush()
         last = self.epoch + 1 == self.cfg.epochs
         if last or (self.epoch + 1) % self.cfg.eval_every == 0:
             test_loss, test_acc = self.evaluate()
@@ -502,8 +534,8 @@ class Trainer:
         }
         self._record("epoch", row)
         self.last_epoch = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")}
-        if bar is not None:
-            bar.clear()
+        if self._bar is not None:
+            self._bar.clear()
         test = f"test loss {test_loss:.4f} acc {test_acc:.3f}" if test_acc is not None else "test -"
         self.log(f"epoch {self.epoch + 1:>3}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
                  f"acc {row['train_acc']:.3f}  {test}  {a['time']:.1f}s  {row['samples_per_s']:.0f} img/s")
