@@ -89,7 +89,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "checkpoint saved" in out + err
     assert (run / "checkpoint.pt").is_file()
-    p = spawn("train", "--resume", run, "--epochs", "1")
+    p = spawn("train", "--resume", run, "--stop-after-steps", "3")
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
 

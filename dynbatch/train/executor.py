@@ -147,8 +147,9 @@ class PlanExecutor:
             step_unless(self.optimizer, bad)
             skipped.append(bad)
         if skipped:
-            any_bad = torch.stack(skipped).any()
-            outcome.skipped = torch.stack(skipped).sum()
+            flags = torch.stack(skipped)
+            outcome.skipped = flags.sum()
+            any_bad = flags.any()
             for b, v in saved:
                 b.copy_(torch.where(any_bad, v, b))
         outcome.micro_batch = self.micro_batch
