@@ -1,7 +1,8 @@
 """Host-device synchronisations inside training steps, counted on CPU, where a GPU would feel them: every read of
 a number from a tensor (``item``/``float``/``int``/``bool``, ``tolist``, ``numpy``), ``nonzero`` and boolean-mask
 indexing (whose output size the host must learn). Steps of the fixed and adabatch policies ask the device for
-nothing; their rows are read in blocks of ``FLUSH_EVERY`` steps, so at most 0.1 reads per step amortised."""
+nothing; their rows are read in blocks of ``FLUSH_EVERY`` steps, so at most 0.1 reads per step amortised. EDBA and
+split read their choice once per step (one packed copy), and nothing else."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,6 +83,18 @@ def test_fixed_and_adabatch_steps_read_at_most_once_per_block(tmp_path, counted,
     blocks = -(-steps // FLUSH_EVERY)  # a full block of FLUSH_EVERY steps, then the epoch's rest
     assert counter.count == blocks == 2  # one read per block, and no other
     assert counter.count / steps <= 0.1
+
+
+@pytest.mark.parametrize("policy, options", [("edba", {"subsets": 256}), ("split", {"splits": "1,2"})])
+def test_edba_and_split_steps_read_their_choice_once(tmp_path, counted, policy, options):
+    counter, wrap = counted
+    cfg = TrainConfig(policy=policy, policy_options=options, train_samples=120, batch_size=8, epochs=1,
+                      progress=False, util_interval=5.0)
+    t = Trainer.new(cfg, tmp_path / "run", log=lambda m: None)
+    wrap(t)
+    t.run()
+    assert t.step >= 10  # EDBA moves its batch size; fewer than FLUSH_EVERY steps either way: one block
+    assert counter.count == t.step + 1  # one packed read per step, and the block's read of the rows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sync debug mode needs CUDA")

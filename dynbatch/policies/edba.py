@@ -29,7 +29,7 @@ import time
 import torch
 
 from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
-from dynbatch.selectors.edba import EDBAOptions, EDBASelector, capture_last_layer
+from dynbatch.selectors.edba import EDBAOptions, EDBASelector, capture_last_layer, chosen_rows
 
 
 class EDBAPolicy(Policy):
@@ -63,28 +63,32 @@ class EDBAPolicy(Policy):
         g_logits, g_feats = logits.detach().float(), feats.detach().float()
         if d.enabled:  # the whole global batch on every rank, so every rank selects the same subset
             g_logits, g_feats = d.all_gather_rows(g_logits), d.all_gather_rows(g_feats)
-        loss = float(d.all_reduce_sum(losses.detach().sum().reshape(1))[0]) / y.shape[0]
+        loss = d.all_reduce_sum(losses.detach().sum().reshape(1))[0] / y.shape[0]  # stays on the device
         before = selector.state
         sel = selector.select_from(g_logits, y, g_feats, loss, step=ctx.step, label_smoothing=ctx.label_smoothing)
+        c = selector.last  # the selection's one read
         if d.enabled:  # an invariant worth one tiny collective: every rank chose the same subset
-            chosen = d.gather_objects(int(sel.index))
+            chosen = d.gather_objects(c.index)
             if len(set(chosen)) != 1:
                 raise RuntimeError(f"EDBA ranks chose different subsets {chosen}: selection must be deterministic")
-        record = {"batch_loss": loss, "chosen_size": int(sel.size), "subset_index": int(sel.index),
-                  "grad_norm": selector.last_grad_norm, "margin": float(sel.margin), "loss_ema": before.loss_ema,
-                  "grad_ema": before.grad_ema, "selection_s": time.perf_counter() - t0,
-                  "next_batch_size": selector.batch_size}
-        mask = sel.mask[d.share(y.shape[0])]
-        empty = d.enabled and not bool(mask.any())
-        if empty:  # this rank holds none of the chosen samples: one sample at weight 0 keeps DDP in step
-            mask = torch.zeros_like(mask)
-            mask[0] = True
-        weight = torch.zeros(1, device=x.device) if empty else None
+        record = {"batch_loss": c.loss, "chosen_size": c.size, "subset_index": c.index, "grad_norm": c.grad_norm,
+                  "margin": c.margin, "loss_ema": before.loss_ema, "grad_ema": before.grad_ema,
+                  "selection_s": time.perf_counter() - t0, "next_batch_size": selector.batch_size}
+        weight = None
+        if d.enabled:
+            mask = sel.mask[d.share(y.shape[0])]
+            if not bool(mask.any()):  # this rank holds none of the chosen samples: one at weight 0 keeps DDP in step
+                mask = torch.zeros_like(mask)
+                mask[0] = True
+                weight = torch.zeros(1, device=x.device)
+            rows = chosen_rows(mask, int(mask.sum()))
+        else:
+            rows = chosen_rows(sel.mask, c.size)  # the size is known from the one read: no sync to index
         if o.reuse_forward:
-            step = TrainStep(x=None, y=yl[mask], reuse_losses=losses[mask], reuse_logits=logits[mask].detach(),
+            step = TrainStep(x=None, y=yl[rows], reuse_losses=losses[rows], reuse_logits=logits[rows].detach(),
                              sample_weight=weight)
         else:
-            step = TrainStep(xl[mask], yl[mask], sample_weight=weight)
+            step = TrainStep(xl[rows], yl[rows], sample_weight=weight)
         return Plan([step], record)
 
     def state_dict(self):

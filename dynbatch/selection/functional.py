@@ -145,5 +145,7 @@ def select_subset(logits, targets, features, *, num_subsets, seed, loss, loss_em
     mask = _ref().subset_masks(seed, index.reshape(1), b, mode, p)[0]
     # All subsets empty (possible only for tiny B): train on the whole batch. torch.where keeps this sync-free.
     mask = torch.where(counts.max() > 0, mask, torch.ones_like(mask))
-    return Selection(mask=mask, index=index, grad_norm=norms[index], margin=m[index], size=mask.sum(),
-                     norms=norms, margins=m)
+    # index_select, not norms[index]: indexing with a 0-d tensor reads the index to the host.
+    at = index.reshape(1)
+    return Selection(mask=mask, index=index, grad_norm=norms.index_select(0, at)[0], margin=m.index_select(0, at)[0],
+                     size=mask.sum(), norms=norms, margins=m)

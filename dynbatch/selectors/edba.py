@@ -80,6 +80,24 @@ class EDBAState:
     grad_ema: float | None = None
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """One selection's numbers on the host: the batch's mean loss, the chosen subset's gradient norm, margin, size
+    and index."""
+
+    loss: float
+    grad_norm: float
+    margin: float
+    size: int
+    index: int
+
+
+def chosen_rows(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices (size,) of the True entries of ``mask`` (B,), ascending, without a host sync (``x[mask]`` must learn
+    the count from the device; here the caller already knows it)."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:size]
+
+
 def next_batch_size(state: EDBAState, loss: float, opts: EDBAOptions) -> int:
     """The batch-size rule of the module docstring, from this step's batch loss (EMA not yet updated)."""
     if state.loss_ema is None or state.loss_ema <= 0:
@@ -146,7 +164,7 @@ class EDBASelector:
         self.seed = seed
         o = self.options
         self.state = EDBAState(min(max(batch_size, o.bs_min), o.bs_max))
-        self.last_grad_norm: float | None = None  # the chosen subset's gradient norm at the last selection
+        self.last: Chosen | None = None  # the last selection's numbers, on the host
 
     @property
     def head(self) -> nn.Linear:
@@ -173,13 +191,16 @@ class EDBASelector:
         """Choose the samples of (x (B, ...), y (B,)) to train on at ``step`` (seeds the subsets), and advance."""
         logits, feats = self.forward(x, autocast=autocast)
         losses = nn.functional.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
-        return self.select_from(logits, y, feats, float(losses.sum()) / y.shape[0], step=step,
+        return self.select_from(logits, y, feats, losses.sum() / y.shape[0], step=step,
                                 label_smoothing=label_smoothing)
 
-    def select_from(self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, loss: float, *,
+    def select_from(self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, loss, *,
                     step: int, label_smoothing: float = 0.0) -> Selection:
         """The choice from a forward you ran: logits (B, C), features (B, D) (the head's input), and the batch's
-        mean loss. Selects in fp32 whatever the inputs' dtype; advances the state."""
+        mean loss (a float or a 0-d tensor). Selects in fp32 whatever the inputs' dtype; advances the state.
+
+        One read from the device per call: loss, gradient norm, margin, size and index of the choice, packed
+        (``self.last``), which the state's EMAs and batch-size rule need on the host."""
         o, s = self.options, self.state
         sel = select_subset(
             logits.detach().float(), y, features.detach().float(), num_subsets=o.subsets,
@@ -187,14 +208,16 @@ class EDBASelector:
             p=o.subset_p, backend=o.selection_backend, bias=self.head.bias is not None,
             label_smoothing=label_smoothing, eps=o.margin_eps,
         )
-        grad_norm = float(sel.grad_norm)  # the state's EMA needs it on the host: this step's one read
+        loss_t = torch.as_tensor(loss, device=sel.grad_norm.device)
+        packed = torch.stack([t.to(torch.float64) for t in (loss_t, sel.grad_norm, sel.margin, sel.size, sel.index)])
+        loss, grad_norm, margin, size, index = packed.tolist()  # the call's one read
         if math.isfinite(loss) and not math.isfinite(grad_norm):
             # Non-finite subset norms map to the largest margin, so a NaN would otherwise be chosen only silently,
             # when every subset is NaN; with a finite loss that is a kernel fault, not a divergence.
             raise RunFailure(f"EDBA's selection gave a non-finite gradient norm at step {step} although the loss is "
                              f"finite (backend {o.selection_backend}); rerun with --selection-backend torch and "
                              "report it")
-        self.last_grad_norm = grad_norm
+        self.last = Chosen(loss, grad_norm, margin, int(size), int(index))
         self.state = advance(self.state, loss, grad_norm, o)
         return sel
 
