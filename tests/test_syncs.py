@@ -70,31 +70,26 @@ def test_counter_sees_the_reads_it_must(counted):
     assert counter.count == 5
 
 
-@pytest.mark.parametrize("policy, options", [("fixed", {}), ("adabatch", {"resize_every": 1})])
-def test_fixed_and_adabatch_steps_read_at_most_once_per_block(tmp_path, counted, policy, options):
+def per_block(steps: int) -> int:
+    return -(-steps // FLUSH_EVERY)  # full blocks of FLUSH_EVERY steps, then the epoch's rest
+
+
+@pytest.mark.parametrize("policy, options, samples, batch, reads, per_step", [
+    ("fixed", {}, 240, 4, per_block, 0.1),  # nothing per step: one read per block of rows
+    ("adabatch", {"resize_every": 1}, 240, 4, per_block, 0.1),
+    ("edba", {"subsets": 256}, 120, 10, lambda steps: steps + per_block(steps), 1.1),  # its choice, once per step
+    ("split", {"splits": "1,2"}, 120, 8, lambda steps: steps + per_block(steps), 1.1),
+])
+def test_reads_per_step(tmp_path, counted, policy, options, samples, batch, reads, per_step):
     counter, wrap = counted
-    cfg = TrainConfig(policy=policy, policy_options=options, train_samples=240, batch_size=4, epochs=1,
+    cfg = TrainConfig(policy=policy, policy_options=options, train_samples=samples, batch_size=batch, epochs=1,
                       progress=False, util_interval=5.0)
     t = Trainer.new(cfg, tmp_path / "run", log=lambda m: None)
     wrap(t)
     t.run()
-    steps = t.step
-    assert steps == 60
-    blocks = -(-steps // FLUSH_EVERY)  # a full block of FLUSH_EVERY steps, then the epoch's rest
-    assert counter.count == blocks == 2  # one read per block, and no other
-    assert counter.count / steps <= 0.1
-
-
-@pytest.mark.parametrize("policy, options", [("edba", {"subsets": 256}), ("split", {"splits": "1,2"})])
-def test_edba_and_split_steps_read_their_choice_once(tmp_path, counted, policy, options):
-    counter, wrap = counted
-    cfg = TrainConfig(policy=policy, policy_options=options, train_samples=120, batch_size=8, epochs=1,
-                      progress=False, util_interval=5.0)
-    t = Trainer.new(cfg, tmp_path / "run", log=lambda m: None)
-    wrap(t)
-    t.run()
-    assert t.step >= 10  # EDBA moves its batch size; fewer than FLUSH_EVERY steps either way: one block
-    assert counter.count == t.step + 1  # one packed read per step, and the block's read of the rows
+    assert t.step >= 10
+    assert counter.count == reads(t.step)  # exactly these reads, and no other
+    assert counter.count / t.step <= per_step
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sync debug mode needs CUDA")
