@@ -228,14 +228,16 @@ def verify_metrics(path: Path, offset: int) -> None:
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl``; each row has ``kind`` = ``step`` or ``epoch``.
 
-    With ``truncate_to`` (resume), the file is first verified (:func:`verify_metrics`) and cut to that length.
+    With ``truncate_to`` (resume; ``Trainer.resume`` has run :func:`verify_metrics` before anything was written)
+    the file is cut to that length, and never extended: truncating to a larger size would pad with NUL bytes.
     """
 
     def __init__(self, path: Path, truncate_to: int | None = None):
         self.path = path
         try:
             if truncate_to is not None:
-                verify_metrics(path, truncate_to)
+                if not path.is_file() or path.stat().st_size < truncate_to:
+                    verify_metrics(path, truncate_to)  # raises the error that names the problem and the fix
                 with open(path, "r+b") as f:
                     f.truncate(truncate_to)
             self._f = open(path, "ab")
