@@ -3,15 +3,28 @@
 //
 // Memory: subsets are processed kBlockRows at a time. A block's masks (kBlockRows x B floats) are drawn from
 // (seed, subset, sample) into a reused buffer, multiplied with K (Gram route) or with a tile of G built from E and
-// A (direct route) by the BLAS behind at::mm, and reduced to one number per subset. Nothing of size N x B or
+// A (direct route) by the BLAS torch links (sgemm), and reduced to one number per subset. Nothing of size N x B or
 // N x C(D+1) exists, and neither does the whole G.
+//
+// Fixed cost: a selection runs once per training step, often at small batches, and (registered as a torch op)
+// inside the dispatcher, where every ATen call costs a microsecond or two. So the work between the inputs and the
+// two outputs uses plain buffers and BLAS directly: no ATen operator runs inside select_subset.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
+
+// The Fortran BLAS entry point that libtorch links (MKL or OpenBLAS). Weak: a torch built without one leaves it
+// null, and the products fall back to at::mm.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace {
 
@@ -36,13 +49,26 @@ inline double dot_lanes(const float* x, const float* y, int64_t n) {
   return s;
 }
 
-inline uint32_t mix32(uint32_t x) {
+inline __attribute__((always_inline)) uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
   x *= 0x846CA68Bu;
   x ^= x >> 16;
   return x;
+}
+
+// One subset's membership row: sample i is in iff the top 24 bits of mix32(key + i * golden) are below t. Written
+// with 32-bit lanes only (int index, uint32 compare, float store) so that it vectorises; target_clones adds an AVX2
+// copy (8 lanes of pmulld) chosen at load time, without requiring AVX2 of the machine.
+__attribute__((target_clones("avx2", "default"))) int32_t draw_row(uint32_t key, uint32_t t, int batch, float* o) {
+  int32_t c = 0;  // an integer count: a float sum here would serialise on add latency
+  for (int i = 0; i < batch; ++i) {
+    const uint32_t in = (mix32(key + static_cast<uint32_t>(i) * kGolden) >> 8) < t;
+    o[i] = static_cast<float>(static_cast<int32_t>(in));
+    c += static_cast<int32_t>(in);
+  }
+  return c;
 }
 
 struct MaskSource {
@@ -52,28 +78,24 @@ struct MaskSource {
   uint32_t thr;          // bernoulli threshold on the 24-bit draw
   int64_t batch;
 
-  // Rows [n0, n0 + rows) into out (rows x batch, float 0/1); returns nothing, writes counts[r].
+  // Rows [n0, n0 + rows) into out (rows x batch, float 0/1), their sizes into counts[r].
   void fill(int64_t n0, int64_t rows, float* out, float* counts) const {
     const uint32_t seed_key = mix32(seed);
-    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    const int b = static_cast<int>(batch);
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = n0 + r;
         float* o = out + r * batch;
-        int64_t c = 0;  // an integer count: a float sum here would serialise on add latency
+        int32_t c = 0;
         if (mode == 0) {
           const uint8_t* m = masks + n * batch;
-          for (int64_t i = 0; i < batch; ++i) {
+          for (int i = 0; i < b; ++i) {
             o[i] = m[i] != 0;
             c += m[i] != 0;
           }
         } else {
           const uint32_t key = mix32(seed_key + static_cast<uint32_t>(n));
-          const uint32_t t = mode == 1 ? thr : (mix32(key ^ kRateSalt) >> 8);
-          for (int64_t i = 0; i < batch; ++i) {
-            const bool in = (mix32(key + static_cast<uint32_t>(i) * kGolden) >> 8) < t;
-            o[i] = in;
-            c += in;
-          }
+          c = draw_row(key, mode == 1 ? thr : (mix32(key ^ kRateSalt) >> 8), b, o);
         }
         counts[r] = static_cast<float>(c);
       }
@@ -81,31 +103,33 @@ struct MaskSource {
   }
 };
 
-void check_cpu_f32(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32");
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
+// Row-major C (M x N) = A (M x K, row stride lda) * B^T if b_transposed (B: N x K) else B (K x N), ldb, ldc.
+void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+               bool b_transposed, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (sgemm_ != nullptr && K > 0) {
+    // Column-major BLAS sees the row-major C as C^T = op(B)^T A^T.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int ia = static_cast<int>(ldb), ib = static_cast<int>(lda), ic = static_cast<int>(ldc);
+    const float one = 1.f, zero = 0.f;
+    const char ta = b_transposed ? 'T' : 'N', tb = 'N';
+    sgemm_(&ta, &tb, &m, &n, &k, &one, B, &ia, A, &ib, &zero, C, &ic);
+    return;
+  }
+  auto f32 = torch::dtype(torch::kFloat32);
+  auto a = torch::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, f32);
+  auto b = b_transposed ? torch::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, f32).t()
+                        : torch::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, f32);
+  auto c = torch::from_blob(C, {M, N}, {ldc, 1}, f32);
+  at::mm_out(c, a, b);
 }
 
-}  // namespace
-
-// E = softmax(logits) - smoothed one-hot (fp32, B x C) and ||g_i|| = ||e_i|| * ||[h_i, 1]|| (fp32, B).
-std::tuple<torch::Tensor, torch::Tensor> residuals(torch::Tensor logits, torch::Tensor targets, torch::Tensor features,
-                                                   bool bias, double smoothing) {
-  auto z = logits.to(torch::kFloat32).contiguous();
-  auto h = features.to(torch::kFloat32).contiguous();
-  auto y = targets.to(torch::kInt64).contiguous();
-  TORCH_CHECK(z.device().is_cpu() && h.device().is_cpu() && y.device().is_cpu(), "native residuals need CPU tensors");
-  const int64_t B = z.size(0), C = z.size(1), D = h.size(1);
-  auto e = torch::empty({B, C}, z.options());
-  auto norms = torch::empty({B}, z.options());
-  const float* zp = z.data_ptr<float>();
-  const float* hp = h.data_ptr<float>();
-  const int64_t* yp = y.data_ptr<int64_t>();
-  float* ep = e.data_ptr<float>();
-  float* np = norms.data_ptr<float>();
+// Softmax residual rows E = softmax(z) - smoothed one-hot (B x C) and per-sample norms ||e_i|| ||a_i|| (B), from
+// fp32 row-major logits z (B x C), int64 targets y (B) and fp32 features h (B x D).
+void residual_rows(const float* zp, const int64_t* yp, const float* hp, int64_t B, int64_t C, int64_t D, bool bias,
+                   double smoothing, float* ep, float* np) {
   const float off = static_cast<float>(smoothing / C), on = static_cast<float>(1.0 - smoothing);
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* zr = zp + b * C;
       float* er = ep + b * C;
@@ -124,96 +148,260 @@ std::tuple<torch::Tensor, torch::Tensor> residuals(torch::Tensor logits, torch::
       }
       double a2 = bias ? 1.0 : 0.0;
       for (int64_t d = 0; d < D; ++d) a2 += static_cast<double>(hp[b * D + d]) * hp[b * D + d];
-      np[b] = static_cast<float>(std::sqrt(e2) * std::sqrt(a2));
+      if (np != nullptr) np[b] = static_cast<float>(std::sqrt(e2) * std::sqrt(a2));
     }
   });
+}
+
+// The inputs as fp32/int64 contiguous tensors; converted only when they are not already (no ATen call otherwise).
+struct Batch {
+  torch::Tensor z, y, h;
+  int64_t B, C, D;
+
+  Batch(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& features) {
+    TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu() && features.device().is_cpu(),
+                "the native selection ops need CPU tensors");
+    z = logits.scalar_type() == torch::kFloat32 && logits.is_contiguous() ? logits
+                                                                          : logits.to(torch::kFloat32).contiguous();
+    h = features.scalar_type() == torch::kFloat32 && features.is_contiguous()
+            ? features
+            : features.to(torch::kFloat32).contiguous();
+    y = targets.scalar_type() == torch::kInt64 && targets.is_contiguous() ? targets
+                                                                          : targets.to(torch::kInt64).contiguous();
+    B = z.size(0);
+    C = z.size(1);
+    D = h.size(1);
+  }
+};
+
+// Subsets scored a block of kBlockRows at a time, each finished block handed to a visitor: callers that only
+// reduce over subsets (select_subset) never hold anything N-sized. All buffers are plain vectors.
+class BlockScorer {
+ public:
+  BlockScorer(const Batch& in, bool bias, double smoothing, int64_t num_subsets, MaskSource src, bool gram)
+      : B_(in.B), C_(in.C), DA_(in.D + (bias ? 1 : 0)), N_(num_subsets), src_(src), gram_(gram) {
+    e_.resize(B_ * C_);
+    residual_rows(in.z.data_ptr<float>(), in.y.data_ptr<int64_t>(), in.h.data_ptr<float>(), B_, C_, in.D, bias,
+                  smoothing, e_.data(), nullptr);
+    a_.resize(B_ * DA_);
+    const float* hp = in.h.data_ptr<float>();
+    for (int64_t b = 0; b < B_; ++b) {
+      std::copy(hp + b * in.D, hp + (b + 1) * in.D, a_.data() + b * DA_);
+      if (bias) a_[b * DA_ + in.D] = 1.f;
+    }
+    rows_max_ = std::max<int64_t>(1, std::min(N_, kBlockRows));
+    m_.resize(rows_max_ * B_);
+    q_.resize(rows_max_);
+    c_.resize(rows_max_);
+    if (gram_) {
+      // K = (E E^T) o (A A^T), (B, B): K_ij = <g_i, g_j>.
+      K_.resize(B_ * B_);
+      std::vector<float> ak(B_ * B_);
+      gemm_rows(B_, B_, C_, e_.data(), C_, e_.data(), C_, true, K_.data(), B_);
+      gemm_rows(B_, B_, DA_, a_.data(), DA_, a_.data(), DA_, true, ak.data(), B_);
+      for (int64_t i = 0; i < B_ * B_; ++i) K_[i] *= ak[i];
+      cols_ = B_;
+    } else {
+      // Tiles hold whole classes, so G[b, (c - c0) * DA + d] = E[b, c] * A[b, d] fills with a contiguous loop.
+      const int64_t classes_per_tile = std::max<int64_t>(1, kTileCols / std::max<int64_t>(DA_, 1));
+      cols_ = std::min(C_, classes_per_tile) * DA_;
+      g_.resize(B_ * cols_);
+    }
+    p_.resize(rows_max_ * cols_);
+  }
+
+  // visit(n0, rows, q, counts): q[r] = ||sum_{i in S} g_i||^2 and counts[r] = |S| of subsets n0 + r.
+  template <typename Visit>
+  void run(Visit visit) {
+    for (int64_t n0 = 0; n0 < N_; n0 += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, N_ - n0);
+      if (B_ == 0) {
+        std::fill(q_.begin(), q_.begin() + rows, 0.f);
+        std::fill(c_.begin(), c_.begin() + rows, 0.f);
+      } else {
+        src_.fill(n0, rows, m_.data(), c_.data());
+        gram_ ? gram_block(rows) : direct_block(rows);
+      }
+      visit(n0, rows, q_.data(), c_.data());
+    }
+  }
+
+ private:
+  void gram_block(int64_t rows) {
+    const int64_t B = B_;
+    gemm_rows(rows, B, B, m_.data(), B, K_.data(), B, false, p_.data(), B);
+    const float* pp = p_.data();
+    const float* mp = m_.data();
+    float* qp = q_.data();
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) qp[r] = static_cast<float>(dot_lanes(pp + r * B, mp + r * B, B));
+    });
+  }
+
+  void direct_block(int64_t rows) {
+    const int64_t B = B_, C = C_, DA = DA_, J = C * DA, tile = cols_;
+    const float* ep = e_.data();
+    const float* ap = a_.data();
+    float* qp = q_.data();
+    std::fill(qp, qp + rows, 0.f);
+    for (int64_t j0 = 0; j0 < J; j0 += tile) {
+      const int64_t w = std::min(tile, J - j0), c0 = j0 / DA, nc = w / DA;
+      float* gp = g_.data();
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t c = 0; c < nc; ++c) {
+            const float ev = ep[b * C + c0 + c];
+            float* row = gp + b * tile + c * DA;
+            const float* ar = ap + b * DA;
+            for (int64_t d = 0; d < DA; ++d) row[d] = ev * ar[d];
+          }
+      });
+      gemm_rows(rows, w, B, m_.data(), B, gp, tile, false, p_.data(), tile);
+      const float* pp = p_.data();
+      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) qp[r] += static_cast<float>(dot_lanes(pp + r * tile, pp + r * tile, w));
+      });
+    }
+  }
+
+  int64_t B_, C_, DA_, N_, rows_max_ = 1, cols_ = 0;
+  MaskSource src_;
+  bool gram_;
+  std::vector<float> e_, a_, K_, g_, m_, p_, q_, c_;
+};
+
+bool is_gram(const std::string& route) {
+  TORCH_CHECK(route == "gram" || route == "direct", "route must be gram or direct");
+  return route == "gram";
+}
+
+double scalar_of(const torch::Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, "loss must hold one number");
+  if (t.device().is_cpu() && t.scalar_type() == torch::kFloat32) return *t.data_ptr<float>();
+  if (t.device().is_cpu() && t.scalar_type() == torch::kFloat64) return *t.data_ptr<double>();
+  return t.item<double>();
+}
+
+}  // namespace
+
+// E = softmax(logits) - smoothed one-hot (fp32, B x C) and ||g_i|| = ||e_i|| * ||[h_i, 1]|| (fp32, B).
+std::tuple<torch::Tensor, torch::Tensor> residuals(torch::Tensor logits, torch::Tensor targets, torch::Tensor features,
+                                                   bool bias, double smoothing) {
+  Batch in(logits, targets, features);
+  auto e = torch::empty({in.B, in.C}, torch::dtype(torch::kFloat32));
+  auto norms = torch::empty({in.B}, torch::dtype(torch::kFloat32));
+  residual_rows(in.z.data_ptr<float>(), in.y.data_ptr<int64_t>(), in.h.data_ptr<float>(), in.B, in.C, in.D, bias,
+                smoothing, e.data_ptr<float>(), norms.data_ptr<float>());
   return {e, norms};
 }
 
-// (||sum_{i in S} g_i||^2, |S|) for N subsets, fp32 (N,) each. e: (B, C), a: (B, D') augmented features, fp32.
-std::tuple<torch::Tensor, torch::Tensor> subset_sq_sums(torch::Tensor e, torch::Tensor a, int64_t num_subsets,
-                                                        c10::optional<torch::Tensor> masks, int64_t seed,
-                                                        int64_t mode, int64_t thr, const std::string& route) {
-  check_cpu_f32(e, "e");
-  check_cpu_f32(a, "a");
-  TORCH_CHECK(route == "gram" || route == "direct", "route must be gram or direct");
-  const int64_t B = e.size(0), C = e.size(1), DA = a.size(1), N = num_subsets;
-  torch::Tensor mask_bytes;
+// (||sum_{i in S} g_i||^2, |S|) for N subsets, fp32 (N,) each: the given masks (mode 0, (N, B) bool or uint8) or
+// subsets drawn from `seed` (modes 1, 2).
+std::tuple<torch::Tensor, torch::Tensor> subset_sq_sums(torch::Tensor logits, torch::Tensor targets,
+                                                        torch::Tensor features, c10::optional<torch::Tensor> masks,
+                                                        int64_t num_subsets, int64_t seed, int64_t mode, int64_t thr,
+                                                        const std::string& route, bool bias, double smoothing) {
+  Batch in(logits, targets, features);
+  const int64_t N = num_subsets;
+  torch::Tensor bytes;
   if (mode == 0) {
     TORCH_CHECK(masks.has_value(), "mode 0 needs a mask tensor");
     // bool and uint8 share a 0/1 byte layout: read bool masks in place instead of converting them.
-    mask_bytes = masks->scalar_type() == torch::kBool ? masks->contiguous() : masks->to(torch::kUInt8).contiguous();
-    TORCH_CHECK(mask_bytes.size(0) == N && mask_bytes.size(1) == B, "masks must be (num_subsets, B)");
+    bytes = masks->scalar_type() == torch::kBool ? masks->contiguous() : masks->to(torch::kUInt8).contiguous();
+    TORCH_CHECK(bytes.size(0) == N && bytes.size(1) == in.B, "masks must be (num_subsets, B)");
   }
-  MaskSource src{mode == 0 ? static_cast<const uint8_t*>(mask_bytes.data_ptr()) : nullptr, static_cast<uint32_t>(seed), mode,
-                 static_cast<uint32_t>(thr), B};
-  auto opts = e.options();
-  auto sq = torch::zeros({N}, opts);
-  auto counts = torch::empty({N}, opts);
-  if (N == 0 || B == 0) {
-    counts.zero_();
-    return {sq, counts};
-  }
-  const int64_t rows_max = std::min(N, kBlockRows);
-  auto m = torch::empty({rows_max, B}, opts);
+  MaskSource src{mode == 0 ? static_cast<const uint8_t*>(bytes.data_ptr()) : nullptr, static_cast<uint32_t>(seed),
+                 mode, static_cast<uint32_t>(thr), in.B};
+  auto sq = torch::empty({N}, torch::dtype(torch::kFloat32));
+  auto counts = torch::empty({N}, torch::dtype(torch::kFloat32));
   float* sqp = sq.data_ptr<float>();
   float* cp = counts.data_ptr<float>();
-
-  if (route == "gram") {
-    auto K = e.mm(e.t()).mul_(a.mm(a.t()));  // (B, B): K_ij = <g_i, g_j>
-    auto p = torch::empty({rows_max, B}, opts);
-    for (int64_t n0 = 0; n0 < N; n0 += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, N - n0);
-      auto mb = m.narrow(0, 0, rows);
-      auto pb = p.narrow(0, 0, rows);
-      src.fill(n0, rows, mb.data_ptr<float>(), cp + n0);
-      at::mm_out(pb, mb, K);
-      const float* pp = pb.data_ptr<float>();
-      const float* mp = mb.data_ptr<float>();
-      at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) sqp[n0 + r] = static_cast<float>(dot_lanes(pp + r * B, mp + r * B, B));
-      });
-    }
-  } else {
-    // Tiles hold whole classes, so G[b, (c - c0) * DA + d] = E[b, c] * A[b, d] fills with a contiguous inner loop.
-    const int64_t classes_per_tile = std::max<int64_t>(1, kTileCols / DA);
-    const int64_t J = C * DA, tile = std::min(C, classes_per_tile) * DA;
-    auto g = torch::empty({B, tile}, opts);
-    auto p = torch::empty({rows_max, tile}, opts);
-    const float* ep = e.data_ptr<float>();
-    const float* ap = a.data_ptr<float>();
-    for (int64_t n0 = 0; n0 < N; n0 += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, N - n0);
-      auto mb = m.narrow(0, 0, rows);
-      src.fill(n0, rows, mb.data_ptr<float>(), cp + n0);
-      for (int64_t j0 = 0; j0 < J; j0 += tile) {
-        const int64_t w = std::min(tile, J - j0), c0 = j0 / DA, nc = w / DA;
-        auto gt = g.narrow(1, 0, w);
-        float* gp = g.data_ptr<float>();
-        at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b)
-            for (int64_t c = 0; c < nc; ++c) {
-              const float ev = ep[b * C + c0 + c];
-              float* row = gp + b * tile + c * DA;
-              const float* ar = ap + b * DA;
-              for (int64_t d = 0; d < DA; ++d) row[d] = ev * ar[d];
-            }
-        });
-        auto pt = p.narrow(0, 0, rows).narrow(1, 0, w);
-        at::mm_out(pt, mb, gt);
-        const float* pp = p.data_ptr<float>();
-        at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r)
-            sqp[n0 + r] += static_cast<float>(dot_lanes(pp + r * tile, pp + r * tile, w));
-        });
-      }
-    }
-  }
+  BlockScorer(in, bias, smoothing, N, src, is_gram(route)).run([&](int64_t n0, int64_t rows, const float* q,
+                                                                   const float* c) {
+    std::copy(q, q + rows, sqp + n0);
+    std::copy(c, c + rows, cp + n0);
+  });
   return {sq, counts};
+}
+
+// EDBA's whole selection in one call, with the reference's fp32 arithmetic in the reference's order
+// (kernels/reference.py: subset_norms, margins, choose) so that both choose the same subset: residuals, subsets
+// drawn from `seed`, their gradient norms (of the mean, or of the sum with sum_metric), margins
+// |(L - L_ema) / (G_S - G_ema) - 1|, the first minimal margin (before any EMA: the first largest subset), and the
+// winner's mask. Returns (stats float64 (5,) = [loss, grad_norm, margin, size, index], mask bool (B,)).
+std::tuple<torch::Tensor, torch::Tensor> select_subset(torch::Tensor logits, torch::Tensor targets,
+                                                       torch::Tensor features, torch::Tensor loss, int64_t num_subsets,
+                                                       int64_t seed, int64_t mode, int64_t thr,
+                                                       const std::string& route, bool bias, double smoothing,
+                                                       double loss_ema, double grad_ema, bool has_ema, double eps,
+                                                       bool sum_metric) {
+  TORCH_CHECK(mode == 1 || mode == 2, "select_subset draws its subsets: mode must be 1 or 2");
+  TORCH_CHECK(num_subsets >= 1, "num_subsets must be at least 1");
+  Batch in(logits, targets, features);
+  const int64_t B = in.B;
+  MaskSource src{nullptr, static_cast<uint32_t>(seed), mode, static_cast<uint32_t>(thr), B};
+  const double loss_value = scalar_of(loss);
+  const float num = static_cast<float>(loss_value) - static_cast<float>(loss_ema);
+  const float gema = static_cast<float>(grad_ema), feps = static_cast<float>(eps);
+  const float fmax = std::numeric_limits<float>::max(), inf = std::numeric_limits<float>::infinity();
+  // Best so far: the smallest key, the first index on ties (blocks arrive in order, rows scanned in order).
+  float best_key = inf, best_norm = 0.f, max_count = 0.f;
+  int64_t best = -1;
+  std::vector<float> key(std::min(num_subsets, kBlockRows)), nrm(key.size());
+  BlockScorer(in, bias, smoothing, num_subsets, src, is_gram(route))
+      .run([&](int64_t n0, int64_t rows, const float* q, const float* c) {
+        at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const float root = std::sqrt(std::max(q[r], 0.f));
+            const float g = c[r] > 0 ? (sum_metric ? root : root / std::max(c[r], 1.f)) : 0.f;
+            nrm[r] = g;
+            if (!has_ema) {
+              key[r] = -c[r];  // the first largest subset, as a minimum
+              continue;
+            }
+            float den = g - gema;
+            const float sign = den < 0 ? -1.f : 1.f;
+            if (std::fabs(den) < feps) den = sign * feps;
+            float m = std::fabs(num / den - 1.f);
+            if (std::isnan(m) || std::isinf(m)) m = fmax;
+            key[r] = c[r] > 0 ? m : inf;
+          }
+        });
+        for (int64_t r = 0; r < rows; ++r) {
+          max_count = std::max(max_count, c[r]);
+          if (best < 0 || key[r] < best_key) {
+            best_key = key[r];
+            best = n0 + r;
+            best_norm = nrm[r];
+          }
+        }
+      });
+  auto mask = torch::empty({B}, torch::dtype(torch::kBool));
+  bool* mp = mask.data_ptr<bool>();
+  int64_t size = B;
+  if (max_count > 0) {
+    std::vector<float> row(std::max<int64_t>(B, 1));
+    float count = 0.f;
+    src.fill(best, 1, row.data(), &count);
+    for (int64_t i = 0; i < B; ++i) mp[i] = row[i] != 0.f;
+    size = static_cast<int64_t>(count);
+  } else {
+    std::fill(mp, mp + B, true);  // every subset empty (tiny B): train on the whole batch
+  }
+  auto stats = torch::empty({5}, torch::dtype(torch::kFloat64));
+  double* sp = stats.data_ptr<double>();
+  sp[0] = loss_value;
+  sp[1] = best_norm;
+  sp[2] = has_ema ? static_cast<double>(best_key) : std::nan("");
+  sp[3] = static_cast<double>(size);
+  sp[4] = static_cast<double>(best);
+  return {stats, mask};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dynbatch native CPU kernels for EDBA subset selection";
   m.def("residuals", &residuals, "softmax residuals and per-sample last-layer gradient norms");
   m.def("subset_sq_sums", &subset_sq_sums, "squared norms of subset-sum last-layer gradients and subset sizes");
+  m.def("select_subset", &select_subset, "EDBA's fused selection: scores, margins, arg-min and the winner's mask");
+  m.attr("block_rows") = kBlockRows;
 }

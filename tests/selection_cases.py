@@ -61,10 +61,10 @@ def route_atol(route: str, logits, y, feats, bias=True, smoothing=0.0) -> float:
     return (1e-3 if route == "gram" else 1e-6) * max(scale, 1e-6)
 
 
-def assert_same_choice_up_to_ties(ref, got, rtol: float = 1e-4, atol: float = 1e-6) -> None:
-    """Two backends' selections agree: the subset ``got`` chose has a margin within tolerance of the reference's
-    minimum (compiled GPU kernels use approximate exp/sqrt, so near-ties may resolve differently), and where both
-    chose the same index they regenerated the same mask."""
-    assert float(ref.margins[got.index]) <= float(ref.margins.min()) * (1 + rtol) + atol
+def assert_same_choice_up_to_ties(margins, ref, got, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Two backends' selections agree: the subset ``got`` chose has a margin (``margins``: the reference's fp32
+    (N,), from ``subset_scores``) within tolerance of the minimum (compiled GPU kernels use approximate exp/sqrt,
+    so near-ties may resolve differently), and where both chose the same index they regenerated the same mask."""
+    assert float(margins[int(got.index)]) <= float(margins.min()) * (1 + rtol) + atol
     if int(ref.index) == int(got.index):
         assert torch.equal(ref.mask, got.mask)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cli_helpers import REPO
-from dynbatch.selection import random_subsets, select_subset, subset_grad_norms
+from dynbatch.selection import random_subsets, select_subset, subset_grad_norms, subset_scores
 from dynbatch.selectors.edba import EDBAState
 from selection_cases import assert_same_choice_up_to_ties, random_case
 
@@ -281,11 +281,14 @@ def test_backends_agree_up_to_ties():
     kw = dict(num_subsets=130, seed=11, loss=1.0, loss_ema=1.1, grad_ema=0.3)
     a = select_subset(logits, y, feats, backend="torch", **kw)
     b = select_subset(logits, y, feats, backend="triton", **kw)
-    assert_same_choice_up_to_ties(a, b)
+    _, m = subset_scores(logits, y, feats, backend="torch", **kw)
+    assert_same_choice_up_to_ties(m, a, b)
     # The contract is not vacuous: a subset far from the minimum fails it.
-    worst = a.margins.masked_fill(~torch.isfinite(a.margins), -1).argmax()
+    worst = m.masked_fill(~torch.isfinite(m), -1).argmax()
+    stats = b.stats.clone()
+    stats[4] = worst.double()
     with pytest.raises(AssertionError):
-        assert_same_choice_up_to_ties(a, type(b)(**{**b.__dict__, "index": worst}))
+        assert_same_choice_up_to_ties(m, a, type(b)(stats, b.mask))
 
 
 DIRECT_GRIDS = """

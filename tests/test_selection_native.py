@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from dynbatch.selection import native, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms
+from dynbatch.selection import native, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
+    subset_scores
 from selection_cases import random_case, route_atol
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -12,6 +13,11 @@ RTOL, ATOL = 1e-4, 1e-6
 def _native_built():
     ok, why = native.status()
     assert ok, f"the native extension must build on this machine: {why}"
+
+
+def _rows_across_a_block_edge() -> int:
+    """One whole block of subsets (the size the extension reports) and a partial second one."""
+    return native.load().block_rows + 37
 
 
 @pytest.mark.parametrize("b", [1, 2, 37, 100, 256])
@@ -24,7 +30,7 @@ def test_native_matches_reference_over_odd_shapes(b, c, d):
             kw = dict(bias=bias, label_smoothing=smoothing)
             torch.testing.assert_close(per_sample_grad_norms(logits, y, feats, backend="native", **kw),
                                        per_sample_grad_norms(logits, y, feats, backend="torch", **kw), rtol=RTOL, atol=ATOL)
-            masks = random_subsets(300, b, seed=b)  # 300 > one 256-row block: block edges are exercised
+            masks = random_subsets(_rows_across_a_block_edge(), b, seed=b)
             for route in ("direct", "gram"):
                 want = subset_grad_norms(logits, y, feats, masks, backend="torch", route=route, **kw)
                 got = subset_grad_norms(logits, y, feats, masks, backend="native", route=route, **kw)
@@ -36,15 +42,18 @@ def test_native_matches_reference_over_odd_shapes(b, c, d):
 @pytest.mark.parametrize("route", ["direct", "gram"])
 def test_native_draws_the_same_subsets_and_picks_the_same(mode, route):
     logits, y, feats = random_case(100, 10, 19, seed=3)
-    kw = dict(num_subsets=1500, seed=2**33 + 5, loss=1.0, loss_ema=1.05, grad_ema=0.3, mode=mode, route=route)
+    kw = dict(num_subsets=_rows_across_a_block_edge(), seed=2**33 + 5, loss=1.0, loss_ema=1.05, grad_ema=0.3,
+              mode=mode, route=route)
     a = select_subset(logits, y, feats, backend="torch", **kw)
     b = select_subset(logits, y, feats, backend="native", **kw)
-    torch.testing.assert_close(b.norms, a.norms, rtol=RTOL, atol=route_atol(route, logits, y, feats))
+    norms_a, _ = subset_scores(logits, y, feats, backend="torch", **kw)
+    norms_b, _ = subset_scores(logits, y, feats, backend="native", **kw)
+    torch.testing.assert_close(norms_b, norms_a, rtol=RTOL, atol=route_atol(route, logits, y, feats))
     assert int(a.index) == int(b.index) and torch.equal(a.mask, b.mask)
     # Masks drawn inside the kernel equal random_subsets: scoring the explicit masks gives the same norms.
-    explicit = subset_grad_norms(logits, y, feats, random_subsets(1500, 100, seed=kw["seed"], mode=mode),
+    explicit = subset_grad_norms(logits, y, feats, random_subsets(kw["num_subsets"], 100, seed=kw["seed"], mode=mode),
                                  backend="native", route=route)
-    torch.testing.assert_close(explicit, b.norms, rtol=0, atol=0)  # same kernel, same masks: bit-identical
+    torch.testing.assert_close(explicit, norms_b, rtol=0, atol=0)  # same kernel, same masks: bit-identical
 
 
 def test_native_low_precision_inputs():

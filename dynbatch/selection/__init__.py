@@ -4,6 +4,8 @@ See ``dynbatch.selection.functional`` for shapes, backends and routes.
 """
 from dynbatch.selection.functional import (
     Selection, margins, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms,
+    subset_scores,
 )
 
-__all__ = ["Selection", "margins", "per_sample_grad_norms", "random_subsets", "select_subset", "subset_grad_norms"]
+__all__ = ["Selection", "margins", "per_sample_grad_norms", "random_subsets", "select_subset", "subset_grad_norms",
+           "subset_scores"]

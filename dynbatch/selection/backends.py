@@ -3,8 +3,13 @@
 Every backend implements two primitives with one contract:
 
 - ``residuals(logits, targets, features, bias, smoothing) -> (E fp32 (B, C), per-sample norms fp32 (B,))``
-- ``sq_sums(e, a, n, masks, seed, mode, thr, route, dot_dtype) -> (||sum_S g||^2 fp32 (N,), |S| fp32 (N,))``
-  where ``masks`` is a uint8 (N, B) tensor when ``mode == 0``, else masks are drawn from ``seed``.
+- ``sq_sums(logits, targets, features, masks, n, seed, mode, thr, route, bias, smoothing)
+  -> (||sum_S g||^2 fp32 (N,), |S| fp32 (N,))`` where ``masks`` is a bool/uint8 (N, B) tensor when ``mode == 0``,
+  else masks are drawn from ``seed``.
+
+and the fused selection ``select(logits, targets, features, loss, **kw) -> (stats float64 (5,), mask bool (B,))``
+with the keywords and result of ``dynbatch_kernels.reference.select``. Callers reach them through the registered
+ops of ``dynbatch.selection.ops``, never directly.
 """
 from __future__ import annotations
 
@@ -31,11 +36,16 @@ class TorchBackend:
         e = ref.residuals(logits, targets, smoothing)
         return e, e.norm(dim=1) * ref.augmented_features(features, bias).norm(dim=1)
 
-    def sq_sums(self, e, a, n, masks, seed, mode, thr, route, dot_dtype):
+    def sq_sums(self, logits, targets, features, masks, n, seed, mode, thr, route, bias, smoothing):
         ref = _reference()
+        e = ref.residuals(logits, targets, smoothing)
+        a = ref.augmented_features(features, bias)
         if mode != 0:
             return ref.seeded_subset_sq_sums(e, a, n, seed, mode, thr, route)
         return ref.subset_sq_sums(e, a, masks, route)
+
+    def select(self, logits, targets, features, loss, **kw):
+        return _reference().select(logits, targets, features, loss, **kw)
 
 
 class NativeBackend:
@@ -47,8 +57,13 @@ class NativeBackend:
     def residuals(self, logits, targets, features, bias, smoothing):
         return self.m.residuals(logits, targets, features, bias, float(smoothing))
 
-    def sq_sums(self, e, a, n, masks, seed, mode, thr, route, dot_dtype):
-        return self.m.subset_sq_sums(e.contiguous(), a.contiguous(), n, masks, seed, mode, thr, route)
+    def sq_sums(self, logits, targets, features, masks, n, seed, mode, thr, route, bias, smoothing):
+        return self.m.subset_sq_sums(logits, targets, features, masks, n, seed, mode, thr, route, bias, smoothing)
+
+    def select(self, logits, targets, features, loss, *, num_subsets, seed, mode_id, thr, route, bias,
+               label_smoothing, loss_ema, grad_ema, has_ema, eps, metric):
+        return self.m.select_subset(logits, targets, features, loss, num_subsets, seed, mode_id, thr, route, bias,
+                                    label_smoothing, loss_ema, grad_ema, has_ema, eps, metric == "sum")
 
 
 class TritonBackend:
@@ -59,12 +74,28 @@ class TritonBackend:
 
         return residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=smoothing)
 
-    def sq_sums(self, e, a, n, masks, seed, mode, thr, route, dot_dtype):
+    def sq_sums(self, logits, targets, features, masks, n, seed, mode, thr, route, bias, smoothing):
+        e, _ = self.residuals(logits, targets, features, bias, smoothing)
+        a = _reference().augmented_features(features, bias)
+        dot = dot_dtype(logits, features)
         if route == "gram":
             from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram as fn
         else:
             from dynbatch_kernels.subset_norms_direct import subset_sq_sums_direct as fn
-        return fn(e.contiguous(), a.contiguous(), n, masks=masks, seed=seed, mode=mode, thr=thr, dot_dtype=dot_dtype)
+        return fn(e.contiguous(), a.contiguous(), n, masks=masks, seed=seed, mode=mode, thr=thr, dot_dtype=dot)
+
+    def select(self, logits, targets, features, loss, *, num_subsets, seed, mode_id, thr, route, bias,
+               label_smoothing, loss_ema, grad_ema, has_ema, eps, metric):
+        q, c = self.sq_sums(logits, targets, features, None, num_subsets, seed, mode_id, thr, route, bias,
+                            label_smoothing)
+        return _reference().choose(q, c, loss, seed=seed, mode_id=mode_id, thr=thr, batch_size=logits.shape[0],
+                                   loss_ema=loss_ema, grad_ema=grad_ema, has_ema=has_ema, eps=eps, metric=metric)
+
+
+def dot_dtype(logits, features) -> torch.dtype:
+    """The tensor-core operand type: the inputs' 16-bit type if either has one, else fp32."""
+    low = [t.dtype for t in (logits, features) if t.dtype in (torch.bfloat16, torch.float16)]
+    return low[0] if low else torch.float32
 
 
 def triton_status() -> tuple[bool, str]:
@@ -85,8 +116,22 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     return {"torch": (True, "reference"), "native": native.status(), "triton": triton_status()}
 
 
+_resolved: dict[tuple[str, str], object] = {}
+
+
 def get_backend(name: str, device: torch.device):
-    """The backend object for ``name`` on ``device``; ``auto`` is Triton on CUDA, native on CPU, else torch."""
+    """The backend object for ``name`` on ``device``; ``auto`` is Triton on CUDA, native on CPU, else torch.
+
+    Resolved once per (name, device type): selection runs every step, and the answer cannot change within a
+    process (the extension is built or not at first use; TRITON_INTERPRET is read at import by Triton)."""
+    key = (name, device.type)
+    be = _resolved.get(key)
+    if be is None:
+        be = _resolved[key] = _resolve(name, device)
+    return be
+
+
+def _resolve(name: str, device: torch.device):
     from dynbatch.selection import native
 
     if name == "auto":

@@ -45,6 +45,7 @@ class EDBAOptions:
     grow_below: float = option(0.05, "grow when (L - L_ema)/L_ema < -this")
     shrink_above: float = option(0.05, "shrink when (L - L_ema)/L_ema > this")
     selection_backend: str = option("auto", "auto, torch, native, triton")
+    grad_metric: str = option("mean", "subset score: norm of the subset's mean gradient (the paper's) or of its sum")
 
     def validate(self) -> None:
         """Raise ``UserError`` (a ``ValueError``) naming the first bad option, its range and an example."""
@@ -66,6 +67,8 @@ class EDBAOptions:
         for k in ("grow_below", "shrink_above"):
             if getattr(self, k) < 0:
                 raise UserError(f"--{k.replace('_', '-')} must be non-negative (got {getattr(self, k)}); e.g. 0.05")
+        if self.grad_metric not in ("mean", "sum"):
+            raise UserError(f"--grad-metric must be mean or sum (got {self.grad_metric!r}); mean is the paper's")
         if self.selection_backend not in ("auto", "torch", "native", "triton"):
             raise UserError(f"--selection-backend must be auto, torch, native or triton (got "
                             f"{self.selection_backend!r}); auto picks the fastest usable one")
@@ -197,20 +200,18 @@ class EDBASelector:
     def select_from(self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, loss, *,
                     step: int, label_smoothing: float = 0.0) -> Selection:
         """The choice from a forward you ran: logits (B, C), features (B, D) (the head's input), and the batch's
-        mean loss (a float or a 0-d tensor). Selects in fp32 whatever the inputs' dtype; advances the state.
+        mean loss (a float or a 0-d tensor). Selects in fp32 whatever the inputs' dtype (the kernels convert); advances the state.
 
         One read from the device per call: loss, gradient norm, margin, size and index of the choice, packed
         (``self.last``), which the state's EMAs and batch-size rule need on the host."""
         o, s = self.options, self.state
         sel = select_subset(
-            logits.detach().float(), y, features.detach().float(), num_subsets=o.subsets,
-            seed=(self.seed << 32) + step, loss=loss, loss_ema=s.loss_ema, grad_ema=s.grad_ema, mode=o.subset_mode,
-            p=o.subset_p, backend=o.selection_backend, bias=self.head.bias is not None,
-            label_smoothing=label_smoothing, eps=o.margin_eps,
+            logits.detach(), y, features.detach(), num_subsets=o.subsets, seed=(self.seed << 32) + step, loss=loss,
+            loss_ema=s.loss_ema, grad_ema=s.grad_ema, mode=o.subset_mode, p=o.subset_p, backend=o.selection_backend,
+            bias=self.head.bias is not None, label_smoothing=label_smoothing, eps=o.margin_eps,
+            grad_metric=o.grad_metric,
         )
-        loss_t = torch.as_tensor(loss, device=sel.grad_norm.device)
-        packed = torch.stack([t.to(torch.float64) for t in (loss_t, sel.grad_norm, sel.margin, sel.size, sel.index)])
-        loss, grad_norm, margin, size, index = packed.tolist()  # the call's one read
+        loss, grad_norm, margin, size, index = sel.stats.tolist()  # the call's one read
         if math.isfinite(loss) and not math.isfinite(grad_norm):
             # Non-finite subset norms map to the largest margin, so a NaN would otherwise be chosen only silently,
             # when every subset is NaN; with a finite loss that is a kernel fault, not a divergence.
