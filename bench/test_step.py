@@ -41,8 +41,8 @@ def test_step(benchmark, policy, model_name, batch):
     ex = PlanExecutor(model, opt)
     x = torch.randn(batch, 3, 32, 32, device=DEVICE)
     y = torch.randint(0, 10, (batch,), device=DEVICE)
-    ctx = StepContext(model, lambda z, t: F.cross_entropy(z, t, reduction="none"),
-                      lambda: torch.autocast("cpu", enabled=False), 0, 0, 0, DEVICE)
+    ctx = StepContext(model=model, loss_fn=lambda z, t: F.cross_entropy(z, t, reduction="none"),
+                      autocast=lambda: torch.autocast("cpu", enabled=False), device=DEVICE)
 
     def step():
         if policy == "edba":

@@ -73,7 +73,7 @@ def test_adam_family_trains_and_skips_non_finite_steps(tmp_path, optimizer):
                                 on_nonfinite="skip", progress=False, util_interval=5.0), tmp_path / "r",
                     log=lambda m: None)
     clean = t.loss_fn
-    t.loss_fn = lambda z, y: clean(z, y) * (float("nan") if t.step == 0 else 1.0)
+    t.ctx.loss_fn = lambda z, y: clean(z, y) * (float("nan") if t.step == 0 else 1.0)
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.run()
     skipped = [r.get("nonfinite_skipped") for r in rows(t.out, "step")]

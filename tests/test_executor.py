@@ -5,14 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from dynbatch.policies import Plan, StepContext, TrainStep
+from dynbatch.policies import ForwardStep, Plan, StepContext
 from dynbatch.train.executor import PlanExecutor
 
 CE = lambda z, y: nn.functional.cross_entropy(z, y, reduction="none")  # noqa: E731
 
 
 def ctx_for(model):
-    return StepContext(model, CE, lambda: torch.autocast("cpu", enabled=False), 0, 0, 0, torch.device("cpu"))
+    return StepContext(model=model, loss_fn=CE, autocast=lambda: torch.autocast("cpu", enabled=False),
+                       device=torch.device("cpu"))
 
 
 class OOMAbove(nn.Module):
@@ -37,7 +38,7 @@ def model():
 def step_with(m, micro, x, y, momentum=0.9):
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-3)
     ex = PlanExecutor(m, opt, micro)
-    out = ex.run(Plan([TrainStep(x, y)]), ctx_for(m), 0.1)
+    out = ex.run(Plan([ForwardStep(x, y)]), ctx_for(m), 0.1)
     return out, ex
 
 
@@ -50,7 +51,9 @@ def test_accumulated_step_equals_one_shot(micro):
     ob, _ = step_with(b, micro, x, y)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert float(ob.loss_sum) == pytest.approx(float(oa.loss_sum), rel=1e-5) and float(ob.n) == float(oa.n) == 29
+    (loss_a, correct_a, n_a, skipped_a), (loss_b, correct_b, n_b, skipped_b) = oa.stats.tolist(), ob.stats.tolist()
+    assert loss_b == pytest.approx(loss_a, rel=1e-5) and n_a == n_b == 29 and correct_a == correct_b
+    assert skipped_a == skipped_b == 0
 
 
 def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step():
@@ -66,7 +69,7 @@ def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step():
     for p, q in zip(ref.parameters(), wrapped.inner.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     # The smaller micro-batch sticks for later steps: no new retry.
-    out2 = ex.run(Plan([TrainStep(x, y)]), ctx_for(wrapped), 0.1)
+    out2 = ex.run(Plan([ForwardStep(x, y)]), ctx_for(wrapped), 0.1)
     assert out2.oom_retries == 0
 
 

@@ -5,7 +5,7 @@ from torch import nn
 from cli_helpers import rows, run_cli
 from dynbatch.errors import UserError
 from dynbatch.models import build_model
-from dynbatch.policies import StepContext
+from dynbatch.policies import ReuseStep, StepContext
 from dynbatch.policies.edba import EDBAPolicy
 from dynbatch.selection import random_subsets
 from dynbatch.selectors.edba import EDBAOptions, EDBAState, advance, next_batch_size
@@ -15,8 +15,8 @@ OPTS = dict(subsets=256, subset_mode="bernoulli", subset_p=0.5, ema_decay=0.9, m
 
 
 def ctx_for(model, step=0):
-    return StepContext(model, lambda z, y: nn.functional.cross_entropy(z, y, reduction="none"),
-                       lambda: torch.autocast("cpu", enabled=False), step, 0, 0, torch.device("cpu"))
+    return StepContext(model=model, loss_fn=lambda z, y: nn.functional.cross_entropy(z, y, reduction="none"),
+                       autocast=lambda: torch.autocast("cpu", enabled=False), device=torch.device("cpu"), step=step)
 
 
 def test_batch_size_moves_in_the_intended_direction():
@@ -71,10 +71,10 @@ def test_reuse_forward_masks_the_loss():
     x, y = torch.randn(24, 3, 16, 16), torch.randint(0, 10, (24,))
     p = EDBAPolicy({**OPTS, "reuse_forward": True}, batch_size=24)
     (step,) = p.plan(x, y, ctx_for(model)).steps
-    assert step.x is None and step.reuse_losses.requires_grad
+    assert isinstance(step, ReuseStep) and step.losses.requires_grad
     with torch.no_grad():
         direct = nn.functional.cross_entropy(model(x), y, reduction="none")
-    chosen = step.reuse_losses.detach()
+    chosen = step.losses.detach()
     assert any(torch.allclose(chosen, direct[m]) for m in random_subsets(256, 24, seed=0) if m.sum() == len(chosen))
 
 

@@ -18,7 +18,7 @@ NOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
 
 def ctx_for(model, step=0, seed=0):
-    return StepContext(model, CE, NOCAST, step, 0, seed, torch.device("cpu"))
+    return StepContext(model=model, loss_fn=CE, autocast=NOCAST, device=torch.device("cpu"), step=step, seed=seed)
 
 
 def mlp():

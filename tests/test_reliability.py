@@ -113,7 +113,7 @@ def _poison_from(trainer: Trainer, step: int, until: int | None = None):
             losses = losses * float("nan")
         return losses
 
-    trainer.loss_fn = loss_fn
+    trainer.ctx.loss_fn = loss_fn  # the step's loss function (the trainer's evaluation keeps its own)
 
 
 def test_divergence_keeps_the_last_checkpoint_and_the_weights_finite(tmp_path):

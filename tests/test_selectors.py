@@ -68,8 +68,8 @@ def test_the_policy_is_a_thin_user_of_the_selector():
     model = UserNet()
     x, y = batch(40, seed=1)
     policy = EDBAPolicy({"subsets": 128}, batch_size=40)
-    ctx = StepContext(model, lambda z, t: nn.functional.cross_entropy(z, t, reduction="none"),
-                      lambda: torch.autocast("cpu", enabled=False), 7, 0, 0, torch.device("cpu"))
+    ctx = StepContext(model=model, loss_fn=lambda z, t: nn.functional.cross_entropy(z, t, reduction="none"),
+                      autocast=lambda: torch.autocast("cpu", enabled=False), device=torch.device("cpu"), step=7)
     bare = EDBASelector(model, batch_size=40, subsets=128)
     for step in (7, 8):
         ctx.step = step

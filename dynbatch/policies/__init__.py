@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dynbatch.errors import UserError
 from dynbatch.policies.adabatch import AdaBatchPolicy
-from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.policies.base import ForwardStep, GradientStep, Plan, Policy, ReuseStep, StepContext, TrainStep
 from dynbatch.policies.edba import EDBAPolicy
 from dynbatch.policies.fixed import FixedPolicy
 from dynbatch.policies.split import SplitPolicy
@@ -18,4 +18,5 @@ def policy_class(name: str) -> type[Policy]:
     return POLICIES[name]
 
 
-__all__ = ["POLICIES", "Plan", "Policy", "StepContext", "TrainStep", "policy_class"]
+__all__ = ["POLICIES", "ForwardStep", "GradientStep", "Plan", "Policy", "ReuseStep", "StepContext", "TrainStep",
+           "policy_class"]

@@ -9,7 +9,7 @@ halving on CUDA out-of-memory), with the same result as one large step.
 """
 from __future__ import annotations
 
-from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.policies.base import ForwardStep, Plan, Policy, StepContext
 from dynbatch.selectors.adabatch import AdaBatchOptions, AdaBatchSchedule
 
 
@@ -38,7 +38,7 @@ class AdaBatchPolicy(Policy):
         return factor
 
     def plan(self, x, y, ctx: StepContext) -> Plan:
-        return Plan([TrainStep(ctx.dist.local(x), ctx.dist.local(y))])
+        return Plan([ForwardStep(ctx.dist.local(x), ctx.dist.local(y))])
 
     def state_dict(self):
         return {"epoch": self.epoch}

@@ -19,59 +19,85 @@ from torch import nn
 from dynbatch.selectors.options import cli_spec, from_mapping
 
 
-@dataclass
-class TrainStep:
-    """One optimizer step.
+@dataclass(frozen=True, slots=True)
+class ForwardStep:
+    """One optimizer step from a fresh forward and backward at the current weights: x (B, C, H, W), y (B,).
 
-    Either ``x`` (B, C, H, W) and ``y`` (B,) for a fresh forward and backward at the current weights, or ``grads``
-    (one tensor or None per parameter, in ``model.parameters()`` order) to apply as they are.
-    The learning rate of this step is the scheduled rate times ``lr_scale``; ``clip_norm`` clips the total gradient
-    norm first.
+    ``sample_weight`` (B,) weighs each sample's loss; a rank with nothing to train on under DDP sends one sample at
+    weight 0, so that every rank still runs the one synchronising backward DDP expects.
     """
 
-    x: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    lr_scale: float = 1.0
-    grads: list[torch.Tensor | None] | None = None
-    clip_norm: float | None = None
-    # Sample losses already computed with a graph at the current weights (B,), reused instead of a new forward.
-    reuse_losses: torch.Tensor | None = None
-    reuse_logits: torch.Tensor | None = None
-    # Per-sample loss weights (B,); a rank with nothing to train on sends one sample at weight 0 so that every
-    # rank still runs the one synchronising backward DDP expects.
+    x: torch.Tensor
+    y: torch.Tensor
+    lr_scale: float = 1.0  # this step's learning rate is the scheduled rate times lr_scale
     sample_weight: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class ReuseStep:
+    """One optimizer step from sample losses (B,) the policy already computed *with a graph* at the current weights
+    (their logits (B, C) detached, for accuracy), instead of a second forward."""
+
+    losses: torch.Tensor
+    logits: torch.Tensor
+    y: torch.Tensor
+    lr_scale: float = 1.0
+    sample_weight: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GradientStep:
+    """One optimizer step applying gradients the policy computed (one tensor or None per parameter, in
+    ``parameters()`` order, owned by the step), with the statistics of the samples behind them: 0-d float32
+    device tensors ``loss_sum`` and ``correct``, and ``samples`` (a count)."""
+
+    grads: list[torch.Tensor | None]
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    samples: int
+    lr_scale: float = 1.0
+
+
+TrainStep = ForwardStep | ReuseStep | GradientStep
+
+
+@dataclass(slots=True)
 class Plan:
-    """What to do with one loader batch: optimizer steps, and fields for this step's row in ``metrics.jsonl``."""
+    """What to do with one loader batch: optimizer steps, and fields for this step's row in ``metrics.jsonl``
+    (host values only; the executor supplies the loss, accuracy and sample counts of every kind of step)."""
 
     steps: list[TrainStep]
     record: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class StepContext:
-    """What a policy may use while planning one step."""
+    """What a policy may use while planning a step. The trainer builds one per run and advances ``step`` and
+    ``epoch``; build it with keywords.
+
+    Two handles on the model: ``model`` is the wrapper that trains (DDP and/or ``torch.compile`` around the
+    module), for forwards whose graph the backward will use; ``module`` is the plain module, whose state is saved,
+    for forwards that must neither synchronise ranks nor be compiled (selection, candidates).
+    """
 
     model: nn.Module
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample losses (B,)
     autocast: Callable[[], AbstractContextManager]
-    step: int  # global step index, 0-based
-    epoch: int
-    seed: int  # the run's seed; policies derive per-step seeds from (seed, step)
     device: torch.device
+    seed: int = 0  # the run's seed; policies derive per-step seeds from (seed, step)
+    step: int = 0  # global step index, 0-based
+    epoch: int = 0
     label_smoothing: float = 0.0
     dist: Any = None  # dynbatch.distributed.Dist; None means a single process
-    raw_model: nn.Module | None = None  # the model without its DDP wrapper, for forwards that must not sync
+    module: nn.Module | None = None  # None: ``model`` unwrapped (its ``.module`` under DDP)
 
     def __post_init__(self):
         if self.dist is None:
             from dynbatch.distributed import SINGLE
 
             self.dist = SINGLE
-        if self.raw_model is None:
-            self.raw_model = getattr(self.model, "module", self.model)
+        if self.module is None:
+            self.module = getattr(self.model, "module", self.model)
 
 
 class Policy(ABC):

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.policies.base import ForwardStep, Plan, Policy, ReuseStep, StepContext
 from dynbatch.selectors.edba import EDBAOptions, EDBASelector, capture_last_layer, chosen_rows
 
 
@@ -51,7 +51,7 @@ class EDBAPolicy(Policy):
     def plan(self, x, y, ctx: StepContext) -> Plan:
         o, d, selector = self.options, ctx.dist, self.selector
         if selector.model is None:
-            selector.model = ctx.raw_model
+            selector.model = ctx.module
         selector.seed = ctx.seed
         t0 = time.perf_counter()
         xl, yl = d.local(x), d.local(y)
@@ -85,10 +85,9 @@ class EDBAPolicy(Policy):
         else:
             rows = chosen_rows(sel.mask, c.size)  # the size is known from the one read: no sync to index
         if o.reuse_forward:
-            step = TrainStep(x=None, y=yl[rows], reuse_losses=losses[rows], reuse_logits=logits[rows].detach(),
-                             sample_weight=weight)
+            step = ReuseStep(losses[rows], logits[rows].detach(), yl[rows], sample_weight=weight)
         else:
-            step = TrainStep(xl[rows], yl[rows], sample_weight=weight)
+            step = ForwardStep(xl[rows], yl[rows], sample_weight=weight)
         return Plan([step], record)
 
     def state_dict(self):

@@ -1,7 +1,7 @@
 """The baseline: one optimizer step on the whole loader batch."""
 from __future__ import annotations
 
-from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.policies.base import ForwardStep, Plan, Policy, StepContext
 
 
 class FixedPolicy(Policy):
@@ -9,4 +9,4 @@ class FixedPolicy(Policy):
     help = "one step on the whole batch of --batch-size samples"
 
     def plan(self, x, y, ctx: StepContext) -> Plan:
-        return Plan([TrainStep(ctx.dist.local(x), ctx.dist.local(y))])
+        return Plan([ForwardStep(ctx.dist.local(x), ctx.dist.local(y))])

@@ -31,7 +31,7 @@ import time
 import torch
 
 from dynbatch.errors import UserError
-from dynbatch.policies.base import Plan, Policy, StepContext, TrainStep
+from dynbatch.policies.base import ForwardStep, GradientStep, Plan, Policy, ReuseStep, StepContext
 from dynbatch.selectors.split import SplitOptions, candidate_forwards, chunk_rows, pick, split_scores
 
 
@@ -60,13 +60,14 @@ class SplitPolicy(Policy):
         o = self.options
         if x.shape[0] != self.base_batch_size:
             # The last batch of an epoch holds what is left: too few for the candidates, so one plain step.
-            return Plan([TrainStep(ctx.dist.local(x), ctx.dist.local(y))], {"chosen_split": None})
+            return Plan([ForwardStep(ctx.dist.local(x), ctx.dist.local(y))], {"chosen_split": None})
         t0 = time.perf_counter()
         d = ctx.dist
         reuse = o.split_reuse_first and o.split_update == "sequential"
-        model = ctx.model if reuse else ctx.raw_model  # a graph to reuse must come from the model that trains
+        model = ctx.model if reuse else ctx.module  # a graph to reuse must come from the model that trains
+        first_logits: dict = {}
         losses = candidate_forwards(model, x, y, self.splits, ctx.loss_fn, ctx.autocast, keep_first_graph=reuse,
-                                    dist=d)
+                                    dist=d, kept_logits=first_logits)
         scores = split_scores(losses, self.splits, x.shape[0], d)
         k = pick(scores, o.criterion, ctx.seed, ctx.step)
         record = {"chosen_split": k, "candidates_s": time.perf_counter() - t0,
@@ -75,20 +76,20 @@ class SplitPolicy(Policy):
         chunks = [(x[r], y[r]) for r in rows]
         if o.split_update == "original":
             return self._original_plan(chunks, x.shape[0] // k, ctx, record)
-        steps = [TrainStep(xs, ys, lr_scale=1.0 / k) for xs, ys in chunks]
+        steps = [ForwardStep(xs, ys, lr_scale=1.0 / k) for xs, ys in chunks]
         if reuse:
-            steps[0] = TrainStep(None, chunks[0][1], lr_scale=1.0 / k, reuse_losses=losses[k][0])
+            steps[0] = ReuseStep(losses[k][0], first_logits[k], chunks[0][1], lr_scale=1.0 / k)
         return Plan(steps, record)
 
     def _original_plan(self, chunks, chunk_size: int, ctx: StepContext, record) -> Plan:
-        params = list(ctx.raw_model.parameters())
+        params = list(ctx.module.parameters())
         k = len(chunks)
         clip = self.options.split_clip
         acc = [torch.zeros_like(p) for p in params]
-        steps, loss_sum, correct = [], 0.0, 0
+        steps = []
         for xs, ys in chunks:  # every gradient at the pre-step weights, as the stored graphs were
             with ctx.autocast():
-                logits = ctx.raw_model(xs)
+                logits = ctx.module(xs)
                 losses = ctx.loss_fn(logits.float(), ys)
             # The chunk's mean loss over all ranks: local sum / global chunk size, gradients summed across ranks.
             grads = torch.autograd.grad(losses.sum() / chunk_size, params, allow_unused=True)
@@ -97,8 +98,8 @@ class SplitPolicy(Policy):
                     a.add_(ctx.dist.all_reduce_sum(g))
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a) for a in acc]))
             acc = [a * (clip / (total + 1e-6)).clamp(max=1.0) for a in acc]  # clip_grad_norm_'s formula
-            steps.append(TrainStep(grads=[a.clone() for a in acc], lr_scale=1.0 / k))
-            loss_sum += float(losses.detach().sum())
-            correct += int((logits.detach().argmax(1) == ys).sum())
-        record.update(loss_sum=loss_sum, correct=correct, trained_samples=sum(len(ys) for _, ys in chunks))
+            # Each step carries its own chunk's statistics (on the device; the trainer reads them with the block).
+            steps.append(GradientStep([a.clone() for a in acc], losses.detach().sum(),
+                                      (logits.detach().argmax(1) == ys).sum(dtype=torch.float32), len(ys),
+                                      lr_scale=1.0 / k))
         return Plan(steps, record)

@@ -37,11 +37,12 @@ def chunk_rows(batch: int, k: int, j: int, dist=None) -> slice:
 
 
 def candidate_forwards(model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits, loss_fn, autocast,
-                       keep_first_graph: bool = False, dist=None):
+                       keep_first_graph: bool = False, dist=None, kept_logits: dict | None = None):
     """Per-sample losses of every chunk of every split (this rank's share of each chunk under DDP).
 
     Returns {k: [losses of chunk 0, ..., chunk k-1]} (fp32 each). Buffers are restored; chunk 0 of each
-    split keeps its graph when ``keep_first_graph``. On CUDA the chunks run concurrently on separate streams.
+    split keeps its graph when ``keep_first_graph`` (and, given a dict ``kept_logits``, its detached logits go to
+    ``kept_logits[k]``). On CUDA the chunks run concurrently on separate streams.
     """
     chunks = [(k, j) for k in splits for j in range(k)]
     out: dict[int, list] = {k: [None] * k for k in splits}
@@ -49,8 +50,12 @@ def candidate_forwards(model: nn.Module, x: torch.Tensor, y: torch.Tensor, split
     def run(k, j):
         rows = chunk_rows(x.shape[0], k, j, dist)
         xs, ys = x[rows], y[rows]
-        with torch.set_grad_enabled(keep_first_graph and j == 0), autocast():
-            return loss_fn(model(xs).float(), ys)
+        keep = keep_first_graph and j == 0
+        with torch.set_grad_enabled(keep), autocast():
+            logits = model(xs)
+            if keep and kept_logits is not None:
+                kept_logits[k] = logits.detach()
+            return loss_fn(logits.float(), ys)
 
     # SyncBatchNorm issues collectives inside forwards; on concurrent streams their order could differ between
     # ranks and deadlock, so such a model runs its candidates one after another.

@@ -8,10 +8,11 @@ Out of memory: a chunk that raises ``torch.OutOfMemoryError`` halves the micro-b
 from zeroed gradients, so no half-accumulated gradient is ever applied; below one sample the error is re-raised.
 Under DDP it is re-raised at once: a rank that retried alone would leave the others waiting in a collective.
 
-Non-finite steps: before each optimizer step the step's gradient norm (and, in one process, its loss) is checked
-on the device; a non-finite one skips the update inside the fused optimizer (``dynbatch.train.optim``) and is
-counted in ``StepOutcome.skipped``. With ``restore_buffers_on_skip`` the forward's buffer updates (BatchNorm
-running statistics) are undone too, so a skipped step leaves no trace in the model.
+Non-finite steps: before each optimizer step one fused check (``torch._amp_foreach_non_finite_check_and_unscale_``,
+the one ``GradScaler`` uses) looks at every gradient (and, in one process, the step's loss) on the device; a
+non-finite one skips the update inside the fused optimizer (``dynbatch.train.optim``) and is counted in the
+outcome's ``skipped``. With ``restore_buffers_on_skip`` the forward's buffer updates (BatchNorm running statistics)
+are undone too, so a skipped step leaves no trace in the model.
 
 DDP: losses are normalised by the step's *global* sample count times the world size, which DDP's gradient
 averaging turns back into the global mean, exact even when ranks hold different numbers of samples. All micro-batches
@@ -26,27 +27,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dynbatch.policies.base import Plan, StepContext, TrainStep
+from dynbatch.policies.base import ForwardStep, GradientStep, Plan, ReuseStep, StepContext
 from dynbatch.distributed import SINGLE, Dist
 from dynbatch.train.optim import step_unless
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutcome:
-    """Sums over the samples this rank trained on in one plan, as 0-d device tensors (read once, by the trainer):
-    loss_sum, correct, n (sample weights summed), skipped (optimizer steps not applied: non-finite)."""
+    """What one plan did. ``stats`` is float32 (4,) on the device, summed over this rank's steps: loss sum, correct
+    predictions, trained samples (sample weights summed) and skipped (non-finite) updates; read by the trainer
+    with its block, never here."""
 
-    loss_sum: torch.Tensor | float = 0.0
-    correct: torch.Tensor | int = 0
-    n: torch.Tensor | float = 0.0
-    skipped: torch.Tensor | int = 0
-    ran_forward: bool = False  # False when every step applied precomputed gradients (the sums come from the plan)
+    stats: torch.Tensor
     oom_retries: int = 0
     micro_batch: int | None = None
     events: list[str] = field(default_factory=list)
 
 
 class PlanExecutor:
+    """Runs plans on ``model`` (the wrapper that trains) with ``optimizer``. Per step it does what a minimal loop
+    does plus one fused finiteness check; everything it reuses across steps (the parameter list, the unit scale of
+    the check, the last learning rate written) is kept here rather than rebuilt."""
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int | None = None,
                  max_oom_retries: int = 16, dist: Dist = SINGLE, restore_buffers_on_skip: bool = False):
         self.model = model
@@ -55,34 +57,41 @@ class PlanExecutor:
         self.optimizer = optimizer
         self.micro_batch = micro_batch  # None: whole steps; halved on OOM and kept for later steps
         self.max_oom_retries = max_oom_retries
+        self.params = list(model.parameters())
+        self._unit: torch.Tensor | None = None  # the check's "unscale" factor: 1, on the parameters' device
+        self._lr: float | None = None
 
-    def _scale(self, step: TrainStep, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(local sample count, 1 / normaliser): the step's mean loss is sum(weighted losses) * scale."""
-        # torch.full, not torch.tensor: a fill kernel instead of a blocking host-to-device copy.
-        local = step.sample_weight.sum() if step.sample_weight is not None else torch.full((), float(n), device=device)
+    def _normaliser(self, n: int, weight: torch.Tensor | None, device) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """(factor, samples): the step's mean loss is sum(weighted losses) * factor; ``samples`` (0-d float32) is
+        this rank's count for the statistics. One process without weights: a host constant, no device work."""
+        if weight is None and not self.dist.enabled:
+            return 1.0 / max(n, 1), torch.full((), float(n), device=device)
+        local = weight.sum() if weight is not None else torch.full((), float(n), device=device)
         total = self.dist.all_reduce_sum(local.float().reshape(1))[0] if self.dist.enabled else local.float()
-        return local, self.dist.world / total.clamp_min(1e-12)
+        return self.dist.world / total.clamp_min(1e-12), local.float()
 
-    def _forward_backward(self, step: TrainStep, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Accumulate the gradient of the step's mean loss into ``.grad``; returns (loss sum, correct, samples) as
-        0-d device tensors."""
+    def _reused(self, step: ReuseStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The backward of losses a policy computed with a graph; (loss sum, correct, samples), 0-d float32."""
         w = step.sample_weight
-        if step.reuse_losses is not None:
-            # The policy already ran this forward with a graph at the current weights.
-            losses = step.reuse_losses if w is None else step.reuse_losses * w
-            local, scale = self._scale(step, losses.numel(), losses.device)
-            (losses.sum() * scale).backward()
-            correct = ((step.reuse_logits.argmax(1) == step.y).sum() if step.reuse_logits is not None
-                       else torch.zeros((), dtype=torch.long, device=losses.device))
-            return losses.detach().sum(), correct, local
-        n = step.x.shape[0]
+        losses = step.losses if w is None else step.losses * w
+        factor, samples = self._normaliser(losses.numel(), w, losses.device)
+        total = losses.sum()
+        (total * factor).backward()
+        hit = step.logits.argmax(1) == step.y
+        if w is not None:
+            hit = hit & (w > 0)
+        return total.detach(), hit.sum(dtype=torch.float32), samples
+
+    def _forward_backward(self, step: ForwardStep, ctx: StepContext):
+        """Accumulate the gradient of the step's mean loss into ``.grad``, micro-batched; returns (loss sum,
+        correct, samples) as 0-d float32 device tensors."""
+        w, n = step.sample_weight, step.x.shape[0]
         mb = self.micro_batch or n
-        local, scale = self._scale(step, n, step.x.device)
-        total, correct = torch.zeros((), device=step.x.device), torch.zeros((), dtype=torch.long, device=step.x.device)
-        starts = list(range(0, n, mb))
-        for i, start in enumerate(starts):
-            xs, ys = step.x[start : start + mb], step.y[start : start + mb]
-            last = i == len(starts) - 1
+        factor, samples = self._normaliser(n, w, step.x.device)
+        total = correct = None
+        for start in range(0, n, mb):
+            xs, ys = (step.x, step.y) if mb >= n else (step.x[start:start + mb], step.y[start:start + mb])
+            last = start + mb >= n
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with ctx.autocast():
@@ -90,24 +99,25 @@ class PlanExecutor:
                     losses = ctx.loss_fn(logits.float(), ys)
                 hit = logits.detach().argmax(1) == ys
                 if w is not None:
-                    ws = w[start : start + mb]
+                    ws = w[start:start + mb]
                     losses, hit = losses * ws, hit & (ws > 0)
+                chunk = losses.sum()
                 # Normalised by the whole step so the accumulated gradient is the gradient of the step's mean loss.
-                (losses.sum() * scale).backward()
-            total += losses.detach().sum()
-            correct += hit.sum()
-        return total, correct, local
+                (chunk * factor).backward()
+            chunk, hits = chunk.detach(), hit.sum(dtype=torch.float32)
+            total, correct = (chunk, hits) if total is None else (total + chunk, correct + hits)
+        return total, correct, samples
 
-    def _gradient_pass(self, step: TrainStep, ctx: StepContext, outcome: StepOutcome):
+    def _gradient_pass(self, step: ForwardStep | ReuseStep, ctx: StepContext, outcome: StepOutcome):
         while True:
             self.optimizer.zero_grad(set_to_none=True)
+            if isinstance(step, ReuseStep):  # its graph exists once: no retry at a smaller micro-batch
+                return self._reused(step)
             try:
                 return self._forward_backward(step, ctx)
             except torch.OutOfMemoryError:
-                n = step.x.shape[0] if step.x is not None else 0
-                current = self.micro_batch or n
-                if (step.reuse_losses is not None or current <= 1 or outcome.oom_retries >= self.max_oom_retries
-                        or self.dist.enabled):
+                current = self.micro_batch or step.x.shape[0]
+                if current <= 1 or outcome.oom_retries >= self.max_oom_retries or self.dist.enabled:
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
                 self.micro_batch = max(1, current // 2)
@@ -116,41 +126,44 @@ class PlanExecutor:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
+    def _nonfinite(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """0-d float32 on the device (the shape fused optimizers take): 1 if any gradient (or ``loss``) is not
+        finite, else 0."""
+        found = torch.zeros((), device=self.params[0].device)
+        if self._unit is None:
+            self._unit = torch.ones((), device=found.device)
+        tensors = [p.grad for p in self.params if p.grad is not None]
+        if loss is not None:
+            tensors.append(loss)
+        if tensors:
+            # Multiplies by the unit scale in place (a no-op) and sets `found` on a non-finite value, in one pass.
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._unit)
+        return found
+
     def run(self, plan: Plan, ctx: StepContext, base_lr: float) -> StepOutcome:
-        outcome = StepOutcome()
-        params = list(self.model.parameters())
-        saved = ([(b, b.detach().clone()) for b in self.model.buffers()] if self.restore_buffers_on_skip else [])
-        skipped = []
+        outcome = StepOutcome(stats=None)
+        saved = [(b, b.detach().clone()) for b in self.model.buffers()] if self.restore_buffers_on_skip else []
+        sums = skipped = None
         for step in plan.steps:
-            loss = None
-            if step.grads is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                for p, g in zip(params, step.grads):
-                    p.grad = None if g is None else g.clone()
+            if isinstance(step, GradientStep):
+                for p, g in zip(self.params, step.grads):
+                    p.grad = g  # the policy's tensors: the step owns them
+                part = (step.loss_sum, step.correct, torch.full((), float(step.samples), device=step.loss_sum.device))
             else:
-                loss, correct, n = self._gradient_pass(step, ctx, outcome)
-                outcome.loss_sum = outcome.loss_sum + loss
-                outcome.correct = outcome.correct + correct
-                outcome.n = outcome.n + n
-                outcome.ran_forward = True
-            grads = [p.grad for p in params if p.grad is not None]
-            if step.clip_norm is not None:
-                norm = nn.utils.clip_grad_norm_(params, step.clip_norm)
-            else:
-                norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
-            bad = ~torch.isfinite(norm)
-            if loss is not None and not self.dist.enabled:
-                # Under DDP the all-reduced gradient norm alone decides, so every rank skips the same steps.
-                bad = bad | ~torch.isfinite(loss)
-            for group in self.optimizer.param_groups:
-                group["lr"] = base_lr * step.lr_scale
-            step_unless(self.optimizer, bad)
-            skipped.append(bad)
-        if skipped:
-            flags = torch.stack(skipped)
-            outcome.skipped = flags.sum()
-            any_bad = flags.any()
+                part = self._gradient_pass(step, ctx, outcome)
+            # Under DDP the all-reduced gradients alone decide, so every rank skips the same steps.
+            found = self._nonfinite(None if self.dist.enabled else part[0])
+            lr = base_lr * step.lr_scale
+            if lr != self._lr:  # the fused step reads the group's lr; rewritten only when it changes
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self._lr = lr
+            step_unless(self.optimizer, found)
+            sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+            skipped = found if skipped is None else skipped + found
+        outcome.stats = torch.stack([*sums, skipped])
+        if saved:
             for b, v in saved:
-                b.copy_(torch.where(any_bad, v, b))
+                b.copy_(torch.where(skipped > 0, v, b))
         outcome.micro_batch = self.micro_batch
         return outcome

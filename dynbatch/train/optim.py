@@ -40,7 +40,8 @@ def sgd(model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_
 
 
 def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
-    """``optimizer.step()`` unless ``bad`` (a 0-d bool tensor) is true; no host sync for fused optimizers."""
+    """``optimizer.step()`` unless ``bad`` (a one-element bool or float tensor) is true; no host sync for fused
+    optimizers."""
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.grad_scale, optimizer.found_inf = None, bad.float()
         try:

@@ -105,6 +105,7 @@ class Trainer:
         self.model = build_model(cfg.model, src.num_classes, c).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()  # once: the steps do not switch modes (evaluate() switches back itself)
         wrapped = self.model
         if cfg.sync_bn and not on_cuda:
             raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU use a model without "
@@ -121,6 +122,10 @@ class Trainer:
         self.policy.check_world_size(self.dist.world)
         self.executor = PlanExecutor(self.step_model, self.optimizer, cfg.micro_batch, dist=self.dist,
                                      restore_buffers_on_skip=cfg.on_nonfinite == "skip")
+        # One context for the run; _train_step advances its step and epoch.
+        self.ctx = StepContext(model=self.step_model, module=self.model, loss_fn=self.loss_fn, autocast=self.autocast,
+                               device=self.device, seed=cfg.seed, label_smoothing=cfg.label_smoothing,
+                               dist=self.dist)
         self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
         # Progress counters; all of them go into the checkpoint.
@@ -416,7 +421,6 @@ class Trainer:
     def _train_step(self) -> None:
         """One step, queued: its statistics stay on the device until the block is flushed (:meth:`_flush`), so the
         step itself asks the device for nothing (policies that choose, EDBA and split, read their own numbers)."""
-        cfg = self.cfg
         t0 = self._clock()
         lr = self._lr(self.epoch + self.sampler.pos / self.sampler.n)
         asked = self.policy.batch_size()
@@ -424,19 +428,12 @@ class Trainer:
         x, y = self.data.train.batch(idx, self.aug_gen)  # --no-augment zeroed padding and flips above
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = StepContext(self.step_model, self.loss_fn, self.autocast, self.step, self.epoch, cfg.seed, self.device,
-                          cfg.label_smoothing, dist=self.dist, raw_model=self.model)
-        self.step_model.train()
+        ctx = self.ctx
+        ctx.step, ctx.epoch = self.step, self.epoch
         plan = self.policy.plan(x, y, ctx)
         outcome = self.executor.run(plan, ctx, lr)
-        record = dict(plan.record)
-        # One source per statistic: the executor's sums for the steps it ran forward itself; a plan of
-        # precomputed gradients (split's original update) reports its sums in the record.
-        policy_sums = [record.pop(k, 0.0) for k in ("loss_sum", "correct", "trained_samples")]
-        sums = ([outcome.loss_sum, outcome.correct, outcome.n] if outcome.ran_forward else
-                [torch.full((), float(v), device=self.device) for v in policy_sums])
-        stats = torch.stack([torch.as_tensor(v, device=self.device).double() for v in (*sums, outcome.skipped)])
-        stats = self.dist.all_reduce_sum(stats) if self.dist.enabled else stats
+        record = plan.record
+        stats = self.dist.all_reduce_sum(outcome.stats) if self.dist.enabled else outcome.stats
         self.samples_seen += idx.numel()
         if outcome.oom_retries:
             record.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
