@@ -14,6 +14,7 @@ from .common import DEVICE, FULL, run
 from dynbatch.cli import train_config
 from dynbatch.models import build_model
 from dynbatch.policies import StepContext
+from dynbatch.train import precision
 from dynbatch.train.executor import PlanExecutor
 
 # split_reuse: split with --split-reuse-first, to show what reusing the first chunk's forward saves.
@@ -36,17 +37,22 @@ def make_policy(name: str, batch: int):
 def test_step(benchmark, policy, model_name, batch):
     torch.manual_seed(0)
     model = build_model(model_name, 10).to(DEVICE)
+    # The trainer's default precision and layout on this device (bf16 autocast on a GPU), not a pinned fp32.
+    prec = precision.resolve("auto", "auto", DEVICE, model)
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     pol = make_policy(policy, batch)
     ex = PlanExecutor(model, opt)
     x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last) if prec.channels_last else x
     y = torch.randint(0, 10, (batch,), device=DEVICE)
     ctx = StepContext(model=model, loss_fn=lambda z, t: F.cross_entropy(z, t, reduction="none"),
-                      autocast=lambda: torch.autocast("cpu", enabled=False), device=DEVICE)
+                      autocast=prec.autocast, device=DEVICE)
 
     def step():
         if policy == "edba":
             pol.current = batch
         ex.run(pol.plan(x, y, ctx), ctx, 0.01)
 
-    run(benchmark, step, budget_s=4.0, suite="step", impl=policy, model=model_name, batch=batch)
+    run(benchmark, step, budget_s=4.0, suite="step", impl=policy, model=model_name, batch=batch, precision=prec.name)

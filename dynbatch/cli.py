@@ -145,8 +145,9 @@ def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the model, subset, sampler and augmentation")
     g = opts.group(p, "execution")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--amp", default=d.amp, help="auto (bf16 on CUDA), bf16, none")
-    g.add_argument("--channels-last", default=d.channels_last, help="auto (on for CUDA), on, off")
+    g.add_argument("--amp", default=d.amp, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else "
+                   "fp32), bf16, none")
+    g.add_argument("--channels-last", default=d.channels_last, help="auto (on for convolutional models), on, off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (global batch statistics)")
     g.add_argument("--micro-batch", type=int, help="largest chunk computed at once; larger steps accumulate gradients")
@@ -156,6 +157,10 @@ def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     g.add_argument("--util-interval", type=float, default=d.util_interval, help="seconds between utilisation samples")
     g.add_argument("--log", default=d.log, help="loggers beside metrics.jsonl, comma separated: tensorboard "
                    "(events in <out>/tensorboard; nothing logged twice on resume)")
+    g.add_argument("--redraw-subset", default=d.redraw_subset,
+                   help="a protocol reading of the EDBA authors' template, not a practice: redraw the training "
+                        "subset from the whole split at epoch boundaries: never, on-resize (where the policy's "
+                        "batch size changed) or every-epoch")
     g.add_argument("--on-nonfinite", default=d.on_nonfinite, help="a non-finite loss or gradient: stop (exit 3, "
                    "last checkpoint intact) or skip (the step is not applied and is counted in its row)")
     g.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,

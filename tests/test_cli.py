@@ -103,3 +103,12 @@ def test_cli_end_to_end_on_real_cifar_subset(tmp_path, capsys, cifar_subset):
     ep = rows(out, "epoch")
     assert len(ep) == 3 and ep[-1]["test_acc"] > 0.2  # chance is 0.1 on the 1,017 real test images
     assert ep[-1]["train_loss"] < ep[0]["train_loss"]
+
+
+def test_gpu_check_refuses_in_one_line_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --gpu-check would run")
+    rc, _, err = run_cli(capsys, "bench", "--gpu-check")
+    assert_one_line_error(rc, err, "--gpu-check needs a CUDA GPU")

@@ -1,5 +1,6 @@
 """DDP with torchrun on CPU (gloo, 2 processes on loopback): equal to single-process training on the same global
 batches, EDBA choosing one subset on every rank, resume, and the world-size guard."""
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,13 @@ def test_resume_refuses_another_world_size(tmp_path, capsys, tiny_npz):
     torchrun("train", "--data", f"npz:{tiny_npz}", "--out", run, "--stop-after-steps", "2", *COMMON)
     rc, _, err = run_cli(capsys, "train", "--resume", run)
     assert rc == 2 and "trained on 2 process(es)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ddp_gradients_keep_the_bucket_layout_by_default(tmp_path, tiny_npz):
+    """Channels-last is the CPU default for convolutional models, decided before DDP builds its buckets: the
+    1x1 convolution gradients then match the bucket strides, so DDP neither warns nor copies them each step (with
+    contiguous weights on CPU it warned 'Grad strides do not match bucket view strides')."""
+    out = torchrun("train", "--data", f"npz:{tiny_npz}", "--model", "preresnet20", "--batch-size", "16", "--epochs",
+                   "1", "--stop-after-steps", "2", "--no-progress", "--out", tmp_path / "r")
+    assert "Grad strides do not match" not in out.stderr
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["channels_last"] is True

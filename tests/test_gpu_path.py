@@ -124,15 +124,15 @@ def test_fp16_gram_route_is_finite_where_k_exceeds_the_fp16_range():
 
 def test_a_non_finite_selection_is_an_error_not_a_silent_choice(monkeypatch):
     from dynbatch.errors import RunFailure
-    from dynbatch.selection import functional
+    from dynbatch_kernels import reference
 
-    real = functional._sq_sums
+    real = reference.seeded_subset_sq_sums
 
-    def nan_sums(*a, **k):
+    def nan_sums(*a, **k):  # a faulty kernel: every subset's squared norm NaN
         q, counts = real(*a, **k)
         return q * float("nan"), counts
 
-    monkeypatch.setattr(functional, "_sq_sums", nan_sums)
+    monkeypatch.setattr(reference, "seeded_subset_sq_sums", nan_sums)
     pol, ctx, x, y = _edba(8)
     with pytest.raises(RunFailure, match="non-finite gradient norm"):
         pol.plan(x, y, ctx)

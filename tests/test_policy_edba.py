@@ -32,6 +32,24 @@ def test_batch_size_moves_in_the_intended_direction():
     assert EDBAPolicy({**OPTS, "bs_min": 50}, batch_size=20).batch_size() == 50  # initial size clamped
 
 
+def test_share_rule_follows_the_chosen_subsets_share_of_the_batch():
+    o = EDBAOptions(**{**OPTS, "bs_rule": "share"})
+    s = EDBAState(100, loss_ema=1.0, grad_ema=0.1)
+    assert next_batch_size(s, 1.0, o, share=0.6) == 110  # most of the batch follows the trend: larger
+    assert next_batch_size(s, 1.0, o, share=0.4) == 91  # a small part does: smaller
+    assert next_batch_size(s, 1.0, o, share=0.5) == 100
+    assert next_batch_size(EDBAState(100), 1.0, o, share=0.6) == 110  # needs no EMA
+    assert advance(s, 1.0, 0.1, o, share=0.3).batch_size == 91
+
+
+def test_share_rule_moves_the_batch_under_the_papers_optimizer(tmp_path, capsys):
+    """Under lr 0.001 the loss rule holds the batch still for thousands of steps; the share rule moves it."""
+    run_cli(capsys, "train", "--policy", "edba", "--bs-rule", "share", "--subsets", "256", "--train-samples", "400",
+            "--epochs", "2", "--no-progress", "--out", tmp_path / "r")
+    sizes = [r["policy_batch_size"] for r in rows(tmp_path / "r", "step")]
+    assert len(set(sizes)) >= 3, sizes
+
+
 def test_state_advances_after_the_choice_and_ignores_non_finite_steps():
     o = EDBAOptions(**OPTS)
     s = advance(EDBAState(100), 2.0, 0.5, o)

@@ -370,3 +370,20 @@ def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, cap
     assert run_cli(capsys, "train", "--out", run, *args, "--autoresume")[0] == 0
     for kind in ("step", "epoch"):
         assert without_timing(rows(run, kind)) == reference[kind]
+
+
+@pytest.mark.parametrize("mode", ["every-epoch", "on-resize"])
+def test_redrawn_subset_resumes_exactly_and_counts_distinct_images(tmp_path, capsys, mode):
+    """--redraw-subset (a protocol reading): new subsets at epoch boundaries, recorded, and resumed exactly."""
+    args = ["--train-samples", "60", "--batch-size", "20", "--epochs", "4", "--redraw-subset", mode, "--no-progress"]
+    if mode == "on-resize":
+        args += ["--policy", "edba", "--bs-rule", "share", "--subsets", "64", "--bs-min", "10"]
+    run_cli(capsys, "train", *args, "--out", tmp_path / "a")
+    run_cli(capsys, "train", *args, "--out", tmp_path / "b", "--stop-after-steps", "4")
+    run_cli(capsys, "train", "--resume", tmp_path / "b")
+    for kind in ("step", "epoch"):
+        assert without_timing(rows(tmp_path / "a", kind)) == without_timing(rows(tmp_path / "b", kind))
+    distinct = [r["distinct_train_images"] for r in rows(tmp_path / "a", "epoch")]
+    assert distinct[0] == 60 and distinct == sorted(distinct)
+    if mode == "every-epoch":
+        assert distinct[-1] > 150  # four draws of 60 from the digits' ~1,400 training images

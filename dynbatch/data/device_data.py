@@ -35,6 +35,13 @@ class DeviceSplit:
     def __len__(self) -> int:
         return self.n
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without waiting for it: through pinned memory on CUDA (a copy from
+        pageable memory would synchronise the stream first)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _normalise(self, x_nhwc: torch.Tensor) -> torch.Tensor:
         return x_nhwc.permute(0, 3, 1, 2).float() * self.scale + self.shift
 
@@ -57,7 +64,7 @@ class DeviceSplit:
             cols = torch.arange(self.w)
             cols = torch.where(flip[:, None], self.w - 1 - cols, cols) + dx[:, None]  # flip folded into the gather
             rows = torch.arange(self.h) + dy[:, None]
-            rows, cols = rows.to(self.device, non_blocking=True), cols.to(self.device, non_blocking=True)
+            rows, cols = self._to_device(rows), self._to_device(cols)
             x = self.x[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
         return self._normalise(x), self.y[idx]
 
@@ -70,5 +77,12 @@ class DeviceData:
         if train_indices is not None:
             x_tr, y_tr = x_tr[train_indices], y_tr[train_indices]
         self.source = src
+        self.device = device
         self.train = DeviceSplit(x_tr, y_tr, src.mean, src.std, device, src.crop_padding, src.flip)
         self.test = DeviceSplit(src.x_test, src.y_test, src.mean, src.std, device, 0, False)
+
+    def use_train_subset(self, train_indices: np.ndarray) -> None:
+        """Train on these rows of the source's training split from now on (``--redraw-subset``)."""
+        src = self.source
+        self.train = DeviceSplit(src.x_train[train_indices], src.y_train[train_indices], src.mean, src.std,
+                                 self.device, src.crop_padding, src.flip)

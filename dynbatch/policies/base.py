@@ -19,7 +19,7 @@ from torch import nn
 from dynbatch.selectors.options import cli_spec, from_mapping
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ForwardStep:
     """One optimizer step from a fresh forward and backward at the current weights: x (B, C, H, W), y (B,).
 
@@ -33,7 +33,7 @@ class ForwardStep:
     sample_weight: torch.Tensor | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReuseStep:
     """One optimizer step from sample losses (B,) the policy already computed *with a graph* at the current weights
     (their logits (B, C) detached, for accuracy), instead of a second forward."""
@@ -45,7 +45,7 @@ class ReuseStep:
     sample_weight: torch.Tensor | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GradientStep:
     """One optimizer step applying gradients the policy computed (one tensor or None per parameter, in
     ``parameters()`` order, owned by the step), with the statistics of the samples behind them: 0-d float32

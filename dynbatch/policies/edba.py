@@ -32,6 +32,11 @@ from dynbatch.policies.base import ForwardStep, Plan, Policy, ReuseStep, StepCon
 from dynbatch.selectors.edba import EDBAOptions, EDBASelector, capture_last_layer, chosen_rows
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, without a dispatch when it already is (this runs on every step)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 class EDBAPolicy(Policy):
     name = "edba"
     help = "EDBA: train on the random subset whose last-layer gradient best follows the loss trend"
@@ -59,8 +64,8 @@ class EDBAPolicy(Policy):
             logits, feats = capture_last_layer(ctx.model, selector.head, xl, keep_graph=True, autocast=ctx.autocast)
         else:  # no graph, no buffer change, no collective: the unwrapped module
             logits, feats = selector.forward(xl, autocast=ctx.autocast)
-        losses = ctx.loss_fn(logits.float(), yl)
-        g_logits, g_feats = logits.detach().float(), feats.detach().float()
+        losses = ctx.loss_fn(_fp32(logits), yl)
+        g_logits, g_feats = _fp32(logits.detach()), _fp32(feats.detach())
         if d.enabled:  # the whole global batch on every rank, so every rank selects the same subset
             g_logits, g_feats = d.all_gather_rows(g_logits), d.all_gather_rows(g_feats)
         loss = d.all_reduce_sum(losses.detach().sum().reshape(1))[0] / y.shape[0]  # stays on the device

@@ -9,10 +9,16 @@ Three layers, so each idea exists once and is used by ``EDBAPolicy``, the public
   no graph and moves no buffer, selects (``dynbatch.selection.select_subset``: fused kernels, no per-sample
   gradient materialised), advances the state, and holds it for ``state_dict()``.
 
-Batch-size rule (the paper says only: smaller while the loss is high, larger once it is low). The statistic is
-the loss-trend term of the margin loss, r = (L - L_ema) / L_ema, taken before the EMA update: r > ``shrink_above``
-divides the next batch by ``bs_factor``; r < -``grow_below`` multiplies it; it moves by at least one sample and
-stays in [``bs_min``, ``bs_max``].
+Batch-size rules (the paper says only that the decision comes from margin-loss statistics: smaller batches while
+the loss is high, larger once it is low); ``bs_rule`` picks one. Either moves the batch by ``bs_factor`` (at least
+one sample) within [``bs_min``, ``bs_max``].
+
+- ``loss`` (default): the loss-trend term of the margin, r = (L - L_ema) / L_ema, before the EMA update:
+  r > ``shrink_above`` shrinks, r < -``grow_below`` grows. Under the paper's optimizer (lr 0.001) the loss moves
+  too slowly for this to fire: a 1,500-epoch run on 100 images kept its batch at 100 throughout.
+- ``share``: the chosen subset's share of the batch, s = |S| / B, as DBA grew or shrank from the number of
+  gradients it kept: s > ``share_grow`` (the trend is best followed by most of the batch) grows, s <
+  ``share_shrink`` shrinks. Under bernoulli(0.5) subsets the share varies around 0.5 step by step, so it moves.
 """
 from __future__ import annotations
 
@@ -42,8 +48,11 @@ class EDBAOptions:
     bs_min: int = option(10, "smallest batch the batch-size rule may set")
     bs_max: int = option(1000, "largest batch the batch-size rule may set")
     bs_factor: float = option(1.1, "batch-size change factor (> 1)")
-    grow_below: float = option(0.05, "grow when (L - L_ema)/L_ema < -this")
-    shrink_above: float = option(0.05, "shrink when (L - L_ema)/L_ema > this")
+    bs_rule: str = option("loss", "batch-size rule: loss (trend of the loss) or share (chosen subset's share)")
+    grow_below: float = option(0.05, "rule loss: grow when (L - L_ema)/L_ema < -this")
+    shrink_above: float = option(0.05, "rule loss: shrink when (L - L_ema)/L_ema > this")
+    share_grow: float = option(0.55, "rule share: grow when the chosen subset holds more than this share")
+    share_shrink: float = option(0.45, "rule share: shrink when it holds less than this share")
     selection_backend: str = option("auto", "auto, torch, native, triton")
     grad_metric: str = option("mean", "subset score: norm of the subset's mean gradient (the paper's) or of its sum")
 
@@ -67,6 +76,11 @@ class EDBAOptions:
         for k in ("grow_below", "shrink_above"):
             if getattr(self, k) < 0:
                 raise UserError(f"--{k.replace('_', '-')} must be non-negative (got {getattr(self, k)}); e.g. 0.05")
+        if self.bs_rule not in ("loss", "share"):
+            raise UserError(f"--bs-rule must be loss or share (got {self.bs_rule!r}); loss is the default")
+        if not 0 <= self.share_shrink <= self.share_grow <= 1:
+            raise UserError(f"need 0 <= --share-shrink <= --share-grow <= 1 (got {self.share_shrink}, "
+                            f"{self.share_grow}); e.g. 0.45 and 0.55")
         if self.grad_metric not in ("mean", "sum"):
             raise UserError(f"--grad-metric must be mean or sum (got {self.grad_metric!r}); mean is the paper's")
         if self.selection_backend not in ("auto", "torch", "native", "triton"):
@@ -101,26 +115,33 @@ def chosen_rows(mask: torch.Tensor, size: int) -> torch.Tensor:
     return torch.argsort((~mask).to(torch.uint8), stable=True)[:size]
 
 
-def next_batch_size(state: EDBAState, loss: float, opts: EDBAOptions) -> int:
-    """The batch-size rule of the module docstring, from this step's batch loss (EMA not yet updated)."""
-    if state.loss_ema is None or state.loss_ema <= 0:
-        return state.batch_size
-    r = (loss - state.loss_ema) / state.loss_ema
-    if r > opts.shrink_above:
+def next_batch_size(state: EDBAState, loss: float, opts: EDBAOptions, share: float | None = None) -> int:
+    """The batch-size rule ``opts.bs_rule`` of the module docstring, from this step's batch loss (EMA not yet
+    updated) or the chosen subset's share of the batch (``share``, 0..1)."""
+    if opts.bs_rule == "share":
+        grow, shrink = share is not None and share > opts.share_grow, share is not None and share < opts.share_shrink
+    else:
+        if state.loss_ema is None or state.loss_ema <= 0:
+            return state.batch_size
+        r = (loss - state.loss_ema) / state.loss_ema
+        grow, shrink = r < -opts.grow_below, r > opts.shrink_above
+    if shrink:
         return max(opts.bs_min, min(state.batch_size - 1, round(state.batch_size / opts.bs_factor)))
-    if r < -opts.grow_below:
+    if grow:
         return min(opts.bs_max, max(state.batch_size + 1, round(state.batch_size * opts.bs_factor)))
     return state.batch_size
 
 
-def advance(state: EDBAState, loss: float, grad_norm: float, opts: EDBAOptions) -> EDBAState:
-    """The state after a step with batch loss ``loss`` whose chosen subset has gradient norm ``grad_norm``.
+def advance(state: EDBAState, loss: float, grad_norm: float, opts: EDBAOptions,
+            share: float | None = None) -> EDBAState:
+    """The state after a step with batch loss ``loss`` whose chosen subset has gradient norm ``grad_norm`` and
+    holds ``share`` of the batch.
 
     A non-finite step (whose update the trainer skips) leaves the state as it was: it must not poison the EMAs.
     """
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return state
-    nxt = next_batch_size(state, loss, opts)
+    nxt = next_batch_size(state, loss, opts, share)
     if state.loss_ema is None:
         return EDBAState(nxt, loss, grad_norm)
     b = opts.ema_decay
@@ -206,7 +227,8 @@ class EDBASelector:
         (``self.last``), which the state's EMAs and batch-size rule need on the host."""
         o, s = self.options, self.state
         sel = select_subset(
-            logits.detach(), y, features.detach(), num_subsets=o.subsets, seed=(self.seed << 32) + step, loss=loss,
+            logits.detach() if logits.requires_grad else logits, y,
+            features.detach() if features.requires_grad else features, num_subsets=o.subsets, seed=(self.seed << 32) + step, loss=loss,
             loss_ema=s.loss_ema, grad_ema=s.grad_ema, mode=o.subset_mode, p=o.subset_p, backend=o.selection_backend,
             bias=self.head.bias is not None, label_smoothing=label_smoothing, eps=o.margin_eps,
             grad_metric=o.grad_metric,
@@ -219,7 +241,7 @@ class EDBASelector:
                              f"finite (backend {o.selection_backend}); rerun with --selection-backend torch and "
                              "report it")
         self.last = Chosen(loss, grad_norm, margin, int(size), int(index))
-        self.state = advance(self.state, loss, grad_norm, o)
+        self.state = advance(self.state, loss, grad_norm, o, size / max(y.shape[0], 1))
         return sel
 
     def state_dict(self) -> dict[str, Any]:

@@ -45,8 +45,8 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU
-    channels_last: str = "auto"  # auto: on for CUDA
+    amp: str = "auto"  # auto: bf16 autocast where bf16 is native (CUDA; CPUs with avx512_bf16/amx), else fp32
+    channels_last: str = "auto"  # auto: on for convolutional models
     compile: bool = False
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch
     micro_batch: int | None = None
@@ -54,6 +54,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between test evaluations; the last epoch is always evaluated
     util_interval: float = 0.5
     log: str = ""  # loggers beside metrics.jsonl: "tensorboard"
+    redraw_subset: str = "never"  # protocol reading (dynbatch.train.redraw): never, on-resize, every-epoch
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: stop the run, or skip the step
     nonfinite_limit: int = 10  # skip mode: stop after this many skipped steps in a row
     stop_after_steps: int | None = None
@@ -133,6 +134,12 @@ class TrainConfig:
         if self.channels_last not in ("auto", "on", "off"):
             raise UserError(f"--channels-last must be auto, on or off (got {self.channels_last!r}); auto is the default")
         parse_loggers(self.log)
+        if self.redraw_subset not in ("never", "on-resize", "every-epoch"):
+            raise UserError(f"--redraw-subset must be never, on-resize or every-epoch (got {self.redraw_subset!r}); "
+                            "never is the default")
+        if self.redraw_subset != "never" and self.train_samples is None and self.train_fraction is None:
+            raise UserError("--redraw-subset redraws a --train-samples (or --train-fraction) subset; give one, or "
+                            "drop --redraw-subset")
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise UserError(f"--on-nonfinite must be stop or skip (got {self.on_nonfinite!r}); stop is the default")
 

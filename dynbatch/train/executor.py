@@ -58,6 +58,8 @@ class PlanExecutor:
         self.micro_batch = micro_batch  # None: whole steps; halved on OOM and kept for later steps
         self.max_oom_retries = max_oom_retries
         self.params = list(model.parameters())
+        self._no_sync = getattr(model, "no_sync", None)  # looked up once: nn.Module attribute misses are slow
+        self._counts: dict[tuple[int, torch.device], torch.Tensor] = {}  # sample counts as 0-d device constants
         self._unit: torch.Tensor | None = None  # the check's "unscale" factor: 1, on the parameters' device
         self._lr: float | None = None
 
@@ -65,10 +67,17 @@ class PlanExecutor:
         """(factor, samples): the step's mean loss is sum(weighted losses) * factor; ``samples`` (0-d float32) is
         this rank's count for the statistics. One process without weights: a host constant, no device work."""
         if weight is None and not self.dist.enabled:
-            return 1.0 / max(n, 1), torch.full((), float(n), device=device)
-        local = weight.sum() if weight is not None else torch.full((), float(n), device=device)
+            return 1.0 / max(n, 1), self._count(n, device)
+        local = weight.sum() if weight is not None else self._count(n, device)
         total = self.dist.all_reduce_sum(local.float().reshape(1))[0] if self.dist.enabled else local.float()
         return self.dist.world / total.clamp_min(1e-12), local.float()
+
+    def _count(self, n: int, device) -> torch.Tensor:
+        """``n`` as a 0-d float32 tensor on ``device``, made once per value (only ever read: stacked, summed)."""
+        t = self._counts.get((n, device))
+        if t is None:
+            t = self._counts[(n, device)] = torch.full((), float(n), device=device)
+        return t
 
     def _reused(self, step: ReuseStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The backward of losses a policy computed with a graph; (loss sum, correct, samples), 0-d float32."""
@@ -92,11 +101,11 @@ class PlanExecutor:
         for start in range(0, n, mb):
             xs, ys = (step.x, step.y) if mb >= n else (step.x[start:start + mb], step.y[start:start + mb])
             last = start + mb >= n
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            sync = contextlib.nullcontext() if last or self._no_sync is None else self._no_sync()
             with sync:
                 with ctx.autocast():
                     logits = self.model(xs)
-                    losses = ctx.loss_fn(logits.float(), ys)
+                    losses = ctx.loss_fn(logits if logits.dtype == torch.float32 else logits.float(), ys)
                 hit = logits.detach().argmax(1) == ys
                 if w is not None:
                     ws = w[start:start + mb]
@@ -148,7 +157,7 @@ class PlanExecutor:
             if isinstance(step, GradientStep):
                 for p, g in zip(self.params, step.grads):
                     p.grad = g  # the policy's tensors: the step owns them
-                part = (step.loss_sum, step.correct, torch.full((), float(step.samples), device=step.loss_sum.device))
+                part = (step.loss_sum, step.correct, self._count(step.samples, step.loss_sum.device))
             else:
                 part = self._gradient_pass(step, ctx, outcome)
             # Under DDP the all-reduced gradients alone decide, so every rank skips the same steps.

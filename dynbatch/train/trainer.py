@@ -13,7 +13,6 @@ checkpoint resumes only with the number of ranks that wrote it.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import platform
 import signal
@@ -31,11 +30,12 @@ from dynbatch.info import package_versions
 from dynbatch.models import build_model
 from dynbatch.monitor import UtilisationMonitor
 from dynbatch.policies import StepContext, policy_class
-from dynbatch.train import loggers, records
+from dynbatch.train import loggers, precision, records
 from dynbatch.train.config import TrainConfig
 from dynbatch.distributed import Dist
 from dynbatch.train.executor import PlanExecutor
 from dynbatch.train.optim import build_optimizer
+from dynbatch.train.redraw import SubsetRedraw
 from dynbatch.train.schedules import scheduled_lr
 
 CHECKPOINT_VERSION = 2  # 2: one CUDA generator state per rank
@@ -83,10 +83,6 @@ class Trainer:
                 raise UserError(f"--batch-size {cfg.batch_size} is below the {self.dist.world} ranks, which each need "
                                 f"a sample; give at least {self.dist.world}")
         on_cuda = self.device.type == "cuda"
-        self.use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda)
-        if self.use_amp and not on_cuda:
-            raise UserError("--amp bf16 needs a CUDA device here; use --amp none on CPU")
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_cuda)
 
         src = load_dataset(cfg.data, cfg.data_dir, cfg.num_classes, cfg.image_size)
         if not cfg.augment:
@@ -99,10 +95,18 @@ class Trainer:
         if train_samples is not None:
             subset = balanced_subset(src.y_train, train_samples, cfg.seed)
         self.data = DeviceData(src, self.device, subset)
+        self.redraw = (SubsetRedraw(cfg.redraw_subset, src.y_train, subset, cfg.seed)
+                       if cfg.redraw_subset != "never" else None)
 
         torch.manual_seed(cfg.seed)
         c = src.image_shape[0]
         self.model = build_model(cfg.model, src.num_classes, c).to(self.device)
+        self.precision = precision.resolve(cfg.amp, cfg.channels_last, self.device, self.model)
+        if self.precision.bf16 and self.device.type == "cpu" and not precision.cpu_has_native_bf16():
+            self.log("note: --amp bf16 on a CPU without native bf16 (avx512_bf16 or amx_bf16) is emulated and much "
+                     "slower than fp32; --amp auto chooses fp32 here")
+        self.channels_last = self.precision.channels_last
+        # Before any wrapper (DDP builds its gradient buckets from the parameters' layout as it finds them).
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()  # once: the steps do not switch modes (evaluate() switches back itself)
@@ -126,7 +130,7 @@ class Trainer:
         self.ctx = StepContext(model=self.step_model, module=self.model, loss_fn=self.loss_fn, autocast=self.autocast,
                                device=self.device, seed=cfg.seed, label_smoothing=cfg.label_smoothing,
                                dist=self.dist)
-        self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1)
+        self.sampler = VariableBatchSampler(len(self.data.train), cfg.seed + 1, self.device)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
         # Progress counters; all of them go into the checkpoint.
         self.epoch = 0
@@ -229,7 +233,8 @@ class Trainer:
             "data": {"name": self.data.source.name, "train_samples": len(self.data.train),
                      "test_samples": len(self.data.test), "num_classes": self.data.source.num_classes,
                      "image_shape": list(self.data.source.image_shape)},
-            "amp_bf16": self.use_amp, "channels_last": self.channels_last, "world_size": self.dist.world,
+            "precision": self.precision.name, "amp_bf16": self.precision.bf16, "channels_last": self.channels_last,
+            "world_size": self.dist.world,
             "command": sys.argv,
         }
 
@@ -251,6 +256,7 @@ class Trainer:
                          "nonfinite_streak": self.nonfinite_streak},
             "metrics_offset": self.metrics_offset,
             "world_size": self.dist.world,
+            "redraw": self.redraw.state_dict() if self.redraw is not None else None,
         }
 
     def load_state(self, s: dict[str, Any]) -> None:
@@ -272,6 +278,9 @@ class Trainer:
             self.wall_offset, self.epoch_acc = float(p["wall_s"]), dict(p["epoch_acc"])
             self.nonfinite_streak = int(p.get("nonfinite_streak", 0))
             self.metrics_offset = s["metrics_offset"]
+            if self.redraw is not None:
+                self.redraw.load_state_dict(s["redraw"])
+                self.data.use_train_subset(self.redraw.indices)
             self.checkpoint_step = self.step
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -301,9 +310,7 @@ class Trainer:
         return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
 
     def autocast(self):
-        if self.use_amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return self.precision.autocast()
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, reduction="none", label_smoothing=self.cfg.label_smoothing)
@@ -319,16 +326,18 @@ class Trainer:
         """(mean loss, accuracy) on the test split, centre crops, eval mode."""
         self.model.eval()
         split = self.data.test
-        loss, correct = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct: read once, at the end
         for start in range(0, len(split), self.cfg.eval_batch):
-            idx = torch.arange(start, min(start + self.cfg.eval_batch, len(split)))
+            idx = torch.arange(start, min(start + self.cfg.eval_batch, len(split)), device=self.device)
             x, y = split.batch(idx)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 logits = self.step_model(x).float()
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
         self.model.train()
-        return loss / len(split), correct / len(split)
+        loss, correct = sums.tolist()
+        return loss / len(split), int(correct) / len(split)
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:  # a second signal: the user insists
@@ -352,6 +361,7 @@ class Trainer:
         try:
             while self.epoch < cfg.epochs:
                 if self.sampler.pos == 0:
+                    self._redraw_subset()
                     self.policy.on_epoch_start(self.epoch)
                 self._bar = self._bar or self._progress_bar()
                 self._train_step()
@@ -385,6 +395,12 @@ class Trainer:
             self._lock = None
         self._plot()
         return {"interrupted": None, "out": str(self.out), "step": self.step, **self.last_epoch}
+
+    def _redraw_subset(self) -> None:
+        if self.redraw is not None:
+            indices = self.redraw.at_epoch_start(self.epoch, self.policy.batch_size())
+            if indices is not None:
+                self.data.use_train_subset(indices)
 
     def _plot(self) -> None:
         from dynbatch.plots import plot_runs
@@ -529,6 +545,8 @@ class Trainer:
             "samples_seen": self.samples_seen, "samples_per_s": len(self.data.train) / max(a["time"], 1e-9),
             "wall_s": self.wall_offset + self._elapsed(), **self._utilisation(monitor),
         }
+        if self.redraw is not None:
+            row["distinct_train_images"] = self.redraw.distinct
         self._record("epoch", row)
         self.last_epoch = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")}
         if self._bar is not None:
