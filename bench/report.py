@@ -107,6 +107,15 @@ def step_table(rows) -> list[str]:
     return out + [""]
 
 
+def fixed_cost_lines(rows) -> list[str]:
+    fc = {r["impl"]: r["median_s"] for r in rows if r.get("suite") == "selection_fixed"}
+    if not fc:
+        return []
+    parts = [f"`{impl}` {1e6 * s:,.0f} µs" for impl, s in sorted(fc.items())]
+    return ["Fixed cost of one `select_subset` call where the work is nil (B = 8, N = 16; target ≤ 50 µs for the "
+            "native backend, `auto` on CPU): " + ", ".join(parts) + ".", ""]
+
+
 def overhead_table(rows) -> list[str]:
     ov = {r["impl"]: r for r in rows if r.get("suite") == "overhead"}
     if not ov:
@@ -204,7 +213,7 @@ def main(argv=None) -> int:
     if a.command:
         lines.append(f"- produced by: `{a.command}`")
     lines.append("")
-    lines += (selection_table(rows) + step_table(rows) + overhead_table(rows) + precision_table(rows)
+    lines += (selection_table(rows) + fixed_cost_lines(rows) + step_table(rows) + overhead_table(rows) + precision_table(rows)
               + pipeline_table(rows))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bench.png")

@@ -102,3 +102,13 @@ def test_mm_roofline(benchmark, b, c, n):
     k = torch.randn(b, cols, device=DEVICE)
     run(benchmark, lambda: torch.mm(m, k), suite="roofline", impl="mm", B=b, C=c, D=D, N=n, route=route,
         macs=n * b * cols)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_select_fixed_cost(benchmark, backend):
+    """``select_subset`` where the work is nil (B = 8, N = 16): what a call costs whatever the batch."""
+    case = SelectionCase(8, 10, D, 16)
+    loss = torch.tensor(1.0, device=DEVICE)
+    fn = lambda: select_subset(case.logits, case.targets, case.features, num_subsets=16, seed=1, loss=loss,  # noqa: E731
+                               loss_ema=1.1, grad_ema=0.2, backend=backend).stats
+    run(benchmark, fn, budget_s=1.0, suite="selection_fixed", impl=f"select_{backend}", B=8, N=16)

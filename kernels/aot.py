@@ -32,7 +32,7 @@ import torch
 SHARED_LIMIT = {80: 166912, 90: 232448}
 TARGETS = (80, 90)
 _DTYPE_CODE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
-               torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+               torch.int64: "i64", torch.int32: "i32", torch.bool: "i1", torch.float64: "fp64"}
 
 
 @dataclass
@@ -168,6 +168,7 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
     ``sm_<arch>`` (the launch configuration follows the target: see ``configs.py``)."""
     from dynbatch_kernels import configs
     from dynbatch_kernels.residuals import residuals_and_norms
+    from dynbatch_kernels.select_epilogue import choose
     from dynbatch_kernels.subset_norms_direct import subset_sq_sums_direct
     from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram
 
@@ -180,6 +181,10 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
         e = torch.randn(b, c)
         a = torch.randn(b, d + 1)
         fn(e, a, n, masks=mask_t, seed=7, mode=mode_id, thr=2**23, dot_dtype=dtype)
+        if not masks:  # select_subset: the epilogue that picks the subset
+            for has_ema in (False, True):
+                choose(torch.rand(n), torch.rand(n), torch.tensor(1.0), seed=7, mode_id=mode_id, thr=2**23,
+                       batch_size=b, loss_ema=1.0, grad_ema=0.5, has_ema=has_ema, eps=1e-8)
     return launches
 
 

@@ -29,14 +29,29 @@ def mask_tile(masks_ptr, seed, thr, rows, cols, N, B, MODE: tl.constexpr):
         offs = rows[:, None].to(tl.int64) * B + cols[None, :]
         m = tl.load(masks_ptr + offs, mask=valid, other=0) != 0
     else:
-        key = mix32(mix32(seed.to(tl.uint32)) + rows.to(tl.uint32))
-        draw = mix32(key[:, None] + cols[None, :].to(tl.uint32) * 0x9E3779B9) >> 8
-        if MODE == 1:
-            m = draw < thr.to(tl.uint32)
-        else:
-            rate = mix32(key ^ 0x5BD1E995) >> 8
-            m = draw < rate[:, None]
+        key = subset_key(seed, rows)
+        m = member(key[:, None], cols[None, :], subset_limit(key, thr, MODE)[:, None])
     return m & valid
+
+
+@triton.jit
+def subset_key(seed, rows):
+    """Each subset's 32-bit key from the seed and its index (any shape)."""
+    return mix32(mix32(seed.to(tl.uint32)) + rows.to(tl.uint32))
+
+
+@triton.jit
+def subset_limit(key, thr, MODE: tl.constexpr):
+    """The threshold a sample's 24-bit draw must stay below: ``thr`` (bernoulli) or the subset's own rate."""
+    if MODE == 1:
+        return thr.to(tl.uint32) + tl.zeros_like(key)
+    return mix32(key ^ 0x5BD1E995) >> 8
+
+
+@triton.jit
+def member(key, cols, limit):
+    """Whether samples ``cols`` belong to the subsets of ``key`` (shapes broadcast)."""
+    return (mix32(key + cols.to(tl.uint32) * 0x9E3779B9) >> 8) < limit
 
 
 @triton.jit

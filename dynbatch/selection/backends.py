@@ -86,10 +86,12 @@ class TritonBackend:
 
     def select(self, logits, targets, features, loss, *, num_subsets, seed, mode_id, thr, route, bias,
                label_smoothing, loss_ema, grad_ema, has_ema, eps, metric):
+        from dynbatch_kernels.select_epilogue import choose
+
         q, c = self.sq_sums(logits, targets, features, None, num_subsets, seed, mode_id, thr, route, bias,
                             label_smoothing)
-        return _reference().choose(q, c, loss, seed=seed, mode_id=mode_id, thr=thr, batch_size=logits.shape[0],
-                                   loss_ema=loss_ema, grad_ema=grad_ema, has_ema=has_ema, eps=eps, metric=metric)
+        return choose(q, c, loss, seed=seed, mode_id=mode_id, thr=thr, batch_size=logits.shape[0], loss_ema=loss_ema,
+                      grad_ema=grad_ema, has_ema=has_ema, eps=eps, metric=metric)
 
 
 def dot_dtype(logits, features) -> torch.dtype:
