@@ -177,7 +177,8 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
     mode_id = {"masks": 0, "bernoulli": 1, "uniform_size": 2}["masks" if masks else mode]
     mask_t = torch.zeros((n, b), dtype=torch.uint8) if masks else None
     with capture() as launches, configs.target(arch):
-        residuals_and_norms(logits, y, feats, bias=True, label_smoothing=0.0)
+        for augmented in (False, True):  # per-sample norms alone; the subset kernels' inputs
+            residuals_and_norms(logits, y, feats, bias=True, label_smoothing=0.0, augmented=augmented)
         e = torch.randn(b, c)
         a = torch.randn(b, d + 1)
         fn(e, a, n, masks=mask_t, seed=7, mode=mode_id, thr=2**23, dot_dtype=dtype)

@@ -13,8 +13,8 @@ from .reference import per_sample_grad_norms as REFERENCE  # noqa: F401  (the op
 
 
 @triton.jit
-def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, C, D, stride_l, stride_f, smoothing,
-                      BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, a_ptr, C, D, stride_l, stride_f, smoothing,
+                      BIAS: tl.constexpr, WRITE_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cs = tl.arange(0, BLOCK_C)
     cm = cs < C
@@ -27,10 +27,18 @@ def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, C, D, 
     e = tl.where(cm, p - target, 0.0)
     tl.store(e_ptr + row * C + cs, e, mask=cm)
     a2 = tl.zeros((BLOCK_D,), tl.float32)
+    if BIAS:
+        da = D + 1
+    else:
+        da = D
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         h = tl.load(feat_ptr + row * stride_f + ds, mask=ds < D, other=0.0).to(tl.float32)
         a2 += h * h
+        if WRITE_A:  # the augmented features [h, 1] in fp32, for the subset kernels (no separate torch.cat)
+            tl.store(a_ptr + row * da + ds, h, mask=ds < D)
+    if WRITE_A and BIAS:
+        tl.store(a_ptr + row * da + D, 1.0)
     a2_sum = tl.sum(a2, axis=0)
     if BIAS:
         a2_sum += 1.0
@@ -38,19 +46,21 @@ def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, C, D, 
 
 
 def residuals_and_norms(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, *, bias: bool,
-                        label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E fp32 (B, C), per-sample gradient norms fp32 (B,)); logits (B, C) and features (B, D) in any float dtype."""
+                        label_smoothing: float, augmented: bool = False):
+    """(E fp32 (B, C), per-sample gradient norms fp32 (B,)); logits (B, C) and features (B, D) in any float dtype.
+    With ``augmented`` also A = [h, 1] (or h without ``bias``) fp32 (B, D + bias), written by the same launch."""
     b, c = logits.shape
     d = features.shape[1]
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     features = features if features.stride(1) == 1 else features.contiguous()
     e = torch.empty((b, c), dtype=torch.float32, device=logits.device)
     norms = torch.empty((b,), dtype=torch.float32, device=logits.device)
-    if b == 0:
-        return e, norms
-    with on_device(logits):
-        _residuals_kernel[(b,)](
-            logits, targets, features, e, norms, c, d, logits.stride(0), features.stride(0), float(label_smoothing),
-            BIAS=bias, BLOCK_C=triton.next_power_of_2(c), BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 1024),
-        )
-    return e, norms
+    a = torch.empty((b, d + bool(bias)), dtype=torch.float32, device=logits.device) if augmented else norms
+    if b > 0:
+        with on_device(logits):
+            _residuals_kernel[(b,)](
+                logits, targets, features, e, norms, a, c, d, logits.stride(0), features.stride(0),
+                float(label_smoothing), BIAS=bias, WRITE_A=augmented, BLOCK_C=triton.next_power_of_2(c),
+                BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 1024),
+            )
+    return (e, norms, a) if augmented else (e, norms)

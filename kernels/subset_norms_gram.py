@@ -36,6 +36,40 @@ def _gram_kernel(k_ptr, masks_ptr, sq_ptr, cnt_ptr, N, B, seed, thr, MODE: tl.co
     tl.store(cnt_ptr + rows, cnt, mask=rows < N)
 
 
+@triton.jit
+def _gram_matrix_kernel(e_ptr, a_ptr, k_ptr, B, C, DA, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """K[i, j] = <e_i, e_j> <a_i, a_j> for a BLOCK x BLOCK tile, both products in IEEE fp32 (as torch.mm)."""
+    ri = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ee = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        ei = tl.load(e_ptr + ri[:, None] * C + cs[None, :], mask=(ri[:, None] < B) & (cs[None, :] < C), other=0.0)
+        ej = tl.load(e_ptr + rj[None, :] * C + cs[:, None], mask=(rj[None, :] < B) & (cs[:, None] < C), other=0.0)
+        ee = tl.dot(ei, ej, ee, input_precision="ieee")
+    aa = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for d0 in range(0, DA, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        ai = tl.load(a_ptr + ri[:, None] * DA + ds[None, :], mask=(ri[:, None] < B) & (ds[None, :] < DA), other=0.0)
+        aj = tl.load(a_ptr + rj[None, :] * DA + ds[:, None], mask=(rj[None, :] < B) & (ds[:, None] < DA), other=0.0)
+        aa = tl.dot(ai, aj, aa, input_precision="ieee")
+    tl.store(k_ptr + ri[:, None] * B + rj[None, :], ee * aa, mask=(ri[:, None] < B) & (rj[None, :] < B))
+
+
+def gram_matrix(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """K = (E E^T) o (A A^T), fp32 (B, B), in one launch (``reference.gram_matrix`` is three operators)."""
+    b = e.shape[0]
+    k = torch.empty((b, b), dtype=torch.float32, device=e.device)
+    if b == 0:
+        return k
+    block = 32
+    with on_device(e):
+        _gram_matrix_kernel[(triton.cdiv(b, block), triton.cdiv(b, block))](
+            e, a, k, b, e.shape[1], a.shape[1], BLOCK=block, BLOCK_C=16, BLOCK_D=32)
+    return k
+
+
 def subset_sq_sums_gram(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *, masks: torch.Tensor | None,
                         seed: int, mode: int, thr: int, dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(||sum_S g_i||^2, |S|), fp32 (N,) each; arguments as in ``subset_sq_sums_direct``.
@@ -46,7 +80,7 @@ def subset_sq_sums_gram(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *, m
     """
     b = e.shape[0]
     n = num_subsets
-    k = ((e @ e.T) * (a @ a.T)).contiguous()  # fp32 (B, B)
+    k = gram_matrix(e, a)  # fp32 (B, B)
     sq = torch.empty((n,), dtype=torch.float32, device=e.device)
     cnt = torch.empty((n,), dtype=torch.float32, device=e.device)
     if n == 0:

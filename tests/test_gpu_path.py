@@ -38,7 +38,8 @@ def test_every_kernel_compiles_for_both_targets_without_spills(aot_reports):
     reports, proc = aot_reports
     assert proc.returncode == 0, proc.stdout[-3000:]
     kernels = {(r["kernel"], r["arch"]) for r in reports}
-    for name in ("_residuals_kernel", "_direct_kernel", "_gram_kernel"):
+    for name in ("_residuals_kernel", "_direct_kernel", "_gram_kernel", "_gram_matrix_kernel", "_score_kernel",
+                 "_finish_kernel"):
         assert {(name, 80), (name, 90)} <= kernels
     for r in reports:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
@@ -90,7 +91,7 @@ def test_the_tier_fails_on_a_kernel_that_is_wrong_for_a_gpu(tmp_path):
 
 # ---- defect 1: kernels launch on their tensors' device ---------------------------------------------------------
 def test_every_launcher_launches_inside_a_device_guard(monkeypatch):
-    from dynbatch_kernels import residuals, subset_norms_direct, subset_norms_gram
+    from dynbatch_kernels import residuals, select_epilogue, subset_norms_direct, subset_norms_gram
 
     guarded = []
 
@@ -98,13 +99,17 @@ def test_every_launcher_launches_inside_a_device_guard(monkeypatch):
         guarded.append(t.device)
         return nullcontext()
 
-    for mod in (residuals, subset_norms_direct, subset_norms_gram):
+    for mod in (residuals, subset_norms_direct, subset_norms_gram, select_epilogue):
         monkeypatch.setattr(mod, "on_device", guard)
     logits, y, feats = random_case(8, 3, 5)
     masks = random_subsets(16, 8, seed=0)
     for route in ("direct", "gram"):
         subset_grad_norms(logits, y, feats, masks, backend="triton", route=route)
-    assert len(guarded) == 4  # residuals + subset kernel, for each route
+    assert len(guarded) == 5  # residuals + subset kernel, and the Gram matrix on that route
+    for route in ("direct", "gram"):
+        select_subset(logits, y, feats, num_subsets=16, seed=0, loss=1.0, loss_ema=1.1, grad_ema=0.3,
+                      backend="triton", route=route)
+    assert len(guarded) == 5 + 7  # the same launchers, plus the epilogue (its two kernels under one guard)
 
 
 # ---- defect 2: fp16 on the Gram route ----------------------------------------------------------------------------
@@ -297,7 +302,8 @@ from dynbatch_kernels import aot
 out = {}
 for arch in (80, 90):
     launches = aot.launches_for(100, 10, 64, 4096, torch.float32, arch, "bernoulli", "direct")
-    out[arch] = [list(l.grid) for l in launches] + [launches[1].args["SPLIT_J"]]
+    direct = next(l for l in launches if l.name == "_direct_kernel")
+    out[arch] = [list(l.grid) for l in launches] + [direct.args["SPLIT_J"]]
 print(json.dumps(out))
 """
 

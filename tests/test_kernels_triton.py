@@ -97,3 +97,20 @@ def test_triton_epilogue_equals_reference_choice(metric, first_step, b, p):
     # for about 1 input in 5 here), and a margin divides by G_S - G_ema: hence rtol 1e-4, not bit equality.
     torch.testing.assert_close(got_stats, want_stats, rtol=1e-4, atol=1e-6, equal_nan=True)
     assert got_stats[4] == want_stats[4] and torch.equal(got_mask, want_mask)
+
+
+@pytest.mark.parametrize("b, c, d", [(37, 7, 19), (1, 2, 1), (70, 100, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_augmented_features_and_gram_matrix_equal_reference(b, c, d, bias):
+    """The residuals launch also writes A = [h, 1] (no torch.cat), and K = (E E^T) o (A A^T) is one launch; both
+    against the reference's torch operators (K: fp32 products in another summation order, rtol 1e-5)."""
+    from dynbatch_kernels import reference
+    from dynbatch_kernels.residuals import residuals_and_norms
+    from dynbatch_kernels.subset_norms_gram import gram_matrix
+
+    logits, y, feats = _case(b, c, d, seed=b + c)
+    e, norms, a = residuals_and_norms(logits, y, feats, bias=bias, label_smoothing=0.1, augmented=True)
+    want_a = reference.augmented_features(feats, bias)
+    assert torch.equal(a, want_a)
+    torch.testing.assert_close(e, reference.residuals(logits, y, 0.1), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(gram_matrix(e, a), reference.gram_matrix(e, a), rtol=1e-5, atol=1e-6)

@@ -75,8 +75,9 @@ class TritonBackend:
         return residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=smoothing)
 
     def sq_sums(self, logits, targets, features, masks, n, seed, mode, thr, route, bias, smoothing):
-        e, _ = self.residuals(logits, targets, features, bias, smoothing)
-        a = _reference().augmented_features(features, bias)
+        from dynbatch_kernels.residuals import residuals_and_norms
+
+        e, _, a = residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=smoothing, augmented=True)
         dot = dot_dtype(logits, features)
         if route == "gram":
             from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram as fn
