@@ -255,8 +255,25 @@ def tune(routes=("gram", "direct")) -> dict:
     return chosen
 
 
+def summary(reports: list[CompileReport]) -> str:
+    """One row per (kernel, target, input dtype): how many configurations compiled, worst registers, spills and
+    shared memory, and the multiply instructions (the README's compile summary)."""
+    groups: dict[tuple, list[CompileReport]] = {}
+    for r in reports:
+        groups.setdefault((r.kernel.lstrip("_"), r.arch, r.dtype), []).append(r)
+    lines = [f"{len(reports)} distinct compiles, {sum(not r.ok for r in reports)} with spills or too much shared "
+             "memory.", "", "| kernel | target | inputs | configurations compiled | registers (max) | spill bytes | "
+             "shared KiB (max) | multiply instructions |", "|" + "---|" * 8]
+    for (kernel, arch, dtype), rs in sorted(groups.items()):
+        spills = sum(r.spill_stores + r.spill_loads for r in rs)
+        instr = ", ".join(sorted({r.instructions for r in rs}))
+        lines.append(f"| {kernel} | sm_{arch} | {dtype} | {len(rs)} | {max(r.registers for r in rs)} | {spills} | "
+                     f"{max(r.shared for r in rs) / 1024:.1f} | {instr} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(reports: list[CompileReport]) -> str:
-    lines = ["| kernel | target | dtype | first shape compiled | launch config | registers | spill bytes "
+    lines = [summary(reports), "", "| kernel | target | dtype | first shape compiled | launch config | registers | spill bytes "
              "(store/load) | shared KiB | multiply instructions |", "|" + "---|" * 9]
     for r in sorted(reports, key=lambda r: (r.kernel, r.arch, r.dtype, r.config)):
         lines.append(f"| {r.kernel} | sm_{r.arch} | {r.dtype} | {r.shape} | {r.config} | {r.registers} | "
@@ -286,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(markdown(reports))
+        with open(os.path.join(os.path.dirname(a.markdown) or ".", "summary.md"), "w") as f:
+            f.write(summary(reports))  # what the README splices (GPU-AOT)
     bad = [r for r in reports if not r.ok]
     print(f"{len(reports)} compiles, {len(bad)} with spills or too much shared memory")
     return 1 if bad else 0
