@@ -274,10 +274,15 @@ def report_edba(runs, out: Path) -> list[str]:
                 continue
             if meth == "edba":
                 st = [r for run in rs for r in rows_of(run, "step")]
-                sizes = sorted({r["policy_batch_size"] for r in st})
+                asked = sorted({r["policy_batch_size"] for r in st})
+                got = sorted({r["batch_size"] for r in st})
                 share = statistics.fmean(r["chosen_size"] / r["batch_size"] for r in st)
-                notes.append(f"- {row.key} EDBA: loader batch sizes {sizes[0]}..{sizes[-1]} "
-                             f"({len(sizes)} distinct), chosen subset {share:.2f} of the batch on average.")
+                first = [next((r["step"] for r in rows_of(run, "step") if r["policy_batch_size"] != 100), None)
+                         for run in rs]
+                notes.append(f"- {row.key} EDBA: batch sizes asked by the rule {asked[0]}..{asked[-1]} "
+                             f"({len(asked)} distinct; first move at step {first} per run), trained "
+                             f"{got[0]}..{got[-1]} (an epoch of {row.n} images caps it); chosen subset "
+                             f"{share:.2f} of the batch on average.")
             distinct = [rows_of(run, "epoch")[-1].get("distinct_train_images") for run in rs]
             if any(distinct):
                 notes.append(f"- {row.key} {meth}: distinct training images used: "
@@ -316,8 +321,8 @@ def _edba_figure(groups, out: Path) -> None:
         for i, run in enumerate(done_runs(groups[(row.key, "edba")])):
             st = rows_of(run, "step")
             ax.plot([r["step"] for r in st], [r["policy_batch_size"] for r in st], color="tab:red", alpha=0.6,
-                    label="loader batch" if i == 0 else None)
-        ax.set_title(f"{row.key}: EDBA batch size", fontsize=9)
+                    label="asked by the batch-size rule" if i == 0 else None)
+        ax.set_title(f"{row.key}: EDBA batch size (an epoch of {row.n} caps the trained batch)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("samples")
         if ax.lines:
