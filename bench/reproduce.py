@@ -281,7 +281,9 @@ def report_edba(runs, out: Path) -> list[str]:
                          for run in rs]
                 notes.append(f"- {row.key} EDBA: batch sizes asked by the rule {asked[0]}..{asked[-1]} "
                              f"({len(asked)} distinct; first move at step {first} per run), trained "
-                             f"{got[0]}..{got[-1]} (an epoch of {row.n} images caps it); chosen subset "
+                             f"{got[0]}..{got[-1]}"
+                             + (f" (an epoch of {row.n} images caps it)" if asked[-1] > row.n else "") +
+                             "; chosen subset "
                              f"{share:.2f} of the batch on average.")
             distinct = [rows_of(run, "epoch")[-1].get("distinct_train_images") for run in rs]
             if any(distinct):
