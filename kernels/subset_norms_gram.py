@@ -37,24 +37,25 @@ def _gram_kernel(k_ptr, masks_ptr, sq_ptr, cnt_ptr, N, B, seed, thr, MODE: tl.co
 
 
 @triton.jit
+def _row_products(x_ptr, ri, rj, B, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """<x_i, x_j> for rows ``ri`` x ``rj`` of a row-major (B, K) fp32 matrix, in IEEE fp32 (as torch.mm)."""
+    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xi = tl.load(x_ptr + ri[:, None] * K + ks[None, :], mask=(ri[:, None] < B) & (ks[None, :] < K), other=0.0)
+        xj = tl.load(x_ptr + rj[None, :] * K + ks[:, None], mask=(rj[None, :] < B) & (ks[:, None] < K), other=0.0)
+        acc = tl.dot(xi, xj, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _gram_matrix_kernel(e_ptr, a_ptr, k_ptr, B, C, DA, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_D: tl.constexpr):
-    """K[i, j] = <e_i, e_j> <a_i, a_j> for a BLOCK x BLOCK tile, both products in IEEE fp32 (as torch.mm)."""
+    """K[i, j] = <e_i, e_j> <a_i, a_j> for a BLOCK x BLOCK tile."""
     ri = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ee = tl.zeros((BLOCK, BLOCK), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        ei = tl.load(e_ptr + ri[:, None] * C + cs[None, :], mask=(ri[:, None] < B) & (cs[None, :] < C), other=0.0)
-        ej = tl.load(e_ptr + rj[None, :] * C + cs[:, None], mask=(rj[None, :] < B) & (cs[:, None] < C), other=0.0)
-        ee = tl.dot(ei, ej, ee, input_precision="ieee")
-    aa = tl.zeros((BLOCK, BLOCK), tl.float32)
-    for d0 in range(0, DA, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        ai = tl.load(a_ptr + ri[:, None] * DA + ds[None, :], mask=(ri[:, None] < B) & (ds[None, :] < DA), other=0.0)
-        aj = tl.load(a_ptr + rj[None, :] * DA + ds[:, None], mask=(rj[None, :] < B) & (ds[:, None] < DA), other=0.0)
-        aa = tl.dot(ai, aj, aa, input_precision="ieee")
-    tl.store(k_ptr + ri[:, None] * B + rj[None, :], ee * aa, mask=(ri[:, None] < B) & (rj[None, :] < B))
+    k = _row_products(e_ptr, ri, rj, B, C, BLOCK, BLOCK_C) * _row_products(a_ptr, ri, rj, B, DA, BLOCK, BLOCK_D)
+    tl.store(k_ptr + ri[:, None] * B + rj[None, :], k, mask=(ri[:, None] < B) & (rj[None, :] < B))
 
 
 def gram_matrix(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
