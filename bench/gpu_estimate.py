@@ -3,7 +3,7 @@
 No GPU ran any of this. From each kernel's work (multiply-adds, integer operations of the in-kernel subset
 generator, unique DRAM bytes) and the targets' published dense peak rates, the estimate is
 
-    time = max(multiply-adds / MAC rate, DRAM bytes / bandwidth) + generator integer ops / INT32 rate + 5 launches
+    time = max(multiply-adds / MAC rate, DRAM bytes / bandwidth) + generator integer ops / INT32 rate + 2 launches
 
 assuming operands re-read by every program (K, or the E and A tiles) stay in L2, which they do at these sizes
 (K is 4 MB at B = 1000). Real kernels reach some fraction of peak; read the figures as lower bounds.
@@ -25,7 +25,7 @@ GPUS = {
     "H100": {"fp32": 66.9e12 / 2, "tf32": 494.7e12 / 2, "bf16": 989.4e12 / 2, "int32": 33.5e12, "hbm": 3.35e12},
 }
 LAUNCH_S = 5e-6  # per kernel launch, typical
-LAUNCHES = 5  # a Triton selection: residuals, K (or the split sum), scores, and the epilogue's two kernels
+LAUNCHES = 2  # a Triton selection: K (or the residuals), then the subset kernel with the epilogue
 GEN_OPS = 12  # integer operations per generated mask element: one lowbias32 (7) + index mixing and compare (5)
 C, D = 10, 64  # EDBA's CIFAR-10 default: 10 classes, PreResNet-56's 64 last-layer features
 TILES = {"gram": 64, "direct": 64}  # BLOCK_I (gram) / BLOCK_J (direct) of configs.GPU
@@ -38,12 +38,12 @@ def work(b: int, n: int) -> dict:
         route = "gram"
         macs = n * b * b + b * b * (C + D + 1)
         masks = n * b * (math.ceil(b / 32) + 1) * math.ceil(b / TILES["gram"])  # mk per (i, k) tile, mi per i
-        dram = 4 * (b * b + b * (C + D + 1) + 2 * n)
+        dram = 4 * (b * b + b * (C + D + 1))  # K and the inputs; no N-sized array leaves the subset kernel
     else:
         route = "direct"
         macs = n * b * j
         masks = n * b * (math.ceil(j / TILES["direct"]) + 1)
-        dram = 4 * (b * (C + D + 1) + 2 * n)
+        dram = 4 * (b * (C + D + 1))
     return {"route": route, "macs": macs, "masks": masks, "dram": dram}
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     lines = [
         "#### Expected cost of one selection on A100 and H100 (an estimate; no GPU ran it)", "",
         f"C = {C}, D = {D} (EDBA on CIFAR-10 with PreResNet-56). Estimate = max(multiply-adds / peak MAC rate, "
-        "unique DRAM bytes / bandwidth) + subset-generator integer ops / INT32 rate + 5 launches of 5 µs; operands "
+        "unique DRAM bytes / bandwidth) + subset-generator integer ops / INT32 rate + 2 launches of 5 µs; operands "
         "re-read by every program are assumed to stay in L2. fp32: IEEE on CUDA cores (what EDBA runs: it selects "
         "in fp32 on every rank); 16-bit: tf32 tensor cores on the Gram route, bf16 tensor cores on the direct route "
         "(the functional API with bf16 inputs). Peak rates are the data sheets' dense figures; a real kernel "

@@ -169,23 +169,33 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
     from dynbatch_kernels import configs
     from dynbatch_kernels.residuals import residuals_and_norms
     from dynbatch_kernels.select_epilogue import choose
-    from dynbatch_kernels.subset_norms_direct import subset_sq_sums_direct
-    from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram
+    from dynbatch_kernels.subset_norms_direct import select_direct, subset_sq_sums_direct
+    from dynbatch_kernels.subset_norms_gram import select_gram, subset_sq_sums_gram
 
     logits, y, feats = _case(b, c, d, dtype)
-    fn = subset_sq_sums_gram if route == "gram" else subset_sq_sums_direct
     mode_id = {"masks": 0, "bernoulli": 1, "uniform_size": 2}["masks" if masks else mode]
     mask_t = torch.zeros((n, b), dtype=torch.uint8) if masks else None
+    draw = dict(seed=7, thr=2**23, dot_dtype=dtype)
     with capture() as launches, configs.target(arch):
-        for augmented in (False, True):  # per-sample norms alone; the subset kernels' inputs
+        for augmented in (False, True):  # per-sample norms alone; the direct route's inputs
             residuals_and_norms(logits, y, feats, bias=True, label_smoothing=0.0, augmented=augmented)
         e = torch.randn(b, c)
         a = torch.randn(b, d + 1)
-        fn(e, a, n, masks=mask_t, seed=7, mode=mode_id, thr=2**23, dot_dtype=dtype)
-        if not masks:  # select_subset: the epilogue that picks the subset
+        if route == "gram":
+            subset_sq_sums_gram(logits, y, feats, n, bias=True, label_smoothing=0.0, masks=mask_t, mode=mode_id, **draw)
+        else:
+            subset_sq_sums_direct(e, a, n, masks=mask_t, mode=mode_id, **draw)
+        if not masks:  # select_subset: the subset kernels with the epilogue that picks the subset
+            loss = torch.tensor(1.0)
             for has_ema in (False, True):
-                choose(torch.rand(n), torch.rand(n), torch.tensor(1.0), seed=7, mode_id=mode_id, thr=2**23,
-                       batch_size=b, loss_ema=1.0, grad_ema=0.5, has_ema=has_ema, eps=1e-8)
+                kw = dict(num_subsets=n, mode_id=mode_id, loss_ema=1.0, grad_ema=0.5, has_ema=has_ema, eps=1e-8,
+                          metric="mean", **draw)
+                if route == "gram":
+                    select_gram(logits, y, feats, loss, bias=True, label_smoothing=0.0, **kw)
+                else:
+                    select_direct(e, a, loss, **kw)
+                choose(torch.rand(n), torch.rand(n), loss, seed=7, mode_id=mode_id, thr=2**23, batch_size=b,
+                       loss_ema=1.0, grad_ema=0.5, has_ema=has_ema, eps=1e-8)
     return launches
 
 

@@ -1,12 +1,16 @@
 """EDBA's selection epilogue on the GPU: from every subset's (||sum||^2, |S|) to the chosen subset, its numbers and
-its mask, in two launches and without a host read.
+its mask, inside the launch that computed the sums and without a host read.
 
 Matches ``dynbatch_kernels.reference.choose``: the reference's fp32 sequence with correctly rounded division and
 square root (as torch's on CUDA; torch's CPU float32 sqrt is not correctly rounded, so the CPU interpreter tests
-compare the stats with rtol 1e-4 and the choice exactly). ``_score_kernel``: one program per ``BLOCK``
-subsets computes norms and margins and keeps its first minimum (key, index, norm) and its largest count.
-``_finish_kernel``: one program takes the first minimum over the programs (programs cover increasing indices, so
-ties still go to the lowest subset index), regenerates the winner's mask from its index and writes the stats.
+compare the stats with rtol 1e-4 and the choice exactly).
+
+Device functions, called at the end of the subset kernels (``subset_norms_gram``, ``subset_norms_direct``):
+``block_choice`` scores one program's subsets and keeps its first minimum; ``publish_and_finish`` stores that
+partial result and counts the program in with an atomic; the program that arrives last takes the first minimum over
+all programs (programs cover increasing indices, so ties still go to the lowest subset index), regenerates the
+winner's mask from its index, writes the stats and resets the counter for the next launch. A grid-wide reduction
+in the same launch, as in a CUDA "last block" reduction: no second kernel.
 """
 import torch
 import triton
@@ -16,18 +20,34 @@ from .configs import on_device
 from .reference import choose as REFERENCE  # noqa: F401  (the op this file must match)
 from .subset_rng import member, subset_key, subset_limit
 
-SCORE_BLOCK = 1024
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a compile-time constant inside the kernels
+FINISH_BLOCK = 1024  # partial results the finishing program reads per iteration
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counter(device: torch.device, size: int = 1) -> torch.Tensor:
+    """A zeroed int32 counter buffer (at least ``size``) kept per device: each launch's last program resets what
+    it used, so the buffer is zeroed once per process, not per launch. Launches that use it run on one stream in
+    order (the selection's), so they never overlap."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < size:
+        buf = _counters[device] = torch.zeros(max(size, 64), dtype=torch.int32, device=device)
+    return buf
+
+
+def workspace(device: torch.device, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-program partial results: fp32 (3, P) [min key, its norm, max count] and int32 (P,) [its index]."""
+    return (torch.empty((3, programs), dtype=torch.float32, device=device),
+            torch.empty((programs,), dtype=torch.int32, device=device))
 
 
 @triton.jit
-def _score_kernel(q_ptr, cnt_ptr, loss_ptr, N, loss_ema, grad_ema, eps, key_ptr, idx_ptr, norm_ptr, maxc_ptr,
-                  HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
+def block_choice(q, c, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr):
+    """Scores of subsets ``rows`` from their (||sum||^2, |S|) (fp32 (BLOCK,) each): (least key, its subset index,
+    its gradient norm, the largest count). The key is the margin (+inf for empty subsets), or minus the count
+    before any EMA (the first largest subset wins)."""
     ok = rows < N
-    q = tl.load(q_ptr + rows, mask=ok, other=0.0)
-    c = tl.load(cnt_ptr + rows, mask=ok, other=0.0)
     root = tl.math.sqrt_rn(tl.maximum(q, 0.0, propagate_nan=tl.PropagateNan.ALL))
     if SUM_METRIC:
         g = root
@@ -43,63 +63,111 @@ def _score_kernel(q_ptr, cnt_ptr, loss_ptr, N, loss_ema, grad_ema, eps, key_ptr,
         m = tl.where((m != m) | (m == float("inf")), FLT_MAX, m)  # NaN and +inf rank last among non-empty
         key = tl.where(c > 0, m, float("inf"))
     else:
-        key = -c  # the first largest subset
+        key = -c
     key = tl.where(ok, key, float("inf"))
     best = tl.argmin(key, axis=0, tie_break_left=True)
-    hit = tl.arange(0, BLOCK) == best
-    tl.store(key_ptr + pid, tl.min(key, axis=0))
-    tl.store(idx_ptr + pid, pid * BLOCK + best)
-    tl.store(norm_ptr + pid, tl.sum(tl.where(hit, g, 0.0), axis=0))
-    tl.store(maxc_ptr + pid, tl.max(c, axis=0))
+    hit = rows == tl.min(rows, axis=0) + best
+    index = tl.sum(tl.where(hit, rows, 0), axis=0)
+    return tl.min(key, axis=0), index, tl.sum(tl.where(hit, g, 0.0), axis=0), tl.max(tl.where(ok, c, 0.0), axis=0)
 
 
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _finish_kernel(key_ptr, idx_ptr, norm_ptr, maxc_ptr, P, loss_ptr, seed, thr, B, stats_ptr, mask_ptr,
-                   HAS_EMA: tl.constexpr, MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
-    ps = tl.arange(0, BLOCK_P)
-    okp = ps < P
-    keys = tl.load(key_ptr + ps, mask=okp, other=float("inf"))
-    best = tl.argmin(keys, axis=0, tie_break_left=True)
-    hit = ps == best
-    index = tl.sum(tl.where(hit, tl.load(idx_ptr + ps, mask=okp, other=0), 0), axis=0)
-    norm = tl.sum(tl.where(hit, tl.load(norm_ptr + ps, mask=okp, other=0.0), 0.0), axis=0)
-    any_member = tl.max(tl.load(maxc_ptr + ps, mask=okp, other=0.0), axis=0) > 0
+@triton.jit
+def publish_and_finish(pid, P, key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, loss_ptr, seed, thr, B,
+                       stats_ptr, mask_ptr, HAS_EMA: tl.constexpr, MODE: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_MASK: tl.constexpr):
+    """Store program ``pid``'s partial result; the last of the ``P`` programs to arrive finishes the selection."""
+    tl.store(part_ptr + pid, key)
+    tl.store(part_ptr + P + pid, norm)
+    tl.store(part_ptr + 2 * P + pid, maxc)
+    tl.store(pidx_ptr + pid, index)
+    tl.debug_barrier()  # every thread's stores precede the release below
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == P - 1:
+        finish(P, part_ptr, pidx_ptr, loss_ptr, seed, thr, B, stats_ptr, mask_ptr, HAS_EMA, MODE, BLOCK_P,
+               BLOCK_MASK)
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def finish(P, part_ptr, pidx_ptr, loss_ptr, seed, thr, B, stats_ptr, mask_ptr, HAS_EMA: tl.constexpr,
+           MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MASK: tl.constexpr):
+    """The first minimum over the programs' partial results, the winner's mask and the stats."""
+    best_key = tl.full((), float("inf"), tl.float32)
+    index = tl.zeros((), tl.int32)
+    norm = tl.zeros((), tl.float32)
+    maxc = tl.zeros((), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        okp = ps < P
+        keys = tl.load(part_ptr + ps, mask=okp, other=float("inf"), cache_modifier=".cg")
+        kmin = tl.min(keys, axis=0)
+        hit = ps == p0 + tl.argmin(keys, axis=0, tie_break_left=True)
+        better = kmin < best_key  # strict: an earlier block keeps its tie
+        index = tl.where(better, tl.sum(tl.where(hit, tl.load(pidx_ptr + ps, mask=okp, other=0,
+                                                                cache_modifier=".cg"), 0), axis=0), index)
+        norm = tl.where(better, tl.sum(tl.where(hit, tl.load(part_ptr + P + ps, mask=okp, other=0.0,
+                                                               cache_modifier=".cg"), 0.0), axis=0), norm)
+        best_key = tl.minimum(best_key, kmin)
+        maxc = tl.maximum(maxc, tl.max(tl.load(part_ptr + 2 * P + ps, mask=okp, other=0.0, cache_modifier=".cg"),
+                                       axis=0))
     key = subset_key(seed, index)
     limit = subset_limit(key, thr, MODE)
     size = tl.zeros((), tl.int32)
-    for b0 in range(0, B, BLOCK_B):
-        cols = b0 + tl.arange(0, BLOCK_B)
+    for b0 in range(0, B, BLOCK_MASK):
+        cols = b0 + tl.arange(0, BLOCK_MASK)
         inside = cols < B
-        m = tl.where(any_member, member(key, cols, limit), inside) & inside  # every subset empty: the whole batch
+        m = tl.where(maxc > 0, member(key, cols, limit), inside) & inside  # every subset empty: the whole batch
         tl.store(mask_ptr + cols, m.to(tl.uint8), mask=inside)
         size += tl.sum(m.to(tl.int32), axis=0)
     tl.store(stats_ptr + 0, tl.load(loss_ptr).to(tl.float64))
     tl.store(stats_ptr + 1, norm.to(tl.float64))
     if HAS_EMA:
-        tl.store(stats_ptr + 2, tl.min(keys, axis=0).to(tl.float64))
+        tl.store(stats_ptr + 2, best_key.to(tl.float64))
     else:
         tl.store(stats_ptr + 2, float("nan"))
     tl.store(stats_ptr + 3, size.to(tl.float64))
     tl.store(stats_ptr + 4, index.to(tl.float64))
 
 
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _choose_kernel(q_ptr, cnt_ptr, N, loss_ptr, loss_ema, grad_ema, eps, part_ptr, pidx_ptr, counter_ptr, seed, thr,
+                   B, stats_ptr, mask_ptr, HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr, MODE: tl.constexpr,
+                   BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MASK: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + rows, mask=rows < N, other=0.0)
+    c = tl.load(cnt_ptr + rows, mask=rows < N, other=0.0)
+    key, index, norm, maxc = block_choice(q, c, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA, SUM_METRIC)
+    publish_and_finish(pid, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, loss_ptr,
+                       seed, thr, B, stats_ptr, mask_ptr, HAS_EMA, MODE, BLOCK_P, BLOCK_MASK)
+
+
+def outputs(device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection's results: stats float64 (5,) and the winner's mask as uint8 (B,)."""
+    return (torch.empty(5, dtype=torch.float64, device=device),
+            torch.empty(batch_size, dtype=torch.uint8, device=device))
+
+
+def epilogue_constants(programs: int, batch_size: int, *, has_ema: bool, mode_id: int) -> dict:
+    """The epilogue's launch constants."""
+    return dict(HAS_EMA=has_ema, MODE=mode_id, BLOCK_P=min(triton.next_power_of_2(max(programs, 1)), FINISH_BLOCK),
+                BLOCK_MASK=min(triton.next_power_of_2(max(batch_size, 1)), 1024))
+
+
 def choose(sq_sums: torch.Tensor, counts: torch.Tensor, loss: torch.Tensor, *, seed: int, mode_id: int, thr: int,
-           batch_size: int, loss_ema: float, grad_ema: float, has_ema: bool, eps: float, metric: str = "mean"):
-    """``reference.choose`` in two kernels: (stats float64 (5,) = [loss, grad_norm, margin, size, index],
-    mask bool (B,)). sq_sums, counts: fp32 (N,) on the GPU; loss: 0-d, any float dtype."""
+           batch_size: int, loss_ema: float, grad_ema: float, has_ema: bool, eps: float, metric: str = "mean",
+           block: int = 1024):
+    """``reference.choose`` on given sums in one launch: (stats float64 (5,) = [loss, grad_norm, margin, size,
+    index], mask bool (B,)). sq_sums, counts: fp32 (N,); loss: 0-d, any float dtype. The fused selection runs the
+    same device functions at the end of its subset kernel; this entry tests them on sums a test chooses."""
     n = sq_sums.shape[0]
     dev = sq_sums.device
-    programs = triton.cdiv(n, SCORE_BLOCK)
-    keys = torch.empty(programs, dtype=torch.float32, device=dev)
-    idx = torch.empty(programs, dtype=torch.int32, device=dev)
-    norms = torch.empty(programs, dtype=torch.float32, device=dev)
-    maxc = torch.empty(programs, dtype=torch.float32, device=dev)
-    stats = torch.empty(5, dtype=torch.float64, device=dev)
-    mask = torch.empty(batch_size, dtype=torch.uint8, device=dev)
+    programs = max(triton.cdiv(n, block), 1)
+    part, pidx = workspace(dev, programs)
+    stats, mask = outputs(dev, batch_size)
     with on_device(sq_sums):
-        _score_kernel[(programs,)](sq_sums, counts, loss, n, float(loss_ema), float(grad_ema), float(eps), keys, idx,
-                                   norms, maxc, HAS_EMA=has_ema, SUM_METRIC=metric == "sum", BLOCK=SCORE_BLOCK)
-        _finish_kernel[(1,)](keys, idx, norms, maxc, programs, loss, seed, thr, batch_size, stats, mask,
-                             HAS_EMA=has_ema, MODE=mode_id, BLOCK_P=triton.next_power_of_2(max(programs, 1)),
-                             BLOCK_B=min(triton.next_power_of_2(max(batch_size, 1)), 1024))
+        _choose_kernel[(programs,)](sq_sums, counts, n, loss, float(loss_ema), float(grad_ema), float(eps), part, pidx,
+                                    arrival_counter(dev), seed, thr, batch_size, stats, mask,
+                                    SUM_METRIC=metric == "sum", BLOCK=block,
+                                    **epilogue_constants(programs, batch_size, has_ema=has_ema, mode_id=mode_id))
     return stats, mask.view(torch.bool)

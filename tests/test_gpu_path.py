@@ -38,8 +38,8 @@ def test_every_kernel_compiles_for_both_targets_without_spills(aot_reports):
     reports, proc = aot_reports
     assert proc.returncode == 0, proc.stdout[-3000:]
     kernels = {(r["kernel"], r["arch"]) for r in reports}
-    for name in ("_residuals_kernel", "_direct_kernel", "_gram_kernel", "_gram_matrix_kernel", "_score_kernel",
-                 "_finish_kernel"):
+    for name in ("_residuals_kernel", "_direct_kernel", "_gram_kernel", "_gram_matrix_kernel", "_choose_kernel",
+                 "_gram_select_kernel", "_direct_select_kernel"):
         assert {(name, 80), (name, 90)} <= kernels
     for r in reports:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
@@ -105,11 +105,11 @@ def test_every_launcher_launches_inside_a_device_guard(monkeypatch):
     masks = random_subsets(16, 8, seed=0)
     for route in ("direct", "gram"):
         subset_grad_norms(logits, y, feats, masks, backend="triton", route=route)
-    assert len(guarded) == 5  # residuals + subset kernel, and the Gram matrix on that route
+    assert len(guarded) == 4  # residuals + direct kernel; Gram matrix + Gram kernel
     for route in ("direct", "gram"):
         select_subset(logits, y, feats, num_subsets=16, seed=0, loss=1.0, loss_ema=1.1, grad_ema=0.3,
                       backend="triton", route=route)
-    assert len(guarded) == 5 + 7  # the same launchers, plus the epilogue (its two kernels under one guard)
+    assert len(guarded) == 4 + 4  # the same two launches per route, the second with the epilogue
 
 
 # ---- defect 2: fp16 on the Gram route ----------------------------------------------------------------------------
@@ -294,6 +294,43 @@ def test_backends_agree_up_to_ties():
     stats[4] = worst.double()
     with pytest.raises(AssertionError):
         assert_same_choice_up_to_ties(m, a, type(b)(stats, b.mask))
+
+
+SELECTION_LAUNCHES = """
+import json, torch
+from dynbatch.selection.backends import TritonBackend
+from dynbatch_kernels import aot, configs
+out = {}
+g = torch.Generator().manual_seed(0)
+for b, c, d, n in ((100, 10, 64, 4096), (8, 3, 5, 16), (1000, 100, 512, 65536)):
+    logits, y, feats = torch.randn(b, c, generator=g), torch.randint(0, c, (b,), generator=g), torch.randn(b, d)
+    for arch in (80, 90):
+        for route in ("direct", "gram"):
+            for has_ema in (False, True):
+                with aot.capture() as launches, configs.target(arch):
+                    TritonBackend().select(logits, y, feats, torch.tensor(1.0), num_subsets=n, seed=1, mode_id=1,
+                                           thr=2**23, route=route, bias=True, label_smoothing=0.0, loss_ema=1.0,
+                                           grad_ema=0.5, has_ema=has_ema, eps=1e-8, metric="mean")
+                out[f"B={b} N={n} sm_{arch} {route} ema={has_ema}"] = [l.name for l in launches]
+print(json.dumps(out))
+"""
+
+
+def test_a_triton_selection_is_two_launches(tmp_path):
+    """Residuals + K (Gram) or residuals (direct); then the subset kernel, which also scores, takes the first
+    minimum and, in its last program, regenerates the winner's mask and writes the stats. Counted by recording
+    the launches the real launchers make for sm_80/sm_90 (the direct route splits its columns there)."""
+    script = tmp_path / "launches.py"
+    script.write_text(SELECTION_LAUNCHES)
+    p = subprocess.run([sys.executable, str(script)], cwd=REPO, env=_compiled_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    counts = json.loads(p.stdout)
+    assert len(counts) == 24
+    for case, names in counts.items():
+        want = ["_gram_matrix_kernel", "_gram_select_kernel"] if " gram " in case else \
+            ["_residuals_kernel", "_direct_select_kernel"]
+        assert names == want, case
 
 
 DIRECT_GRIDS = """

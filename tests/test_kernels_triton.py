@@ -79,11 +79,15 @@ def test_triton_edge_cases():
 @pytest.mark.parametrize("metric", ["mean", "sum"])
 @pytest.mark.parametrize("first_step", [False, True])
 @pytest.mark.parametrize("b, p", [(37, 0.5), (3, 0.02)])  # (3, 0.02): most subsets empty, some batches all empty
-def test_triton_epilogue_equals_reference_choice(metric, first_step, b, p):
-    """The two epilogue kernels (scores, first minimum per program, then the winner and its mask) against the
-    reference's torch operators on the same sums: same index, mask and stats; 2,100 subsets cross program edges."""
-    from dynbatch_kernels import reference
+def test_triton_epilogue_equals_reference_choice(metric, first_step, b, p, monkeypatch):
+    """The epilogue (scores and first minimum per program, then, in the last program to arrive, the winner and its
+    mask) against the reference's torch operators on the same sums: same index, mask and stats; 2,100 subsets
+    cross program edges; with 64-subset programs and a 16-wide finish the last program reads its 33 partials in three
+    chunks (ties across chunks keep the earlier one)."""
+    from dynbatch_kernels import reference, select_epilogue
     from dynbatch_kernels.select_epilogue import choose
+
+    monkeypatch.setattr(select_epilogue, "FINISH_BLOCK", 16)
 
     g = torch.Generator().manual_seed(b)
     n = 2100
@@ -92,25 +96,52 @@ def test_triton_epilogue_equals_reference_choice(metric, first_step, b, p):
     kw = dict(seed=9, mode_id=1, thr=reference.bernoulli_threshold(p), batch_size=b, loss_ema=1.2, grad_ema=0.4,
               has_ema=not first_step, eps=1e-8, metric=metric)
     want_stats, want_mask = reference.choose(q.to(DEV), c.to(DEV), loss.to(DEV), **kw)
-    got_stats, got_mask = choose(q.to(DEV), c.to(DEV), loss.to(DEV), **kw)
-    # The kernels' square root is correctly rounded; torch's CPU float32 sqrt is not (it differs in the last bit
-    # for about 1 input in 5 here), and a margin divides by G_S - G_ema: hence rtol 1e-4, not bit equality.
-    torch.testing.assert_close(got_stats, want_stats, rtol=1e-4, atol=1e-6, equal_nan=True)
-    assert got_stats[4] == want_stats[4] and torch.equal(got_mask, want_mask)
+    for block in (1024, 64):
+        got_stats, got_mask = choose(q.to(DEV), c.to(DEV), loss.to(DEV), block=block, **kw)
+        # The kernels' square root is correctly rounded; torch's CPU float32 sqrt is not (it differs in the last
+        # bit for about 1 input in 5 here), and a margin divides by G_S - G_ema: hence rtol 1e-4, not bit equality.
+        torch.testing.assert_close(got_stats, want_stats, rtol=1e-4, atol=1e-6, equal_nan=True)
+        assert got_stats[4] == want_stats[4] and torch.equal(got_mask, want_mask)
 
 
 @pytest.mark.parametrize("b, c, d", [(37, 7, 19), (1, 2, 1), (70, 100, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_augmented_features_and_gram_matrix_equal_reference(b, c, d, bias):
-    """The residuals launch also writes A = [h, 1] (no torch.cat), and K = (E E^T) o (A A^T) is one launch; both
-    against the reference's torch operators (K: fp32 products in another summation order, rtol 1e-5)."""
+    """The residuals launch also writes A = [h, 1] (no torch.cat); K = (E E^T) o (A A^T) is one launch from the
+    logits and features (its residuals formed in registers, over several class chunks at C = 100); both against the
+    reference's torch operators (K: fp32 products in another summation order, rtol 1e-5)."""
     from dynbatch_kernels import reference
     from dynbatch_kernels.residuals import residuals_and_norms
     from dynbatch_kernels.subset_norms_gram import gram_matrix
 
     logits, y, feats = _case(b, c, d, seed=b + c)
     e, norms, a = residuals_and_norms(logits, y, feats, bias=bias, label_smoothing=0.1, augmented=True)
+    want_e = reference.residuals(logits, y, 0.1)
     want_a = reference.augmented_features(feats, bias)
     assert torch.equal(a, want_a)
-    torch.testing.assert_close(e, reference.residuals(logits, y, 0.1), rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(gram_matrix(e, a), reference.gram_matrix(e, a), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e, want_e, rtol=RTOL, atol=ATOL)
+    got = gram_matrix(logits, y, feats, bias=bias, label_smoothing=0.1)
+    torch.testing.assert_close(got, reference.gram_matrix(want_e, want_a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_step", [False, True])
+def test_triton_direct_selection_with_split_columns(first_step, monkeypatch):
+    """On a GPU the direct kernel splits G's columns over several programs per row block (few subsets would not
+    fill it); in the selection the row block's last program adds the partials and scores the block. The split is
+    forced here by configuring for sm_80 under the interpreter; the choice must equal the reference's."""
+    from dynbatch_kernels import subset_norms_direct
+
+    monkeypatch.setattr(subset_norms_direct, "arch_of", lambda device: 80)
+    logits, y, feats = _case(37, 7, 19, seed=11)
+    kw = dict(num_subsets=130, seed=3, loss=1.0, loss_ema=None if first_step else 1.1,
+              grad_ema=None if first_step else 0.3, route="direct")
+    tiles, _, blocks, split, _ = subset_norms_direct._launch(torch.zeros(37, 7), torch.zeros(37, 20), 130,
+                                                             torch.float32)
+    assert blocks == 3 and split > 1
+    want = select_subset(logits, y, feats, backend="torch", **kw)
+    got = select_subset(logits, y, feats, backend="triton", **kw)
+    if first_step:  # the first largest subset: exact
+        assert int(got.index) == int(want.index) and torch.equal(got.mask, want.mask)
+    else:
+        assert_same_choice_up_to_ties(subset_scores(logits, y, feats, backend="torch", **kw)[1], want, got)
+    torch.testing.assert_close(got.stats, want.stats, rtol=1e-4, atol=1e-6, equal_nan=True)

@@ -75,24 +75,38 @@ class TritonBackend:
         return residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=smoothing)
 
     def sq_sums(self, logits, targets, features, masks, n, seed, mode, thr, route, bias, smoothing):
-        from dynbatch_kernels.residuals import residuals_and_norms
-
-        e, _, a = residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=smoothing, augmented=True)
         dot = dot_dtype(logits, features)
-        if route == "gram":
-            from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram as fn
-        else:
-            from dynbatch_kernels.subset_norms_direct import subset_sq_sums_direct as fn
-        return fn(e.contiguous(), a.contiguous(), n, masks=masks, seed=seed, mode=mode, thr=thr, dot_dtype=dot)
+        if route == "gram":  # two launches: K from the logits and features, then the subsets
+            from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram
+
+            return subset_sq_sums_gram(logits, targets, features, n, bias=bias, label_smoothing=smoothing,
+                                       masks=masks, seed=seed, mode=mode, thr=thr, dot_dtype=dot)
+        from dynbatch_kernels.subset_norms_direct import subset_sq_sums_direct
+
+        e, a = self._residuals(logits, targets, features, bias, smoothing)
+        return subset_sq_sums_direct(e, a, n, masks=masks, seed=seed, mode=mode, thr=thr, dot_dtype=dot)
 
     def select(self, logits, targets, features, loss, *, num_subsets, seed, mode_id, thr, route, bias,
                label_smoothing, loss_ema, grad_ema, has_ema, eps, metric):
-        from dynbatch_kernels.select_epilogue import choose
+        """Two launches on either route; the second picks the subset in its epilogue (``select_epilogue``)."""
+        kw = dict(num_subsets=num_subsets, seed=seed, mode_id=mode_id, thr=thr, loss_ema=loss_ema, grad_ema=grad_ema,
+                  has_ema=has_ema, eps=eps, metric=metric, dot_dtype=dot_dtype(logits, features))
+        if route == "gram":
+            from dynbatch_kernels.subset_norms_gram import select_gram
 
-        q, c = self.sq_sums(logits, targets, features, None, num_subsets, seed, mode_id, thr, route, bias,
-                            label_smoothing)
-        return choose(q, c, loss, seed=seed, mode_id=mode_id, thr=thr, batch_size=logits.shape[0], loss_ema=loss_ema,
-                      grad_ema=grad_ema, has_ema=has_ema, eps=eps, metric=metric)
+            return select_gram(logits, targets, features, loss, bias=bias, label_smoothing=label_smoothing, **kw)
+        from dynbatch_kernels.subset_norms_direct import select_direct
+
+        e, a = self._residuals(logits, targets, features, bias, label_smoothing)
+        return select_direct(e, a, loss, **kw)
+
+    @staticmethod
+    def _residuals(logits, targets, features, bias, smoothing):
+        """E fp32 (B, C) and A = [h, 1] fp32 (B, D + bias), one launch."""
+        from dynbatch_kernels.residuals import residuals_and_norms
+
+        e, _, a = residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=smoothing, augmented=True)
+        return e, a
 
 
 def dot_dtype(logits, features) -> torch.dtype:

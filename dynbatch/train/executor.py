@@ -34,14 +34,19 @@ from dynbatch.train.optim import step_unless
 
 @dataclass(slots=True)
 class StepOutcome:
-    """What one plan did. ``stats`` is float32 (4,) on the device, summed over this rank's steps: loss sum, correct
-    predictions, trained samples (sample weights summed) and skipped (non-finite) updates; read by the trainer
-    with its block, never here."""
+    """What one plan did. ``parts`` are four 0-d float32 device tensors, summed over this rank's steps: loss sum,
+    correct predictions, trained samples (sample weights summed) and skipped (non-finite) updates; read by the
+    trainer with its block, never here (and stacked there too: one stack per block, not one per step)."""
 
-    stats: torch.Tensor
+    parts: tuple[torch.Tensor, ...] = ()
     oom_retries: int = 0
     micro_batch: int | None = None
     events: list[str] = field(default_factory=list)
+
+    @property
+    def stats(self) -> torch.Tensor:
+        """``parts`` as one float32 (4,) tensor."""
+        return torch.stack(self.parts)
 
 
 class PlanExecutor:
@@ -61,6 +66,8 @@ class PlanExecutor:
         self._no_sync = getattr(model, "no_sync", None)  # looked up once: nn.Module attribute misses are slow
         self._counts: dict[tuple[int, torch.device], torch.Tensor] = {}  # sample counts as 0-d device constants
         self._unit: torch.Tensor | None = None  # the check's "unscale" factor: 1, on the parameters' device
+        self._flags: list[torch.Tensor] = []  # zeroed 0-d flags for the check, handed out one per step
+        self._seeds: dict[tuple, torch.Tensor] = {}  # backward seeds: (n,) filled with a host factor
         self._lr: float | None = None
 
     def _normaliser(self, n: int, weight: torch.Tensor | None, device) -> tuple[torch.Tensor | float, torch.Tensor]:
@@ -79,17 +86,32 @@ class PlanExecutor:
             t = self._counts[(n, device)] = torch.full((), float(n), device=device)
         return t
 
+    def _backward(self, losses: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+        """Backward of ``sum(losses) * factor``, seeded directly with d/d(losses) = ``factor`` for every sample:
+        the same gradient values as the two autograd nodes it replaces (sum's backward expands ``1 * factor``), at
+        the cost of none. Returns the detached loss sum (fp32 0-d)."""
+        if isinstance(factor, torch.Tensor):
+            seed = factor.to(losses.dtype).expand(losses.shape)
+        else:
+            key = (losses.shape[0], factor, losses.dtype, losses.device)
+            seed = self._seeds.get(key)
+            if seed is None:
+                if len(self._seeds) > 4096:  # batch sizes vary (EDBA): keep the cache bounded
+                    self._seeds.clear()
+                seed = self._seeds[key] = torch.full(losses.shape, factor, dtype=losses.dtype, device=losses.device)
+        torch.autograd.backward(losses, seed)
+        return losses.detach().sum()
+
     def _reused(self, step: ReuseStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The backward of losses a policy computed with a graph; (loss sum, correct, samples), 0-d float32."""
         w = step.sample_weight
         losses = step.losses if w is None else step.losses * w
         factor, samples = self._normaliser(losses.numel(), w, losses.device)
-        total = losses.sum()
-        (total * factor).backward()
+        total = self._backward(losses, factor)
         hit = step.logits.argmax(1) == step.y
         if w is not None:
             hit = hit & (w > 0)
-        return total.detach(), hit.sum(dtype=torch.float32), samples
+        return total, hit.sum(dtype=torch.float32), samples
 
     def _forward_backward(self, step: ForwardStep, ctx: StepContext):
         """Accumulate the gradient of the step's mean loss into ``.grad``, micro-batched; returns (loss sum,
@@ -110,10 +132,9 @@ class PlanExecutor:
                 if w is not None:
                     ws = w[start:start + mb]
                     losses, hit = losses * ws, hit & (ws > 0)
-                chunk = losses.sum()
                 # Normalised by the whole step so the accumulated gradient is the gradient of the step's mean loss.
-                (chunk * factor).backward()
-            chunk, hits = chunk.detach(), hit.sum(dtype=torch.float32)
+                chunk = self._backward(losses, factor)
+            hits = hit.sum(dtype=torch.float32)
             total, correct = (chunk, hits) if total is None else (total + chunk, correct + hits)
         return total, correct, samples
 
@@ -138,7 +159,9 @@ class PlanExecutor:
     def _nonfinite(self, loss: torch.Tensor | None) -> torch.Tensor:
         """0-d float32 on the device (the shape fused optimizers take): 1 if any gradient (or ``loss``) is not
         finite, else 0."""
-        found = torch.zeros((), device=self.params[0].device)
+        if not self._flags:  # one zeroed allocation per 64 steps, not one per step
+            self._flags = list(torch.zeros(64, device=self.params[0].device).unbind())
+        found = self._flags.pop()
         if self._unit is None:
             self._unit = torch.ones((), device=found.device)
         tensors = [p.grad for p in self.params if p.grad is not None]
@@ -150,7 +173,7 @@ class PlanExecutor:
         return found
 
     def run(self, plan: Plan, ctx: StepContext, base_lr: float) -> StepOutcome:
-        outcome = StepOutcome(stats=None)
+        outcome = StepOutcome()
         saved = [(b, b.detach().clone()) for b in self.model.buffers()] if self.restore_buffers_on_skip else []
         sums = skipped = None
         for step in plan.steps:
@@ -170,7 +193,7 @@ class PlanExecutor:
             step_unless(self.optimizer, found)
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
             skipped = found if skipped is None else skipped + found
-        outcome.stats = torch.stack([*sums, skipped])
+        outcome.parts = (*sums, skipped)
         if saved:
             for b, v in saved:
                 b.copy_(torch.where(skipped > 0, v, b))

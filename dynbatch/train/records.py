@@ -67,6 +67,9 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+_ROW_ENCODER = json.JSONEncoder(check_circular=False, allow_nan=False, default=str)
+
+
 def _clean(v: Any) -> Any:
     # JSON has no NaN/inf; null keeps each line parseable by any reader.
     if isinstance(v, float) and not math.isfinite(v):
@@ -245,7 +248,11 @@ class MetricsWriter:
             raise _write_failure(path, e) from None
 
     def write(self, kind: str, row: dict[str, Any]) -> None:
-        line = json.dumps({"kind": kind, **{k: _clean(v) for k, v in row.items()}}, default=str)
+        obj = {"kind": kind, **row}
+        try:  # a row per step: the strict encoder first, the cleaning pass only for a row that holds NaN or inf
+            line = _ROW_ENCODER.encode(obj)
+        except ValueError:
+            line = json.dumps({k: _clean(v) for k, v in obj.items()}, default=str)
         try:
             self._f.write(line.encode() + b"\n")
         except OSError as e:

@@ -449,7 +449,7 @@ class Trainer:
         plan = self.policy.plan(x, y, ctx)
         outcome = self.executor.run(plan, ctx, lr)
         record = plan.record
-        stats = self.dist.all_reduce_sum(outcome.stats) if self.dist.enabled else outcome.stats
+        stats = self.dist.all_reduce_sum(outcome.stats).unbind() if self.dist.enabled else outcome.parts
         self.samples_seen += idx.numel()
         if outcome.oom_retries:
             record.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
@@ -469,7 +469,7 @@ class Trainer:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        values = torch.stack([p[2] for p in pending]).tolist()
+        values = torch.stack([t for p in pending for t in p[2]]).view(-1, 4).tolist()
         a = self.epoch_acc
         for (known, record, _, t0, t1), (loss_sum, correct, trained, skipped) in zip(pending, values):
             correct, trained, skipped = int(correct), int(round(trained)), int(skipped)
