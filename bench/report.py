@@ -117,18 +117,18 @@ def fixed_cost_lines(rows) -> list[str]:
 
 
 def overhead_table(rows) -> list[str]:
-    ov = {r["impl"]: r for r in rows if r.get("suite") == "overhead"}
+    ov = {r["impl"]: r for r in rows if r.get("suite") == "overhead" and "compare_median_s" in r}
     if not ov:
         return []
     out = ["### Host overhead per step: dynbatch against minimal hand-written loops", "",
-           "Tiny MLP on the device-resident digits, batch 32, blocks of 50 steps; both loops in the same run "
-           "(`bench/minimal_loops.py`). Target: fixed ≤ 1.1×, EDBA ≤ 1.2×.", "",
+           "Tiny MLP on the device-resident digits, batch 32, blocks of 50 steps; the dynbatch loop and its minimal "
+           "loop (`bench/minimal_loops.py`) alternate block by block in the same run, 40 blocks each. "
+           "Target: fixed ≤ 1.1×, EDBA ≤ 1.2×.", "",
            "| loop | µs per step | minimal loop | µs per step | ratio |", "|---|---|---|---|---|"]
     for impl in ("dynbatch_fixed", "dynbatch_adabatch", "dynbatch_edba"):
         r = ov.get(impl)
-        ref = ov.get(r["compare"]) if r else None
-        if r and ref:
-            us, ref_us = 1e6 * r["median_s"] / r["steps"], 1e6 * ref["median_s"] / ref["steps"]
+        if r:
+            us, ref_us = 1e6 * r["median_s"] / r["steps"], 1e6 * r["compare_median_s"] / r["steps"]
             out.append(f"| {impl.replace('dynbatch_', '')} | {us:,.0f} | {r['compare'].replace('_', ' ')} | "
                        f"{ref_us:,.0f} | {us / ref_us:.2f}× |")
     return out + [""]

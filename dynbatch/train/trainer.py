@@ -455,8 +455,8 @@ class Trainer:
             record.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
             for e in outcome.events:
                 self.log(f"step {self.step}: {e}")
-        known = {"step": self.step, "epoch": self.epoch, "batch_size": idx.numel(), "policy_batch_size": asked,
-                 "lr": lr, "samples_seen": self.samples_seen, "wall_s": self.wall_offset + self._elapsed()}
+        # (step, epoch, batch_size, policy_batch_size, lr, samples_seen, wall_s): the row's fields known now
+        known = (self.step, self.epoch, idx.numel(), asked, lr, self.samples_seen, self.wall_offset + self._elapsed())
         self._pending.append((known, record, stats, t0, self._clock()))
         self.step += 1
         if len(self._pending) >= FLUSH_EVERY:
@@ -471,7 +471,8 @@ class Trainer:
         pending, self._pending = self._pending, []
         values = torch.stack([t for p in pending for t in p[2]]).view(-1, 4).tolist()
         a = self.epoch_acc
-        for (known, record, _, t0, t1), (loss_sum, correct, trained, skipped) in zip(pending, values):
+        for ((step, epoch, batch, asked, lr, seen, wall), record, _, t0, t1), (loss_sum, correct, trained, skipped) \
+                in zip(pending, values):
             correct, trained, skipped = int(correct), int(round(trained)), int(skipped)
             step_s = self._seconds(t0, t1)
             a["loss_sum"] += loss_sum
@@ -479,16 +480,17 @@ class Trainer:
             a["n"] += trained
             a["time"] += step_s
             a["steps"] += 1
-            row = {**{k: known[k] for k in ("step", "epoch", "batch_size", "policy_batch_size")},
-                   "trained_samples": trained, "lr": known["lr"], "train_loss": loss_sum / max(trained, 1),
-                   "train_acc": correct / max(trained, 1), "samples_seen": known["samples_seen"],
-                   "wall_s": known["wall_s"], "step_s": step_s, **record}
+            row = {"step": step, "epoch": epoch, "batch_size": batch, "policy_batch_size": asked,
+                   "trained_samples": trained, "lr": lr, "train_loss": loss_sum / max(trained, 1),
+                   "train_acc": correct / max(trained, 1), "samples_seen": seen, "wall_s": wall, "step_s": step_s,
+                   **record}
             if skipped:
                 row["nonfinite_skipped"] = skipped
             self._record("step", row)
-            self._guard_nonfinite(skipped, known["lr"], loss_sum, known["step"], known["epoch"])
+            if skipped or self.nonfinite_streak:
+                self._guard_nonfinite(skipped, lr, loss_sum, step, epoch)
             if self._bar is not None:
-                self._bar.update(known["batch_size"])
+                self._bar.update(batch)
         if self._bar is not None:
             # tqdm shows the rate itself, in img/s (its unit); the postfix adds the latest step's numbers.
             self._bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
