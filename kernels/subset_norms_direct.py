@@ -106,7 +106,7 @@ def _direct_select_kernel(e_ptr, a_ptr, sq_ptr, N, B, C, DA, J, seed, thr, loss_
 def _score_block(q, rows, block, N, B, seed, thr, loss_ptr, loss_ema, grad_ema, eps, part_ptr, pidx_ptr, counter_ptr,
                  stats_ptr, mask_ptr, MODE: tl.constexpr, HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MASK: tl.constexpr):
-    cnt = _counts(part_ptr, seed, thr, rows, N, B, MODE, BLOCK_N, BLOCK_B)
+    cnt = _counts(part_ptr, seed, thr, rows, N, B, MODE, BLOCK_N, BLOCK_B)  # drawn masks: no mask pointer read
     key, index, norm, maxc = block_choice(q, cnt, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA, SUM_METRIC)
     publish_and_finish(block, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, loss_ptr,
                        seed, thr, B, stats_ptr, mask_ptr, HAS_EMA, MODE, BLOCK_P, BLOCK_MASK)

@@ -24,6 +24,14 @@ def _compiled_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+def _run_compiled(tmp_path, source: str) -> subprocess.CompletedProcess:
+    """``source`` run as a script in a subprocess with compiled Triton (launch capture and AOT need it)."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script)], cwd=REPO, env=_compiled_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
 # ---- the AOT tier ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def aot_reports(tmp_path_factory):
@@ -82,10 +90,7 @@ sys.exit(1)
 
 
 def test_the_tier_fails_on_a_kernel_that_is_wrong_for_a_gpu(tmp_path):
-    script = tmp_path / "negative.py"
-    script.write_text(NEGATIVE)
-    p = subprocess.run([sys.executable, str(script)], cwd=REPO, env=_compiled_env(), capture_output=True, text=True,
-                       timeout=300)
+    p = _run_compiled(tmp_path, NEGATIVE)
     assert p.returncode == 0 and "refused" in p.stdout, p.stdout + p.stderr[-2000:]
 
 
@@ -320,10 +325,7 @@ def test_a_triton_selection_is_two_launches(tmp_path):
     """Residuals + K (Gram) or residuals (direct); then the subset kernel, which also scores, takes the first
     minimum and, in its last program, regenerates the winner's mask and writes the stats. Counted by recording
     the launches the real launchers make for sm_80/sm_90 (the direct route splits its columns there)."""
-    script = tmp_path / "launches.py"
-    script.write_text(SELECTION_LAUNCHES)
-    p = subprocess.run([sys.executable, str(script)], cwd=REPO, env=_compiled_env(), capture_output=True, text=True,
-                       timeout=300)
+    p = _run_compiled(tmp_path, SELECTION_LAUNCHES)
     assert p.returncode == 0, p.stderr[-2000:]
     counts = json.loads(p.stdout)
     assert len(counts) == 24
@@ -348,10 +350,7 @@ print(json.dumps(out))
 def test_direct_route_splits_the_same_way_on_every_gpu_model(tmp_path):
     """The split of the direct kernel's reduction used to follow the SM count: ranks on different GPU models summed
     partials in different orders. It is now a function of the shape alone."""
-    script = tmp_path / "grids.py"
-    script.write_text(DIRECT_GRIDS)
-    p = subprocess.run([sys.executable, str(script)], cwd=REPO, env=_compiled_env(), capture_output=True, text=True,
-                       timeout=300)
+    p = _run_compiled(tmp_path, DIRECT_GRIDS)
     assert p.returncode == 0, p.stderr[-2000:]
     grids = json.loads(p.stdout)
     assert grids["80"] == grids["90"]
