@@ -192,6 +192,7 @@ def select_gram(logits: torch.Tensor, targets: torch.Tensor, features: torch.Ten
 
 
 def _subset_launch(dot_dtype: torch.dtype, device: torch.device) -> tuple[dict, dict, dict]:
+    """(tiles, launch options, dot constants) of the Gram subset kernels; K multiplies as tf32 for 16-bit inputs."""
     low = dot_dtype != torch.float32
     tiles, opts = split_launch_options(subset_config("gram", "tf32" if low else "fp32", device))
     return tiles, opts, dot_dtype_args(torch.float32, tf32=low)
