@@ -41,7 +41,7 @@ def machine() -> dict:
 
 
 def run(benchmark, fn, budget_s: float = 1.5, **extra):
-    """Time ``fn`` with pytest-benchmark: one warm-up, then as many rounds as fit ``budget_s`` (3..20)."""
+    """Time ``fn`` with pytest-benchmark: one warm-up, then as many rounds as fit ``budget_s`` (3..50)."""
     import time
 
     def call():
@@ -52,7 +52,7 @@ def run(benchmark, fn, budget_s: float = 1.5, **extra):
     t = time.perf_counter()
     call()
     once = max(time.perf_counter() - t, 1e-6)
-    rounds = int(min(20, max(3, budget_s / once)))
+    rounds = int(min(50, max(3, budget_s / once)))
     benchmark.extra_info.update(extra, machine=machine())
     return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
 

@@ -4,18 +4,21 @@
 // Memory: subsets are processed kBlockRows at a time. A block's masks (kBlockRows x B floats) are drawn from
 // (seed, subset, sample) into a reused buffer, multiplied with K (Gram route) or with a tile of G built from E and
 // A (direct route) by the BLAS torch links (sgemm), and reduced to one number per subset. Nothing of size N x B or
-// N x C(D+1) exists, and neither does the whole G.
+// N x C(D+1) exists, and neither does the whole G. Up to B = 256 the Gram route skips the GEMM and the mask buffer:
+// each subset, drawn as bits, sums its members' rows of K, which stays in cache (gram_quadratic).
 //
 // Fixed cost: a selection runs once per training step, often at small batches, and (registered as a torch op)
 // inside the dispatcher, where every ATen call costs a microsecond or two. So the work between the inputs and the
 // two outputs uses plain buffers and BLAS directly: no ATen operator runs inside select_subset.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -35,6 +38,8 @@ constexpr uint32_t kRateSalt = 0x5BD1E995u;
 constexpr int64_t kBlockRows = 1024;
 constexpr int64_t kTileCols = 2048;  // G columns per direct-route tile, rounded to whole classes: (B x 2048)
                                      // keeps C=10, D=64 in one GEMM per block, as wide as BLAS likes
+// Gram route up to this batch: subsets summed from K's rows (K <= 256 KB, cache-resident) instead of the GEMM.
+constexpr int64_t kSparseMaxBatch = 256;
 constexpr int kLanes = 8;            // independent accumulators, so reductions vectorise without -ffast-math
 
 // sum_i x[i] * y[i] in kLanes float lanes, combined in double.
@@ -71,6 +76,97 @@ __attribute__((target_clones("avx2", "default"))) int32_t draw_row(uint32_t key,
   return c;
 }
 
+// The same membership test as draw_row, as bits (bit l of words[w] is sample 64 w + l) and as 0/1 floats o (whole
+// groups of 8, zero past the batch). AVX2 draws eight samples per step and packs them with movemask (the 24-bit
+// draws and the threshold <= 2^24 compare as signed).
+__attribute__((target("avx2"))) int32_t draw_bits_avx2(uint32_t key, uint32_t t, int batch, uint64_t* words,
+                                                       float* o) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), golden = _mm256_set1_epi32(static_cast<int>(kGolden));
+  const __m256i c1 = _mm256_set1_epi32(0x7FEB352D), c2 = _mm256_set1_epi32(static_cast<int>(0x846CA68Bu));
+  const __m256i tv = _mm256_set1_epi32(static_cast<int>(t));
+  int32_t count = 0;
+  for (int w = 0; w * 64 < batch; ++w) {
+    uint64_t word = 0;
+    for (int g = 0; g < 8 && w * 64 + g * 8 < batch; ++g) {
+      const int i0 = w * 64 + g * 8;
+      __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(key)),
+                                   _mm256_mullo_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(i0)), golden));
+      x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+      x = _mm256_mullo_epi32(x, c1);
+      x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+      x = _mm256_mullo_epi32(x, c2);
+      x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+      const __m256i in = _mm256_cmpgt_epi32(tv, _mm256_srli_epi32(x, 8));
+      uint64_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+      if (batch - i0 < 8) m &= (uint64_t{1} << (batch - i0)) - 1;  // lanes past the batch are not samples
+      const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(m)), lane),
+                                           _mm256_set1_epi32(1));
+      _mm256_storeu_ps(o + i0, _mm256_cvtepi32_ps(bit));
+      word |= m << (g * 8);
+    }
+    words[w] = word;
+    count += __builtin_popcountll(word);
+  }
+  return count;
+}
+
+int32_t draw_bits_scalar(uint32_t key, uint32_t t, int batch, uint64_t* words, float* o) {
+  int32_t count = 0;
+  for (int w = 0; w * 64 < batch; ++w) words[w] = 0;
+  for (int i = 0; i < batch; ++i) {
+    const uint64_t in = (mix32(key + static_cast<uint32_t>(i) * kGolden) >> 8) < t;
+    words[i / 64] |= in << (i % 64);
+    o[i] = static_cast<float>(in);
+    count += static_cast<int32_t>(in);
+  }
+  return count;
+}
+
+// A given 0/1 byte row as bits and floats (as draw_bits_*); returns its size. AVX2 packs 32 bytes per movemask.
+__attribute__((target("avx2"))) int32_t bytes_to_bits_avx2(const uint8_t* m, int batch, uint64_t* words, float* o) {
+  for (int i = 0; i < batch; ++i) o[i] = m[i] != 0;  // vectorises
+  int32_t count = 0;
+  for (int w = 0; w * 64 < batch; ++w) {
+    uint64_t word = 0;
+    for (int h = 0; h < 2 && w * 64 + h * 32 < batch; ++h) {
+      const int i0 = w * 64 + h * 32, n = std::min(32, batch - i0);
+      uint64_t bits;
+      if (n == 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + i0));
+        bits = ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())));
+      } else {
+        bits = 0;
+        for (int l = 0; l < n; ++l) bits |= static_cast<uint64_t>(m[i0 + l] != 0) << l;
+      }
+      word |= (bits & 0xFFFFFFFFu) << (h * 32);
+    }
+    words[w] = word;
+    count += __builtin_popcountll(word);
+  }
+  return count;
+}
+
+int32_t bytes_to_bits_scalar(const uint8_t* m, int batch, uint64_t* words, float* o) {
+  int32_t count = 0;
+  for (int w = 0; w * 64 < batch; ++w) words[w] = 0;
+  for (int i = 0; i < batch; ++i) {
+    const uint64_t in = m[i] != 0;
+    words[i / 64] |= in << (i % 64);
+    o[i] = static_cast<float>(in);
+    count += static_cast<int32_t>(in);
+  }
+  return count;
+}
+
+bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();  // may run before the CPU model is initialised by the runtime's own constructors
+    // DYNBATCH_NATIVE_SCALAR: the portable draw, so that a test can check it on an AVX2 machine.
+    return __builtin_cpu_supports("avx2") != 0 && std::getenv("DYNBATCH_NATIVE_SCALAR") == nullptr;
+  }();
+  return yes;
+}
+
 struct MaskSource {
   const uint8_t* masks;  // mode 0: (N, B) row-major
   uint32_t seed;         // already folded to 32 bits by the caller
@@ -101,7 +197,81 @@ struct MaskSource {
       }
     });
   }
+
+  // Subset n as bits (ceil(batch / 64) words) and 0/1 floats (o: batch floats, callers zero its padding); returns
+  // its size.
+  int32_t bits(int64_t n, uint64_t* words, float* o) const {
+    const int b = static_cast<int>(batch);
+    if (mode == 0) {
+      const uint8_t* m = masks + n * batch;
+      return has_avx2() ? bytes_to_bits_avx2(m, b, words, o) : bytes_to_bits_scalar(m, b, words, o);
+    }
+    const uint32_t key = mix32(mix32(seed) + static_cast<uint32_t>(n));
+    const uint32_t t = mode == 1 ? thr : (mix32(key ^ kRateSalt) >> 8);
+    return has_avx2() ? draw_bits_avx2(key, t, b, words, o) : draw_bits_scalar(key, t, b, words, o);
+  }
 };
+
+// The Gram route's quadratic form without a GEMM, for K small enough to stay in cache. With m a 0/1 membership,
+// m^T K m = sum over member pairs (i, j) of K_ij. K is symmetric, so it suffices to sum, over member rows j, the
+// columns from j's own 16-column group onwards, with the diagonal 16 x 16 blocks halved (Kh), and double: a pair in
+// two groups is met once at full weight, a pair in one group twice at half weight. Members arrive in index order,
+// so the groups (and the columns each member row adds) are fixed at compile time: the accumulators stay in
+// registers while about |S| B / 2 floats of Kh stream, instead of the GEMM's B^2 multiply-adds.
+
+// acc[s, W) += Kh[j, c0 + s : c0 + W) for the members j in group [c0 + s, c0 + s + 16), for every group s >= S.
+template <int W, int S>
+inline __attribute__((always_inline)) void add_member_rows(const float* Kh, int64_t ld, int64_t c0,
+                                                           const uint64_t* words, float* acc) {
+  if constexpr (S < W) {
+    const int64_t g = c0 + S;
+    for (uint32_t bits = static_cast<uint32_t>(words[g / 64] >> (g % 64)) & 0xFFFFu; bits != 0; bits &= bits - 1) {
+      const float* row = Kh + (g + __builtin_ctz(bits)) * ld + c0;
+      for (int l = S; l < W; ++l) acc[l] += row[l];
+    }
+    add_member_rows<W, S + 16>(Kh, ld, c0, words, acc);
+  }
+}
+
+// Columns [c0, c0 + W) of the form: members before c0 add whole rows, members inside add their tails; the result
+// dotted with the membership o.
+template <int W>
+inline __attribute__((always_inline)) double columns_dot(const float* Kh, int64_t ld, int64_t c0,
+                                                         const uint64_t* words, const float* o) {
+  float acc[W] = {0.f};
+  for (int w = 0; w * 64 < c0; ++w)
+    for (uint64_t bits = words[w]; bits != 0; bits &= bits - 1) {
+      const float* row = Kh + (w * 64 + __builtin_ctzll(bits)) * ld + c0;
+      for (int l = 0; l < W; ++l) acc[l] += row[l];
+    }
+  add_member_rows<W, 0>(Kh, ld, c0, words, acc);
+  float lanes[8] = {0.f};
+  for (int k = 0; k < W; k += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += acc[k + l] * o[c0 + k + l];
+  double q = 0;
+  for (int l = 0; l < 8; ++l) q += lanes[l];
+  return q;
+}
+
+// m^T K m for one subset (bits and 0/1 floats o, zero past B), from Kh: rows of ld floats (a multiple of 16,
+// zero-padded), up to 128 columns (16 AVX2 registers) per pass.
+__attribute__((target_clones("avx2", "default"))) float gram_quadratic(const float* Kh, int64_t ld,
+                                                                       const uint64_t* words, const float* o) {
+  double q = 0;
+  for (int64_t c0 = 0; c0 < ld; c0 += 128) {
+    switch (std::min<int64_t>(128, ld - c0)) {
+      case 16: q += columns_dot<16>(Kh, ld, c0, words, o); break;
+      case 32: q += columns_dot<32>(Kh, ld, c0, words, o); break;
+      case 48: q += columns_dot<48>(Kh, ld, c0, words, o); break;
+      case 64: q += columns_dot<64>(Kh, ld, c0, words, o); break;
+      case 80: q += columns_dot<80>(Kh, ld, c0, words, o); break;
+      case 96: q += columns_dot<96>(Kh, ld, c0, words, o); break;
+      case 112: q += columns_dot<112>(Kh, ld, c0, words, o); break;
+      default: q += columns_dot<128>(Kh, ld, c0, words, o); break;
+    }
+  }
+  return static_cast<float>(2 * q);
+}
 
 // Row-major C (M x N) = A (M x K, row stride lda) * B^T if b_transposed (B: N x K) else B (K x N), ldb, ldc.
 void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -190,9 +360,6 @@ class BlockScorer {
       if (bias) a_[b * DA_ + in.D] = 1.f;
     }
     rows_max_ = std::max<int64_t>(1, std::min(N_, kBlockRows));
-    m_.resize(rows_max_ * B_);
-    q_.resize(rows_max_);
-    c_.resize(rows_max_);
     if (gram_) {
       // K = (E E^T) o (A A^T), (B, B): K_ij = <g_i, g_j>.
       K_.resize(B_ * B_);
@@ -201,12 +368,26 @@ class BlockScorer {
       gemm_rows(B_, B_, DA_, a_.data(), DA_, a_.data(), DA_, true, ak.data(), B_);
       for (int64_t i = 0; i < B_ * B_; ++i) K_[i] *= ak[i];
       cols_ = B_;
+      if (B_ <= kSparseMaxBatch) {
+        // Kh for gram_quadratic: rows padded to whole 16-column groups with zeros, diagonal 16 x 16 blocks halved.
+        ld_ = (B_ + 15) / 16 * 16;
+        std::vector<float> kh(B_ * ld_, 0.f);
+        for (int64_t i = 0; i < B_; ++i)
+          for (int64_t j = 0; j < B_; ++j) kh[i * ld_ + j] = K_[i * B_ + j] * (i / 16 == j / 16 ? 0.5f : 1.f);
+        K_.swap(kh);
+        q_.resize(rows_max_);
+        c_.resize(rows_max_);
+        return;  // no mask or product buffers
+      }
     } else {
       // Tiles hold whole classes, so G[b, (c - c0) * DA + d] = E[b, c] * A[b, d] fills with a contiguous loop.
       const int64_t classes_per_tile = std::max<int64_t>(1, kTileCols / std::max<int64_t>(DA_, 1));
       cols_ = std::min(C_, classes_per_tile) * DA_;
       g_.resize(B_ * cols_);
     }
+    m_.resize(rows_max_ * B_);
+    q_.resize(rows_max_);
+    c_.resize(rows_max_);
     p_.resize(rows_max_ * cols_);
   }
 
@@ -218,6 +399,8 @@ class BlockScorer {
       if (B_ == 0) {
         std::fill(q_.begin(), q_.begin() + rows, 0.f);
         std::fill(c_.begin(), c_.begin() + rows, 0.f);
+      } else if (ld_ > 0) {
+        sparse_gram_block(n0, rows);
       } else {
         src_.fill(n0, rows, m_.data(), c_.data());
         gram_ ? gram_block(rows) : direct_block(rows);
@@ -227,6 +410,17 @@ class BlockScorer {
   }
 
  private:
+  void sparse_gram_block(int64_t n0, int64_t rows) {
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      uint64_t words[kSparseMaxBatch / 64] = {0};
+      float o[kSparseMaxBatch] = {0.f};  // the padding past B stays zero
+      for (int64_t r = r0; r < r1; ++r) {
+        c_[r] = static_cast<float>(src_.bits(n0 + r, words, o));
+        q_[r] = gram_quadratic(K_.data(), ld_, words, o);
+      }
+    });
+  }
+
   void gram_block(int64_t rows) {
     const int64_t B = B_;
     gemm_rows(rows, B, B, m_.data(), B, K_.data(), B, false, p_.data(), B);
@@ -264,7 +458,7 @@ class BlockScorer {
     }
   }
 
-  int64_t B_, C_, DA_, N_, rows_max_ = 1, cols_ = 0;
+  int64_t B_, C_, DA_, N_, rows_max_ = 1, cols_ = 0, ld_ = 0;  // ld_ > 0: the sparse Gram path
   MaskSource src_;
   bool gram_;
   std::vector<float> e_, a_, K_, g_, m_, p_, q_, c_;

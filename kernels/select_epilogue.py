@@ -23,16 +23,17 @@ from .subset_rng import member, subset_key, subset_limit
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a compile-time constant inside the kernels
 FINISH_BLOCK = 1024  # partial results the finishing program reads per iteration
 
-_counters: dict[torch.device, torch.Tensor] = {}
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def arrival_counter(device: torch.device, size: int = 1) -> torch.Tensor:
-    """A zeroed int32 counter buffer (at least ``size``) kept per device: each launch's last program resets what
-    it used, so the buffer is zeroed once per process, not per launch. Launches that use it run on one stream in
-    order (the selection's), so they never overlap."""
-    buf = _counters.get(device)
+    """A zeroed int32 counter buffer (at least ``size``) kept per device and stream: each launch's last program
+    resets what it used, so the buffer is zeroed once per process, not per launch. Launches on one stream run in
+    order, so they never share a counter while it counts; selections on two streams get two counters."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _counters.get((device, stream))
     if buf is None or buf.numel() < size:
-        buf = _counters[device] = torch.zeros(max(size, 64), dtype=torch.int32, device=device)
+        buf = _counters[(device, stream)] = torch.zeros(max(size, 64), dtype=torch.int32, device=device)
     return buf
 
 
