@@ -13,18 +13,25 @@ from .reference import per_sample_grad_norms as REFERENCE  # noqa: F401  (the op
 
 
 @triton.jit
+def softmax_residual(z, mx, s, is_target, ok, C, smoothing):
+    """e = softmax(z) - t in fp32 from the logits ``z`` with their row maximum ``mx`` and sum of exp(z - mx) ``s``
+    (broadcast against ``z``), ``is_target`` where the class is the sample's (t = 1 - smoothing + smoothing / C
+    there, smoothing / C elsewhere); 0 where not ``ok``. One formula for a row (here) and a tile (the Gram kernel)."""
+    target = tl.where(is_target, 1.0 - smoothing, 0.0) + smoothing / C
+    return tl.where(ok, tl.exp(z - mx) / s - target, 0.0)
+
+
+@triton.jit
 def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, a_ptr, C, D, stride_l, stride_f, smoothing,
                       BIAS: tl.constexpr, WRITE_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cs = tl.arange(0, BLOCK_C)
     cm = cs < C
     z = tl.load(logits_ptr + row * stride_l + cs, mask=cm, other=float("-inf")).to(tl.float32)
-    p = tl.exp(z - tl.max(z, axis=0))
-    p = tl.where(cm, p, 0.0)
-    p = p / tl.sum(p, axis=0)
+    mx = tl.max(z, axis=0)
+    s = tl.sum(tl.exp(z - mx), axis=0)  # exp(-inf) = 0 past C
     t = tl.load(targets_ptr + row).to(tl.int32)
-    target = tl.where(cs == t, 1.0 - smoothing, 0.0) + smoothing / C
-    e = tl.where(cm, p - target, 0.0)
+    e = softmax_residual(z, mx, s, cs == t, cm, C, smoothing)
     tl.store(e_ptr + row * C + cs, e, mask=cm)
     a2 = tl.zeros((BLOCK_D,), tl.float32)
     if BIAS:

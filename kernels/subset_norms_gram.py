@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .reference import subset_sq_sums as REFERENCE  # noqa: F401  (the op this file must match)
 from .configs import on_device, split_launch_options, subset_config
+from .residuals import softmax_residual
 from .select_epilogue import arrival_counter, block_choice, epilogue_constants, outputs, publish_and_finish, workspace
 from .subset_rng import dot_dtype_args, low_precision_dot as _dot, mask_tile
 
@@ -91,9 +92,7 @@ def residual_tile(logits_ptr, targets, rows, cs, mx, s, B, C, stride, smoothing)
     ok = (rows[:, None] < B) & (cs[None, :] < C)
     z = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride + cs[None, :], mask=ok,
                 other=float("-inf")).to(tl.float32)
-    p = tl.exp(z - mx[:, None]) / s[:, None]
-    target = tl.where(cs[None, :] == targets[:, None], 1.0 - smoothing, 0.0) + smoothing / C
-    return tl.where(ok, p - target, 0.0)
+    return softmax_residual(z, mx[:, None], s[:, None], cs[None, :] == targets[:, None], ok, C, smoothing)
 
 
 @triton.jit
