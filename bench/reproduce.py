@@ -1,6 +1,6 @@
 """Reproduce the published experiments on the real CIFAR-10 subset, then write tables and figures.
 
-    python bench/reproduce.py edba|split|adabatch|all [--out bench/results/repro] [--budget full|smoke]
+    python bench/reproduce.py edba|split|adabatch|all [--out bench/results/repro] [--budget full|smoke] [--throughput]
 
 Resumable: a finished run is skipped, an interrupted one resumed (``dynbatch train --resume``), so the same
 command picks up where it stopped. ``--budget smoke`` runs a tiny version of every run to check the pipeline.
@@ -460,15 +460,15 @@ def report_adabatch(runs, out: Path) -> list[str]:
         wall_s = f"{statistics.fmean(wall(r) for r in rs):.0f} s" if rs else "–"
         lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {mean_std([final_acc(r) for r in rs])} | "
                      f"{mean_std([best_acc(r) for r in rs])} | {diff} | {wall_s} | {verdict_txt or '–'} |")
-    # The source of AdaBatch's speed-up: throughput at each batch size (step rows).
-    rates = defaultdict(list)
-    for run in done.get("adabatch", []):
-        for r in rows_of(run, "step"):
-            if r.get("step_s"):
-                rates[r["batch_size"]].append(r["trained_samples"] / r["step_s"])
-    if rates:
-        lines += ["", "AdaBatch samples/s by batch size (median over steps): " + ", ".join(
-            f"{b}: {statistics.median(v):,.0f}" for b, v in sorted(rates.items()) if len(v) >= 3) + "."]
+    # The source of AdaBatch's speed-up: throughput at each batch size, measured on its own (measure_throughput),
+    # since the runs' own timings include whatever shared the cores with them.
+    tp = out / "throughput.json"
+    if tp.is_file():
+        t = json.loads(tp.read_text())
+        rates = {int(b): v for b, v in t["samples_per_s"].items()}
+        lines += ["", f"Training samples/s of PreResNet-20 by batch size (fp32, {t['threads']} threads, quiet "
+                  "machine, `--throughput`): " + ", ".join(f"{b}: {v:,.0f} ({v / rates[64]:.2f}× batch 64)"
+                                                           for b, v in sorted(rates.items())) + "."]
     if any(done.values()):
         plt = _plt()
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
@@ -489,6 +489,35 @@ def report_adabatch(runs, out: Path) -> list[str]:
     return lines
 
 
+THROUGHPUT_BATCHES = (64, 128, 256, 512, 1024, 2048)  # AdaBatch's batch sizes: 64 doubled five times
+
+
+def measure_throughput(out: Path, steps: int = 3) -> None:
+    """Training samples/s of PreResNet-20 (fp32, contiguous, SGD with momentum, random 32x32 images) at each of
+    AdaBatch's batch sizes, with all of the machine's threads: the source of AdaBatch's speed-up, measured apart
+    from the runs (which shared the cores with each other) and written to ``throughput.json``. Run it on a quiet
+    machine: ``python bench/reproduce.py adabatch --only none --throughput``."""
+    import torch
+    import torch.nn.functional as F
+
+    from dynbatch.models import build_model
+
+    model = build_model("preresnet20", 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rates = {}
+    for batch in THROUGHPUT_BATCHES:
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        times = []
+        for _ in range(steps + 1):  # the first step warms up
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        rates[batch] = batch / statistics.median(times[1:])
+    (out / "throughput.json").write_text(json.dumps({"threads": torch.get_num_threads(), "samples_per_s": rates}))
+
+
 REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch}
 
 
@@ -498,6 +527,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "repro"))
     ap.add_argument("--budget", choices=("full", "smoke"), default="full")
     ap.add_argument("--only", default="*", help="run only the runs whose name matches this glob (e.g. 'n100-*')")
+    ap.add_argument("--throughput", action="store_true",
+                    help="adabatch: first measure training samples/s at each batch size (quiet machine, ~1 min)")
     a = ap.parse_args(argv)
     if not DATA.is_file():
         print(f"reproduce: {DATA} not found; these experiments need the shared CIFAR-10 subset", file=sys.stderr)
@@ -506,6 +537,8 @@ def main(argv=None) -> int:
         out = Path(a.out) / name
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
+        if a.throughput and name == "adabatch":
+            measure_throughput(out)
         runs = execute(name, out, a.budget, a.only)
         lines = [f"# {name}: reproduction on the CIFAR-10 subset", "",
                  f"Command: `python bench/reproduce.py {name}" + (" --budget smoke" if a.budget == "smoke" else "")
