@@ -63,22 +63,10 @@ inline __attribute__((always_inline)) uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// One subset's membership row: sample i is in iff the top 24 bits of mix32(key + i * golden) are below t. Written
-// with 32-bit lanes only (int index, uint32 compare, float store) so that it vectorises; target_clones adds an AVX2
-// copy (8 lanes of pmulld) chosen at load time, without requiring AVX2 of the machine.
-__attribute__((target_clones("avx2", "default"))) int32_t draw_row(uint32_t key, uint32_t t, int batch, float* o) {
-  int32_t c = 0;  // an integer count: a float sum here would serialise on add latency
-  for (int i = 0; i < batch; ++i) {
-    const uint32_t in = (mix32(key + static_cast<uint32_t>(i) * kGolden) >> 8) < t;
-    o[i] = static_cast<float>(static_cast<int32_t>(in));
-    c += static_cast<int32_t>(in);
-  }
-  return c;
-}
-
-// The same membership test as draw_row, as bits (bit l of words[w] is sample 64 w + l) and as 0/1 floats o (whole
-// groups of 8, zero past the batch). AVX2 draws eight samples per step and packs them with movemask (the 24-bit
-// draws and the threshold <= 2^24 compare as signed).
+// One subset's membership: sample i is in iff the top 24 bits of mix32(key + i * golden) are below t. Written as
+// bits (bit l of words[w] is sample 64 w + l) and as 0/1 floats o (batch of them); returns the subset's size.
+// AVX2 draws eight samples per step and packs them with movemask (the 24-bit draws and the threshold <= 2^24
+// compare as signed); draw_bits_scalar is the same test for machines without it.
 __attribute__((target("avx2"))) int32_t draw_bits_avx2(uint32_t key, uint32_t t, int batch, uint64_t* words,
                                                        float* o) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), golden = _mm256_set1_epi32(static_cast<int>(kGolden));
@@ -98,10 +86,15 @@ __attribute__((target("avx2"))) int32_t draw_bits_avx2(uint32_t key, uint32_t t,
       x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
       const __m256i in = _mm256_cmpgt_epi32(tv, _mm256_srli_epi32(x, 8));
       uint64_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
-      if (batch - i0 < 8) m &= (uint64_t{1} << (batch - i0)) - 1;  // lanes past the batch are not samples
       const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(m)), lane),
                                            _mm256_set1_epi32(1));
-      _mm256_storeu_ps(o + i0, _mm256_cvtepi32_ps(bit));
+      if (batch - i0 >= 8) {
+        _mm256_storeu_ps(o + i0, _mm256_cvtepi32_ps(bit));
+      } else {  // lanes past the batch are neither samples nor written (o may be a row of a larger buffer)
+        m &= (uint64_t{1} << (batch - i0)) - 1;
+        _mm256_maskstore_ps(o + i0, _mm256_cmpgt_epi32(_mm256_set1_epi32(batch - i0), lane),
+                            _mm256_cvtepi32_ps(bit));
+      }
       word |= m << (g * 8);
     }
     words[w] = word;
@@ -176,30 +169,13 @@ struct MaskSource {
 
   // Rows [n0, n0 + rows) into out (rows x batch, float 0/1), their sizes into counts[r].
   void fill(int64_t n0, int64_t rows, float* out, float* counts) const {
-    const uint32_t seed_key = mix32(seed);
-    const int b = static_cast<int>(batch);
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = n0 + r;
-        float* o = out + r * batch;
-        int32_t c = 0;
-        if (mode == 0) {
-          const uint8_t* m = masks + n * batch;
-          for (int i = 0; i < b; ++i) {
-            o[i] = m[i] != 0;
-            c += m[i] != 0;
-          }
-        } else {
-          const uint32_t key = mix32(seed_key + static_cast<uint32_t>(n));
-          c = draw_row(key, mode == 1 ? thr : (mix32(key ^ kRateSalt) >> 8), b, o);
-        }
-        counts[r] = static_cast<float>(c);
-      }
+      std::vector<uint64_t> words((batch + 63) / 64);
+      for (int64_t r = r0; r < r1; ++r) counts[r] = static_cast<float>(bits(n0 + r, words.data(), out + r * batch));
     });
   }
 
-  // Subset n as bits (ceil(batch / 64) words) and 0/1 floats (o: batch floats, callers zero its padding); returns
-  // its size.
+  // Subset n as bits (ceil(batch / 64) words) and 0/1 floats (o: batch floats); returns its size.
   int32_t bits(int64_t n, uint64_t* words, float* o) const {
     const int b = static_cast<int>(batch);
     if (mode == 0) {
@@ -413,7 +389,7 @@ class BlockScorer {
   void sparse_gram_block(int64_t n0, int64_t rows) {
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       uint64_t words[kSparseMaxBatch / 64] = {0};
-      float o[kSparseMaxBatch] = {0.f};  // the padding past B stays zero
+      float o[kSparseMaxBatch] = {0.f};  // never written past B: gram_quadratic's padding stays zero
       for (int64_t r = r0; r < r1; ++r) {
         c_[r] = static_cast<float>(src_.bits(n0 + r, words, o));
         q_[r] = gram_quadratic(K_.data(), ld_, words, o);
