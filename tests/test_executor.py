@@ -1,4 +1,4 @@
-"""Micro-batching and out-of-memory recovery in the plan executor."""
+"""Micro-batching, out-of-memory recovery and gradient clearing in the plan executor."""
 import copy
 
 import pytest
@@ -81,3 +81,33 @@ def test_out_of_memory_is_not_retried_forever():
         step_with(m, None, x, y)
     assert m.calls == [8, 4, 2, 1]  # down to one sample, then give up
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # no step applied
+
+
+def test_each_step_starts_from_cleared_gradients():
+    """Two steps on the same batch move the parameters as two hand-written SGD steps do (no gradient carried over
+    from the first step), and an optimizer that overrides ``zero_grad`` has its own called."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g)
+    a, b = model(), model()
+    ex = PlanExecutor(a, torch.optim.SGD(a.parameters(), lr=0.1))
+    for _ in range(2):
+        ex.run(Plan([ForwardStep(x, y)]), ctx_for(a), 0.1)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(b(x), y).backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+    class Counting(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none=True):
+            Counting.calls += 1
+            super().zero_grad(set_to_none)
+
+    c = model()
+    ex = PlanExecutor(c, Counting(c.parameters(), lr=0.1))
+    ex.run(Plan([ForwardStep(x, y)]), ctx_for(c), 0.1)
+    assert Counting.calls == 1

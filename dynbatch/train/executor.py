@@ -138,9 +138,21 @@ class PlanExecutor:
             total, correct = (chunk, hits) if total is None else (total + chunk, correct + hits)
         return total, correct, samples
 
+    def _clear_grads(self) -> None:
+        """``optimizer.zero_grad(set_to_none=True)``: for torch's own ``zero_grad`` (the optimizers dynbatch
+        builds), the same ``p.grad = None`` over its parameter groups without the dynamo guard and profiler range
+        around it, which cost ~40 µs a step on CPU (7 % of a tiny model's step); an overriding optimizer keeps its
+        own."""
+        if type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _gradient_pass(self, step: ForwardStep | ReuseStep, ctx: StepContext, outcome: StepOutcome):
         while True:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_grads()
             if isinstance(step, ReuseStep):  # its graph exists once: no retry at a smaller micro-batch
                 return self._reused(step)
             try:
@@ -149,7 +161,7 @@ class PlanExecutor:
                 current = self.micro_batch or step.x.shape[0]
                 if current <= 1 or outcome.oom_retries >= self.max_oom_retries or self.dist.enabled:
                     raise
-                self.optimizer.zero_grad(set_to_none=True)
+                self._clear_grads()
                 self.micro_batch = max(1, current // 2)
                 outcome.oom_retries += 1
                 outcome.events.append(f"out of memory at micro-batch {current}; retrying at {self.micro_batch}")
