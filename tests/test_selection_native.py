@@ -1,4 +1,8 @@
 """The native CPU extension against the torch reference: same numbers, same masks, same choice."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -72,35 +76,28 @@ def test_auto_backend_on_cpu_is_native():
     assert isinstance(get_backend("auto", torch.device("cpu")), NativeBackend)
 
 
-def test_portable_draw_matches_the_avx2_draw():
+def test_portable_draw_matches_the_avx2_draw(tmp_path):
     """Machines without AVX2 draw subsets (and pack given masks) with scalar loops: the same subsets, so the same
     norms bit for bit (forced here with DYNBATCH_NATIVE_SCALAR, read once per process, hence the subprocess)."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import sys, torch\n"
             "from dynbatch.selection import subset_grad_norms, subset_scores\n"
             "from selection_cases import random_case\n"
             "out = []\n"
             "for b, mode in ((1, 'bernoulli'), (37, 'uniform_size'), (100, 'bernoulli'), (256, 'uniform_size')):\n"
             "    logits, y, feats = random_case(b, 7, 19, seed=b)\n"
-            "    norms, sizes = subset_scores(logits, y, feats, num_subsets=300, seed=b, loss=1.0, loss_ema=1.05, grad_ema=0.3,\n"
-            "                                 mode=mode, route='gram', backend='native')\n"
+            "    out += subset_scores(logits, y, feats, num_subsets=300, seed=b, loss=1.0, loss_ema=1.05,\n"
+            "                         grad_ema=0.3, mode=mode, route='gram', backend='native')\n"
             "    masks = torch.rand(300, b, generator=torch.Generator().manual_seed(b)) < 0.5\n"
-            "    out += [norms, sizes, subset_grad_norms(logits, y, feats, masks, route='gram', backend='native')]\n"
+            "    out.append(subset_grad_norms(logits, y, feats, masks, route='gram', backend='native'))\n"
             "torch.save(out, sys.argv[1])\n")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for scalar in (False, True):
-            env = {k: v for k, v in os.environ.items() if k != "DYNBATCH_NATIVE_SCALAR"}
-            if scalar:
-                env["DYNBATCH_NATIVE_SCALAR"] = "1"
-            path = f"{tmp}/{int(scalar)}.pt"
-            subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
-                           cwd=os.path.dirname(__file__))
-            results.append(torch.load(path))
+    results = []
+    for scalar in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "DYNBATCH_NATIVE_SCALAR"}
+        if scalar:
+            env["DYNBATCH_NATIVE_SCALAR"] = "1"
+        path = tmp_path / f"{int(scalar)}.pt"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, cwd=os.path.dirname(__file__))
+        results.append(torch.load(path))
+    assert len(results[0]) == 12
     for a, b in zip(*results):
         assert torch.equal(a, b)
