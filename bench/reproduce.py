@@ -214,6 +214,14 @@ def bootstrap_ci(a: list[float], b: list[float], n: int = 10_000, seed: int = 0)
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
+def difference(rs: list[Path], base: list[Path]) -> tuple[float, float, str]:
+    """(lo, hi) of the 95 % interval of mean final accuracy of ``rs`` minus ``base``, in points, and the cell text."""
+    a, b = [final_acc(r) for r in rs], [final_acc(r) for r in base]
+    lo, hi = bootstrap_ci(a, b)
+    d = 100 * (statistics.fmean(a) - statistics.fmean(b))
+    return 100 * lo, 100 * hi, f"{d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def verdict(lo: float, hi: float, published_gain: float) -> str:
     half = published_gain / 2
     if lo > 0 and hi >= half:
@@ -221,6 +229,40 @@ def verdict(lo: float, hi: float, published_gain: float) -> str:
     if hi < half:
         return "refuted"
     return "inconclusive"
+
+
+PLATEAU_RULE = ("Plateau check (why a budget suffices): the baseline's mean test accuracy over the last tenth of its "
+                "evaluated epochs minus that over the tenth before, averaged over seeds; a baseline has plateaued "
+                "when this gain is below 1 point, and a verdict on a row whose baseline still climbs says so.")
+
+# Split (cosine) and AdaBatch (step cuts) anneal the lr, which flattens any run's end whatever its budget.
+ANNEALED = (" This schedule anneals the lr to near 0 by the last epoch, so a flat end shows that the schedule has run "
+            "out, not that a longer budget could not score higher; the claim compares methods at one budget.")
+
+
+def plateau_gain(runs: list[Path]) -> float:
+    """Points of test accuracy gained from the second-last to the last tenth of the evaluated epochs (seed mean)."""
+    gains = []
+    for run in runs:
+        acc = [r["test_acc"] for r in rows_of(run, "epoch") if r.get("test_acc") is not None]
+        k = max(1, len(acc) // 10)
+        gains.append(100 * (statistics.fmean(acc[-k:]) - statistics.fmean(acc[-2 * k:-k])))
+    return statistics.fmean(gains)
+
+
+def plateaued(runs: list[Path]) -> bool:
+    return abs(plateau_gain(runs)) < 1
+
+
+def plateau_note(who: str, runs: list[Path]) -> str:
+    g = plateau_gain(runs)
+    state = "plateaued" if abs(g) < 1 else "still climbing" if g > 0 else "falling"
+    return f"- Plateau, {who}: last-tenth gain {g:+.1f} points ({state}; {len(runs)} seed(s))."
+
+
+def qualified(verdict_txt: str, base: list[Path]) -> str:
+    """A verdict whose baseline has not plateaued says so (the budget may still move the answer)."""
+    return verdict_txt + ("" if not verdict_txt or plateaued(base) else " (baseline not plateaued)")
 
 
 def done_runs(group) -> list[Path]:
@@ -241,6 +283,7 @@ def report_edba(runs, out: Path) -> list[str]:
              "weight decay 1e-5, batch 100, constant lr (the paper's), unless the row says otherwise. Test set: the "
              "subset's 1,017 real CIFAR-10 test images. Final = after the last epoch; best = the best evaluated "
              "epoch (selection on the test split, as the authors' template reports).", "", VERDICT_RULE, "",
+             PLATEAU_RULE, "",
              "| row | method | seeds finished | final test acc | best test acc | EDBA − baseline (final), 95 % CI | "
              "published baseline → EDBA | verdict |", "|" + "---|" * 8]
     for row in EDBA_ROWS:
@@ -256,12 +299,10 @@ def report_edba(runs, out: Path) -> list[str]:
                 pub_pair = PUBLISHED_EDBA.get(row.n) if not row.reading else None
                 pub = f"{pub_pair[0]} → {pub_pair[1]}" if pub_pair else ""
                 if len(rs) >= 2 and len(base) >= 2:
-                    lo, hi = bootstrap_ci([final_acc(r) for r in rs], [final_acc(r) for r in base])
-                    d = 100 * (statistics.fmean(final_acc(r) for r in rs) - statistics.fmean(final_acc(r) for r in base))
-                    diff = f"{d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" + ("" if "fixed" in row.methods else
-                                                                             " (vs the 100-sample baseline)")
+                    lo, hi, diff = difference(rs, base)
+                    diff += "" if "fixed" in row.methods else " (vs the 100-sample baseline)"
                     if pub_pair and complete:
-                        verdict_txt = verdict(100 * lo, 100 * hi, pub_pair[1] - pub_pair[0])
+                        verdict_txt = qualified(verdict(lo, hi, pub_pair[1] - pub_pair[0]), base)
             label = f"{row.key}: {row.label}" if meth == row.methods[0] else ""
             lines.append(f"| {label} | {'baseline' if meth == 'fixed' else 'EDBA'} | {status} | "
                          f"{mean_std([final_acc(r) for r in rs])} | {mean_std([best_acc(r) for r in rs])} | {diff} | "
@@ -272,6 +313,8 @@ def report_edba(runs, out: Path) -> list[str]:
             rs = done_runs(groups[(row.key, meth)])
             if not rs:
                 continue
+            if meth == "fixed":
+                notes.append(plateau_note(f"{row.key} baseline", rs))
             if meth == "edba":
                 st = [r for run in rs for r in rows_of(run, "step")]
                 asked = sorted({r["policy_batch_size"] for r in st})
@@ -403,11 +446,9 @@ def report_split(runs, out: Path) -> list[str]:
         if rs and fixed_epoch:
             ratio = f"{statistics.median(r['epoch_s'] for run in rs for r in rows_of(run, 'epoch')) / fixed_epoch:.2f}×"
         if method != "fixed" and len(rs) >= 2 and len(fixed) >= 2:
-            lo, hi = bootstrap_ci([final_acc(r) for r in rs], [final_acc(r) for r in fixed])
-            d = 100 * (statistics.fmean(final_acc(r) for r in rs) - statistics.fmean(final_acc(r) for r in fixed))
-            diff = f"{d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            lo, hi, diff = difference(rs, fixed)
             if len(rs) == len(groups[method]) and len(fixed) == len(groups["fixed"]) and method != "random":
-                verdict_txt = interval_verdict(100 * lo, 100 * hi, -5.0, 1.0)
+                verdict_txt = qualified(interval_verdict(lo, hi, -5.0, 1.0), fixed)
         picks = defaultdict(int)
         for run in rs:
             for r in rows_of(run, "step"):
@@ -418,6 +459,8 @@ def report_split(runs, out: Path) -> list[str]:
         lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {mean_std([final_acc(r) for r in rs])} | "
                      f"{mean_std([best_acc(r) for r in rs])} | {diff} | {ratio} | {share} | "
                      f"{verdict_txt or '–'} |")
+    if fixed:
+        lines += ["", PLATEAU_RULE + ANNEALED, plateau_note("fixed", fixed)]
     if any(done.values()):
         plt = _plt()
         fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
@@ -453,14 +496,14 @@ def report_adabatch(runs, out: Path) -> list[str]:
         rs = done.get(method, [])
         diff = verdict_txt = ""
         if method == "adabatch" and len(rs) >= 2 and len(fixed) >= 2:
-            lo, hi = bootstrap_ci([final_acc(r) for r in rs], [final_acc(r) for r in fixed])
-            d = 100 * (statistics.fmean(final_acc(r) for r in rs) - statistics.fmean(final_acc(r) for r in fixed))
-            diff = f"{d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            lo, hi, diff = difference(rs, fixed)
             if complete:
-                verdict_txt = interval_verdict(100 * lo, 100 * hi, -1.0, 1.0)
+                verdict_txt = qualified(interval_verdict(lo, hi, -1.0, 1.0), fixed)
         wall_s = f"{statistics.fmean(wall(r) for r in rs):.0f} s" if rs else "–"
         lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {mean_std([final_acc(r) for r in rs])} | "
                      f"{mean_std([best_acc(r) for r in rs])} | {diff} | {wall_s} | {verdict_txt or '–'} |")
+    if fixed:
+        lines += ["", PLATEAU_RULE + ANNEALED, plateau_note("fixed", fixed)]
     # The source of AdaBatch's speed-up: throughput at each batch size, measured on its own (measure_throughput),
     # since the runs' own timings include whatever shared the cores with them.
     tp = out / "throughput.json"
