@@ -49,9 +49,8 @@ class Row:
 # on 100 images reaches the published baseline's ~23 % near epoch 1,500 and is flat by 2,000; on 500 images a pilot
 # seed is flat from about epoch 400 (33.5 % there, 33.0 % at 600); on 5,085 images a pilot seed's last tenth of 300
 # epochs averages 0.6 points above the tenth before (60.7 % at 300): slow enough for the rule, though not flat (see
-# edba.png). PreResNet-20,
-# not the paper's PreResNet-56: three times cheaper per step, which is what makes these budgets affordable on 2 CPU
-# cores.
+# edba.png). PreResNet-20, not the paper's PreResNet-56: three times cheaper per step, which is what makes these
+# budgets affordable on 2 CPU cores.
 SEEDS5, SEEDS3 = tuple(range(5)), tuple(range(3))
 TUNED = ("--lr", "0.05", "--schedule", "cosine")
 EDBA_ROWS = [
@@ -238,7 +237,8 @@ def verdict(lo: float, hi: float, published_gain: float) -> str:
 
 PLATEAU_RULE = ("Plateau check (why a budget suffices): the baseline's mean test accuracy over the last tenth of its "
                 "evaluated epochs minus that over the tenth before, averaged over seeds; a baseline has plateaued "
-                "when this gain is below 1 point, and a verdict on a row whose baseline still climbs says so.")
+                "when this change is within 1 point either way, and a verdict on a row whose baseline has not "
+                "says so.")
 
 # Split (cosine) and AdaBatch (step cuts) anneal the lr, which flattens any run's end whatever its budget.
 ANNEALED = (" This schedule anneals the lr to near 0 by the last epoch, so a flat end shows that the schedule has run "
