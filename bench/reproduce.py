@@ -298,7 +298,6 @@ def report_edba(runs, out: Path) -> list[str]:
         base = done.get("fixed", base100 if row.reading else [])
         for meth in row.methods:
             rs = done[meth]
-            status = f"{len(rs)} of {planned[meth]}" + ("" if len(rs) == planned[meth] else " (unfinished)")
             diff = verdict_txt = pub = ""
             if meth == "edba":
                 pub_pair = PUBLISHED_EDBA.get(row.n) if not row.reading else None
@@ -309,7 +308,7 @@ def report_edba(runs, out: Path) -> list[str]:
                     if pub_pair and complete:
                         verdict_txt = qualified(verdict(lo, hi, pub_pair[1] - pub_pair[0]), base)
             label = f"{row.key}: {row.label}" if meth == row.methods[0] else ""
-            lines.append(f"| {label} | {'baseline' if meth == 'fixed' else 'EDBA'} | {status} | "
+            lines.append(f"| {label} | {'baseline' if meth == 'fixed' else 'EDBA'} | {_status(rs, planned[meth])} | "
                          f"{mean_std([final_acc(r) for r in rs])} | {mean_std([best_acc(r) for r in rs])} | {diff} | "
                          f"{pub} | {verdict_txt or ('–' if not complete else '')} |")
     notes = ["", "Per-row notes (finished runs only):"]
@@ -428,6 +427,11 @@ def _status(done: list, planned: int) -> str:
     return f"{len(done)} of {planned}" + ("" if len(done) == planned else " (unfinished)")
 
 
+def median_epoch(runs: list[Path]) -> float:
+    """Seconds of the median epoch over all of ``runs`` (a paused or crowded epoch does not move it)."""
+    return statistics.median(r["epoch_s"] for run in runs for r in rows_of(run, "epoch"))
+
+
 def report_split(runs, out: Path) -> list[str]:
     groups = defaultdict(list)
     for run, m in runs:
@@ -437,19 +441,19 @@ def report_split(runs, out: Path) -> list[str]:
              "criteria; a selection epoch costs about 1.7x a fixed one. PreResNet-20 on all 5,085 images, lr 0.05 "
              f"cosine, base batch 256, {SPLIT_EPOCHS} epochs, fp32. " + VERDICT_RULE.split(" A claimed")[0] +
              " The claim holds (**reproduced**) when the interval of (criterion − fixed) lies within [−5, +1] "
-             "points, is **refuted** when it lies wholly outside, and is **inconclusive** otherwise (a row gets a verdict "
-             "when its runs and the fixed runs have all finished). Epoch time: the median epoch of the finished runs, "
+             "points, is **refuted** when it lies wholly outside, and is **inconclusive** otherwise (a row gets a "
+             "verdict when its runs and the fixed runs have all finished). Epoch time: the median epoch of the "
+             "finished runs, "
              "which a paused or crowded epoch does not move.", "",
              "| criterion | seeds finished | final test acc | best test acc | − fixed (final), 95 % CI | "
              "epoch time / fixed | chosen 1 / 2 / 4 | verdict |", "|" + "---|" * 8]
     fixed = done.get("fixed", [])
-    fixed_epoch = (statistics.median(r["epoch_s"] for run in fixed for r in rows_of(run, "epoch"))
-                   if fixed else None)
+    fixed_epoch = median_epoch(fixed) if fixed else None
     for method in ("fixed", "min", "max", "random"):
         rs = done.get(method, [])
         ratio = diff = verdict_txt = ""
         if rs and fixed_epoch:
-            ratio = f"{statistics.median(r['epoch_s'] for run in rs for r in rows_of(run, 'epoch')) / fixed_epoch:.2f}×"
+            ratio = f"{median_epoch(rs) / fixed_epoch:.2f}×"
         if method != "fixed" and len(rs) >= 2 and len(fixed) >= 2:
             lo, hi, diff = difference(rs, fixed)
             if len(rs) == len(groups[method]) and len(fixed) == len(groups["fixed"]) and method != "random":
