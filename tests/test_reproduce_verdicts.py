@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dynbatch_bench.reproduce import convergence, epochs_to, verdict
+from dynbatch_bench.reproduce import convergence, epochs_to, interval_verdict, verdict
 
 
 @pytest.mark.parametrize("lo, hi, published_gain, expected", [
@@ -16,6 +16,17 @@ from dynbatch_bench.reproduce import convergence, epochs_to, verdict
 ])
 def test_accuracy_verdict_boundaries(lo, hi, published_gain, expected):
     assert verdict(lo, hi, published_gain) == expected
+
+
+@pytest.mark.parametrize("lo, hi, expected", [
+    (-2.9, 0.5, "reproduced"),     # split min: inside "equal or slightly worse", [-5, +1]
+    (0.6, 2.7, "inconclusive"),    # split max: crosses the band's upper edge
+    (1.2, 3.0, "refuted"),         # wholly above it
+    (-7.0, -5.5, "refuted"),       # wholly below it
+    (-5.0, 1.0, "reproduced"),     # the band's own edges count as inside
+])
+def test_band_verdict_boundaries(lo, hi, expected):
+    assert interval_verdict(lo, hi, -5.0, 1.0) == expected
 
 
 def fake_run(tmp_path, name, accs, every=4):
