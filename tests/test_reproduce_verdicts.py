@@ -39,35 +39,35 @@ def fake_run(tmp_path, name, accs, every=4):
     return run
 
 
-def ramp(reach_epoch, epochs=40, top=0.6):
+def step_curve(reach_epoch, epochs=40, top=0.6):
     """Accuracy at 0.1 until ``reach_epoch`` (1-based), ``top`` from then on."""
     return [top if ep + 1 >= reach_epoch else 0.1 for ep in range(epochs)]
 
 
 def test_epochs_to_counts_only_evaluated_epochs(tmp_path):
-    run = fake_run(tmp_path, "r", ramp(10))
+    run = fake_run(tmp_path, "r", step_curve(10))
     assert epochs_to(run, 0.6) == 12  # reached at epoch 10, first evaluated at 12 (every 4)
     assert epochs_to(run, 0.1) == 4
     assert epochs_to(run, 0.61) is None
 
 
 def test_convergence_reproduced_when_edba_is_faster_on_every_seed(tmp_path):
-    base = [fake_run(tmp_path, f"b{s}", ramp(r)) for s, r in enumerate((30, 31, 33))]
-    edba = [fake_run(tmp_path, f"e{s}", ramp(10 + s)) for s in range(3)]
+    base = [fake_run(tmp_path, f"b{s}", step_curve(r)) for s, r in enumerate((30, 31, 33))]
+    edba = [fake_run(tmp_path, f"e{s}", step_curve(10 + s)) for s in range(3)]
     finding, claim = convergence(base, edba, 40)
     assert claim == "reproduced"
     assert "baseline 32, 32, 36" in finding and "EDBA 12, 12, 12" in finding
 
 
 def test_convergence_counts_a_run_that_never_gets_there_as_a_lower_bound(tmp_path):
-    base = [fake_run(tmp_path, f"b{s}", ramp(20)) for s in range(3)]
-    edba = [fake_run(tmp_path, f"e{s}", ramp(20, top=0.4)) for s in range(3)]  # never reaches 95 % of 0.6
+    base = [fake_run(tmp_path, f"b{s}", step_curve(20)) for s in range(3)]
+    edba = [fake_run(tmp_path, f"e{s}", step_curve(20, top=0.4)) for s in range(3)]  # never reaches 95 % of 0.6
     finding, claim = convergence(base, edba, 40)
     assert claim == "refuted"
     assert "EDBA >40, >40, >40" in finding
 
 
 def test_convergence_inconclusive_when_seeds_disagree(tmp_path):
-    base = [fake_run(tmp_path, f"b{s}", ramp(r)) for s, r in enumerate((12, 28, 20))]
-    edba = [fake_run(tmp_path, f"e{s}", ramp(r)) for s, r in enumerate((28, 12, 20))]
+    base = [fake_run(tmp_path, f"b{s}", step_curve(r)) for s, r in enumerate((12, 28, 20))]
+    edba = [fake_run(tmp_path, f"e{s}", step_curve(r)) for s, r in enumerate((28, 12, 20))]
     assert convergence(base, edba, 40)[1] == "inconclusive"
