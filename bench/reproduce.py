@@ -358,13 +358,13 @@ def report_edba(runs, out: Path) -> list[str]:
                              f"{', '.join(str(d) for d in distinct)} (of a 5,085-image pool).")
     big = next(r for r in EDBA_ROWS if r.key == "n5085")
     b, e = done_runs(groups[(big.key, "fixed")]), done_runs(groups[(big.key, "edba")])
-    notes += ["", CONVERGENCE_RULE]
-    if len(b) == len(e) == len(big.seeds):
+    planned = len(big.seeds)
+    if len(b) == len(e) == planned:
         finding, claim = convergence(b, e, big.epochs)
-        notes.append(f"- Convergence (5,085 samples): {finding} → **{claim}**.")
+        finding += f" → **{claim}**"
     else:
-        notes.append(f"- Convergence (5,085 samples): no verdict yet ({len(b)} of {len(big.seeds)} baseline and "
-                     f"{len(e)} of {len(big.seeds)} EDBA runs finished).")
+        finding = f"no verdict yet ({len(b)} of {planned} baseline and {len(e)} of {planned} EDBA runs finished)"
+    notes += ["", CONVERGENCE_RULE, f"- Convergence (5,085 samples): {finding}."]
     _edba_figure(groups, out)
     return lines + notes
 
