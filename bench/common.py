@@ -61,7 +61,7 @@ class SelectionCase:
     """A last-layer selection problem: features (B, D), targets (B,), head (C, D)+(C,), masks (N, B)."""
 
     def __init__(self, b: int, c: int, d: int, n: int, seed: int = 0):
-        from dynbatch.selection import random_subsets
+        from dynbatch.ops import random_subsets
 
         g = torch.Generator().manual_seed(seed)
         self.b, self.c, self.d, self.n = b, c, d, n

@@ -56,7 +56,7 @@ def cpu_ms(b: int, n: int, rounds: int) -> float:
     """Median wall time of ``select_subset`` on this CPU (auto backend: the native extension), ms."""
     import torch
 
-    from dynbatch.selection import select_subset
+    from dynbatch.ops import select_subset
 
     g = torch.Generator().manual_seed(0)
     logits, feats = torch.randn(b, C, generator=g), torch.randn(b, D, generator=g)

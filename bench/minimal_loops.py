@@ -97,7 +97,7 @@ class MinimalEDBA(MinimalFixed):
         self.head.register_forward_hook(lambda mod, inp, out: setattr(self, "feats", inp[0]))
 
     def block(self) -> tuple[float, int]:
-        from dynbatch.selection import select_subset
+        from dynbatch.ops import select_subset
 
         for _ in range(BLOCK):
             x, y = self.next_batch(self.batch)

@@ -12,7 +12,7 @@ import torch
 from .common import DEVICE, FULL, NAIVE_MAX_N, SelectionCase, backpack_subset_norms, opacus_subset_norms, \
     peer_missing, run
 from dynbatch import baselines
-from dynbatch.selection import select_subset, subset_grad_norms
+from dynbatch.ops import select_subset, subset_grad_norms
 from dynbatch_kernels.reference import choose_route
 
 BS, CS, D = (100, 256, 1000), (10, 100), 64

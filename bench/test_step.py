@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .common import DEVICE, FULL, run
 from dynbatch.cli import train_config
 from dynbatch.models import build_model
-from dynbatch.policies import StepContext
+from dynbatch.methods import StepContext
 from dynbatch.train import precision
 from dynbatch.train.executor import PlanExecutor
 
@@ -24,7 +24,7 @@ BATCHES = (100, 256)
 
 
 def make_policy(name: str, batch: int):
-    from dynbatch.policies import policy_class
+    from dynbatch.methods import policy_class
 
     extra = {"split_reuse_first": True} if name == "split_reuse" else {}
     name = name.replace("_reuse", "")

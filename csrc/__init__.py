@@ -1,2 +1,2 @@
 """The native CPU extension's C++ sources, installed as ``dynbatch_csrc`` so that a wheel carries them (they are
-compiled against the installed torch on first use: ``dynbatch.selection.native``)."""
+compiled against the installed torch on first use: ``dynbatch.ops.native``)."""

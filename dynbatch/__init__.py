@@ -1,8 +1,8 @@
 """dynbatch: training image classifiers with dynamic batch sizes.
 
 Importing this package is cheap: it neither initialises CUDA nor imports Triton nor compiles anything. The
-submodules load on first use: ``dynbatch.selection`` (EDBA's last-layer gradient norms), ``dynbatch.baselines``,
-``dynbatch.models``, ``dynbatch.data``, ``dynbatch.policies``, ``dynbatch.train``.
+submodules load on first use: ``dynbatch.ops`` (EDBA's last-layer gradient norms), ``dynbatch.baselines``,
+``dynbatch.models``, ``dynbatch.data``, ``dynbatch.methods``, ``dynbatch.train``.
 """
 from importlib import import_module
 

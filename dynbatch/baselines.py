@@ -1,7 +1,7 @@
 """The comparison points for selection: what a careful user writes without dynbatch.
 
 Both materialise per-sample gradients of the last layer, G (B, C*D + C), weight first then bias, and reduce
-them to subset-mean norms; they compute the same numbers as ``dynbatch.selection.subset_grad_norms`` (tested in
+them to subset-mean norms; they compute the same numbers as ``dynbatch.ops.subset_grad_norms`` (tested in
 ``tests/test_baselines.py``) and are what ``bench/`` measures the kernels against.
 
 Inputs: features (B, D), targets (B,), the head's weight (C, D) and bias (C,) or None, masks (N, B) bool.

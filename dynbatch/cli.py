@@ -104,7 +104,7 @@ class _Group:
 def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     from dynbatch.data import DATASET_NAMES
     from dynbatch.models import MODELS
-    from dynbatch.policies import POLICIES
+    from dynbatch.methods import POLICIES
     from dynbatch.train.config import OPTIMIZER_DEFAULTS, TrainConfig
     from dynbatch.train.schedules import SCHEDULES
 
@@ -193,7 +193,7 @@ def _check_policy_options(given: dict[str, Any], opts: TrainOptions, policy: str
 
 
 def _config_from(given: dict[str, Any], opts: TrainOptions):
-    from dynbatch.policies import policy_class
+    from dynbatch.methods import policy_class
     from dynbatch.train.config import TrainConfig
 
     values = {**opts.defaults, **given}
@@ -320,6 +320,8 @@ def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
         trainer = Trainer.new(cfg, out, overwrite=overwrite, given=given, log=_say)
         trainer.log(f"run folder: {out}")  # rank 0 only under torchrun
     summary = trainer.run()
+    if trainer.dist.is_main:
+        _plot_run(trainer.out, trainer.log)
     if summary["interrupted"] is not None:
         sig = summary["interrupted"]
         return 128 + sig if sig else 0
@@ -329,6 +331,17 @@ def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
     else:
         trainer.log(f"nothing to do: the run already has {trainer.epoch} epochs; raise --epochs to continue")
     return 0
+
+
+def _plot_run(out: Path, log) -> None:
+    """``curves.png`` of a run that wrote rows; the figure is a convenience, so its failure does not fail a run."""
+    from dynbatch.plots import plot_runs
+
+    if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size:
+        try:
+            plot_runs([out], out / "curves.png")
+        except UserError as e:
+            log(f"curves.png not written: {e}")
 
 
 def cmd_plot(args: argparse.Namespace, opts=None) -> int:

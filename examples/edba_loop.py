@@ -9,7 +9,7 @@ import torchvision
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from dynbatch.selectors import DynamicBatchSampler, EDBASelector
+from dynbatch.methods import DynamicBatchSampler, EDBASelector
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--steps", type=int, default=200)

@@ -12,7 +12,7 @@ import torchvision
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from dynbatch.selectors import DynamicBatchSampler, EDBASelector
+from dynbatch.methods import DynamicBatchSampler, EDBASelector
 
 
 class DigitsEDBA(L.LightningModule):

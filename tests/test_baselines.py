@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dynbatch import baselines
-from dynbatch.selection import random_subsets, subset_grad_norms
+from dynbatch.ops import random_subsets, subset_grad_norms
 from selection_cases import TinyNet, autograd_per_sample_grads, last_layer_inputs
 
 

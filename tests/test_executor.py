@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynbatch.policies import ForwardStep, Plan, StepContext
+from dynbatch.methods import ForwardStep, Plan, StepContext
 from dynbatch.train.executor import PlanExecutor
 
 CE = lambda z, y: nn.functional.cross_entropy(z, y, reduction="none")  # noqa: E731

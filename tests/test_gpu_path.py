@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cli_helpers import REPO
-from dynbatch.selection import random_subsets, select_subset, subset_grad_norms, subset_scores
-from dynbatch.selectors.edba import EDBAState
+from dynbatch.ops import random_subsets, select_subset, subset_grad_norms, subset_scores
+from dynbatch.methods.edba import EDBAState
 from selection_cases import assert_same_choice_up_to_ties, random_case
 
 
@@ -173,8 +173,8 @@ class _FakeRanks:
 def _edba(b, dist=None):
     from dynbatch.cli import train_config
     from dynbatch.models import build_model
-    from dynbatch.policies import StepContext
-    from dynbatch.policies.edba import EDBAPolicy
+    from dynbatch.methods import StepContext
+    from dynbatch.methods.edba import EDBAPolicy
 
     torch.manual_seed(0)
     model = build_model("preresnet20", 10)
@@ -189,7 +189,7 @@ def _edba(b, dist=None):
 
 
 def test_one_rank_and_many_select_at_the_same_precision(monkeypatch):
-    from dynbatch.selectors import edba as edba_selector
+    from dynbatch.methods import edba as edba_selector
 
     seen = []
     real = edba_selector.select_subset
@@ -303,7 +303,7 @@ def test_backends_agree_up_to_ties():
 
 SELECTION_LAUNCHES = """
 import json, torch
-from dynbatch.selection.backends import TritonBackend
+from dynbatch.ops.backends import TritonBackend
 from dynbatch_kernels import aot, configs
 out = {}
 g = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ import sys
 
 CHECK = """
 import sys
-import dynbatch, dynbatch.selection, dynbatch.policies, dynbatch.cli, dynbatch.models, dynbatch.data
+import dynbatch, dynbatch.ops, dynbatch.methods, dynbatch.cli, dynbatch.models, dynbatch.data
 dynbatch.cli.build_parser()
 import torch
 bad = [m for m in ("triton", "torch.utils.cpp_extension", "dynbatch_kernels.residuals", "matplotlib") if m in sys.modules]
@@ -27,15 +27,16 @@ def test_package_import_does_not_import_torch():
 
 
 def test_imports_run_one_way():
-    """CLI and trainer -> policies -> selectors -> selection -> kernels: no module imports a layer above its own."""
+    """CLI -> train -> methods -> ops -> kernels: no module imports a layer above its own."""
     import ast
     from pathlib import Path
 
     above = {
-        "dynbatch/selection": ("dynbatch.selectors", "dynbatch.policies", "dynbatch.train", "dynbatch.cli"),
-        "dynbatch/selectors": ("dynbatch.policies", "dynbatch.train", "dynbatch.cli"),
-        "dynbatch/policies": ("dynbatch.train", "dynbatch.cli"),
-        "dynbatch/train": ("dynbatch.cli",),
+        "dynbatch/ops": ("dynbatch.methods", "dynbatch.train", "dynbatch.cli", "dynbatch.bench_cli", "dynbatch.plots"),
+        "dynbatch/methods": ("dynbatch.train", "dynbatch.cli", "dynbatch.bench_cli", "dynbatch.plots"),
+        "dynbatch/data": ("dynbatch.methods", "dynbatch.train", "dynbatch.cli", "dynbatch.bench_cli"),
+        "dynbatch/models": ("dynbatch.methods", "dynbatch.train", "dynbatch.cli", "dynbatch.bench_cli"),
+        "dynbatch/train": ("dynbatch.cli", "dynbatch.bench_cli", "dynbatch.plots"),
         "kernels": ("dynbatch",),
     }
     repo = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ reference (input rounding plus the low-precision dot operands; accumulation is f
 import pytest
 import torch
 
-from dynbatch.selection import per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
+from dynbatch.ops import per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
     subset_scores
 from selection_cases import assert_same_choice_up_to_ties, random_case, route_atol
 

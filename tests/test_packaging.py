@@ -18,7 +18,7 @@ from pathlib import Path
 site = Path(sys.argv[1]).resolve()
 for mod in (dynbatch, dynbatch_bench, dynbatch_csrc):
     assert site in Path(mod.__file__).resolve().parents, mod.__file__  # the wheel's copy, not the clone
-from dynbatch.selection import native, select_subset
+from dynbatch.ops import native, select_subset
 assert native.load() is not None, native.status()
 g = torch.Generator().manual_seed(0)
 logits, feats, y = torch.randn(37, 7, generator=g), torch.randn(37, 19, generator=g), torch.randint(0, 7, (37,))

@@ -1,7 +1,7 @@
 import pytest
 
 from cli_helpers import rows, run_cli, without_timing
-from dynbatch.policies.adabatch import AdaBatchPolicy
+from dynbatch.methods.adabatch import AdaBatchPolicy
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.schedules import scheduled_lr
 

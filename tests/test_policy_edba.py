@@ -5,10 +5,10 @@ from torch import nn
 from cli_helpers import rows, run_cli
 from dynbatch.errors import UserError
 from dynbatch.models import build_model
-from dynbatch.policies import ReuseStep, StepContext
-from dynbatch.policies.edba import EDBAPolicy
-from dynbatch.selection import random_subsets
-from dynbatch.selectors.edba import EDBAOptions, EDBAState, advance, next_batch_size
+from dynbatch.methods import ReuseStep, StepContext
+from dynbatch.methods.edba import EDBAPolicy
+from dynbatch.ops import random_subsets
+from dynbatch.methods.edba import EDBAOptions, EDBAState, advance, next_batch_size
 
 OPTS = dict(subsets=256, subset_mode="bernoulli", subset_p=0.5, ema_decay=0.9, margin_eps=1e-8, reuse_forward=False,
             bs_min=10, bs_max=1000, bs_factor=1.1, grow_below=0.05, shrink_above=0.05, selection_backend="auto")

@@ -6,9 +6,9 @@ from torch import nn
 
 from cli_helpers import rows, run_cli
 from dynbatch.models import build_model
-from dynbatch.policies import StepContext
-from dynbatch.policies.split import SplitPolicy
-from dynbatch.selectors.split import candidate_forwards, choose_split, pick
+from dynbatch.methods import StepContext
+from dynbatch.methods.split import SplitPolicy
+from dynbatch.methods.split import candidate_forwards, choose_split, pick
 from dynbatch.train.executor import PlanExecutor
 
 OPTS = dict(base_batch=None, splits="1,2,4", criterion="min", split_update="sequential", split_clip=5.0,

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from dynbatch.selection import native, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
+from dynbatch.ops import native, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
     subset_scores
 from selection_cases import random_case, route_atol
 
@@ -71,7 +71,7 @@ def test_native_low_precision_inputs():
 
 
 def test_auto_backend_on_cpu_is_native():
-    from dynbatch.selection.backends import NativeBackend, get_backend
+    from dynbatch.ops.backends import NativeBackend, get_backend
 
     assert isinstance(get_backend("auto", torch.device("cpu")), NativeBackend)
 
@@ -80,7 +80,7 @@ def test_portable_draw_matches_the_avx2_draw(tmp_path):
     """Machines without AVX2 draw subsets (and pack given masks) with scalar loops: the same subsets, so the same
     norms bit for bit (forced here with DYNBATCH_NATIVE_SCALAR, read once per process, hence the subprocess)."""
     code = ("import sys, torch\n"
-            "from dynbatch.selection import subset_grad_norms, subset_scores\n"
+            "from dynbatch.ops import subset_grad_norms, subset_scores\n"
             "from selection_cases import random_case\n"
             "out = []\n"
             "for b, mode in ((1, 'bernoulli'), (37, 'uniform_size'), (100, 'bernoulli'), (256, 'uniform_size')):\n"

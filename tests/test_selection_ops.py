@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dynbatch.selection import select_subset, subset_scores
+from dynbatch.ops import select_subset, subset_scores
 from selection_cases import random_case
 
 # B = 100 is EDBA's default batch, N = 4096 its default subset count.
@@ -72,7 +72,7 @@ def test_sum_metric_scales_the_mean_by_subset_size():
     logits, y, feats, loss = _case()
     mean, _ = subset_scores(logits, y, feats, loss=loss, backend="native", grad_metric="mean", **KW)
     total, _ = subset_scores(logits, y, feats, loss=loss, backend="native", grad_metric="sum", **KW)
-    from dynbatch.selection import random_subsets
+    from dynbatch.ops import random_subsets
 
     sizes = random_subsets(N, B, seed=KW["seed"]).sum(1).float()
     torch.testing.assert_close(total, mean * sizes, rtol=1e-5, atol=1e-6)

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cli_helpers import REPO
-from dynbatch.selection import select_subset
-from dynbatch.selectors import AdaBatchSchedule, DynamicBatchSampler, EDBAOptions, EDBASelector, EDBAState
+from dynbatch.ops import select_subset
+from dynbatch.methods import AdaBatchSchedule, DynamicBatchSampler, EDBAOptions, EDBASelector, EDBAState
 
 
 class UserNet(nn.Module):
@@ -61,8 +61,8 @@ def test_edba_selector_on_a_user_model_leaves_buffers_and_matches_the_functional
 
 def test_the_policy_is_a_thin_user_of_the_selector():
     """EDBAPolicy and a bare EDBASelector make the same choice and reach the same state."""
-    from dynbatch.policies import StepContext
-    from dynbatch.policies.edba import EDBAPolicy
+    from dynbatch.methods import StepContext
+    from dynbatch.methods.edba import EDBAPolicy
 
     torch.manual_seed(0)
     model = UserNet()

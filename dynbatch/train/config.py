@@ -63,7 +63,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with unset settings filled from the policy (its paper's optimizer, its batch size), then global
         defaults; ``self`` (what the user gave) is left as it is."""
-        from dynbatch.policies import policy_class
+        from dynbatch.methods import policy_class
 
         policy_cls = policy_class(self.policy)
         out = dataclasses.replace(self, policy_options=dict(self.policy_options))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dynbatch.policies.base import ForwardStep, GradientStep, Plan, ReuseStep, StepContext
+from dynbatch.methods.base import BufferSnapshot, ForwardStep, GradientStep, Plan, ReuseStep, StepContext
 from dynbatch.distributed import SINGLE, Dist
 from dynbatch.train.optim import step_unless
 
@@ -186,7 +186,7 @@ class PlanExecutor:
 
     def run(self, plan: Plan, ctx: StepContext, base_lr: float) -> StepOutcome:
         outcome = StepOutcome()
-        saved = [(b, b.detach().clone()) for b in self.model.buffers()] if self.restore_buffers_on_skip else []
+        snapshot = BufferSnapshot(self.model) if self.restore_buffers_on_skip else None
         sums = skipped = None
         for step in plan.steps:
             if isinstance(step, GradientStep):
@@ -206,8 +206,7 @@ class PlanExecutor:
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
             skipped = found if skipped is None else skipped + found
         outcome.parts = (*sums, skipped)
-        if saved:
-            for b, v in saved:
-                b.copy_(torch.where(skipped > 0, v, b))
+        if snapshot is not None:
+            snapshot.restore(where=skipped > 0)
         outcome.micro_batch = self.micro_batch
         return outcome

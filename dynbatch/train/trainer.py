@@ -1,7 +1,7 @@
 """The training orchestrator: sampler -> policy plan -> executor -> records, with exact resume.
 
 One step: the policy names a batch size, the sampler draws that many indices of a seeded permutation, the device
-pipeline augments them, the policy turns the batch into a :class:`~dynbatch.policies.Plan`, the executor applies
+pipeline augments them, the policy turns the batch into a :class:`~dynbatch.methods.Plan`, the executor applies
 it, and the step's statistics stay on the device; every ``FLUSH_EVERY`` steps (and at an epoch's end, before any
 checkpoint) one read brings a block of them to the host and their ``step`` rows go to ``metrics.jsonl``. At the end of every epoch the test split is evaluated, an
 ``epoch`` row written, and ``checkpoint.pt`` saved. SIGINT/SIGTERM (or ``stop_after_steps``) checkpoint after the
@@ -29,7 +29,7 @@ from dynbatch.errors import Diverged, UserError
 from dynbatch.info import package_versions
 from dynbatch.models import build_model
 from dynbatch.monitor import UtilisationMonitor
-from dynbatch.policies import StepContext, policy_class
+from dynbatch.methods import StepContext, policy_class
 from dynbatch.train import loggers, precision, records
 from dynbatch.train.config import TrainConfig
 from dynbatch.distributed import Dist
@@ -375,7 +375,6 @@ class Trainer:
                                                              steps_this_session >= cfg.stop_after_steps)
                 if self.dist.any(stop):  # every rank stops at the same step
                     self.checkpoint()
-                    self._plot()
                     why = signal.Signals(self._stop_signal).name if self._stop_signal else "--stop-after-steps"
                     self.log(f"stopped by {why} at step {self.step}; checkpoint saved; continue with: "
                              f"dynbatch train --resume {self.out}")
@@ -393,7 +392,6 @@ class Trainer:
             self.dist.close()
             records.unlock_run(self._lock)
             self._lock = None
-        self._plot()
         return {"interrupted": None, "out": str(self.out), "step": self.step, **self.last_epoch}
 
     def _redraw_subset(self) -> None:
@@ -401,15 +399,6 @@ class Trainer:
             indices = self.redraw.at_epoch_start(self.epoch, self.policy.batch_size())
             if indices is not None:
                 self.data.use_train_subset(indices)
-
-    def _plot(self) -> None:
-        from dynbatch.plots import plot_runs
-
-        if self.dist.is_main and (self.out / "metrics.jsonl").stat().st_size:
-            try:
-                plot_runs([self.out], self.out / "curves.png")
-            except UserError as e:  # the figure is a convenience: its failure does not fail a trained run
-                self.log(f"curves.png not written: {e}")
 
     def _progress_bar(self):
         if not self.cfg.progress or not sys.stderr.isatty():

@@ -2,7 +2,7 @@
 
 Registration makes each op one opaque node to ``torch.compile`` (its fake implementation gives the output
 shapes, so a step that calls it traces without a graph break) and puts the choice of backend (Triton on CUDA, the
-native extension on CPU, the torch reference anywhere; ``dynbatch.selection.backends``) in one place: the op's
+native extension on CPU, the torch reference anywhere; ``dynbatch.ops.backends``) in one place: the op's
 implementation, from its ``backend`` argument.
 
 Why ``Library.define``/``impl`` rather than the ``torch.library.custom_op`` decorator: the decorator wraps every
@@ -10,14 +10,14 @@ call in a Python autograd layer (alias checks, requires-grad checks, a redispatc
 ``select_subset`` (17 arguments) on this project's CPU, more than the whole selection at small batches; the
 low-level registration dispatches in ~8 µs. The ops have no autograd formula: selection reads detached values.
 
-Arguments are checked and normalised by ``dynbatch.selection.functional``, the public API: modes are ids, seeds
+Arguments are checked and normalised by ``dynbatch.ops``, the public API: modes are ids, seeds
 are folded to 32 bits, routes are ``direct`` or ``gram``.
 """
 from __future__ import annotations
 
 import torch
 
-from dynbatch.selection.backends import get_backend
+from dynbatch.ops.backends import get_backend
 
 _LIB = torch.library.Library("dynbatch", "DEF")
 _LIB.define("select_subset(Tensor logits, Tensor targets, Tensor features, Tensor loss, int num_subsets, int seed, "

@@ -1,7 +1,7 @@
 """The baseline: one optimizer step on the whole loader batch."""
 from __future__ import annotations
 
-from dynbatch.policies.base import ForwardStep, Plan, Policy, StepContext
+from dynbatch.methods.base import ForwardStep, Plan, Policy, StepContext
 
 
 class FixedPolicy(Policy):

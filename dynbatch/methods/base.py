@@ -9,14 +9,14 @@ state in ``state_dict()`` so a resumed run continues exactly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from dynbatch.selectors.options import cli_spec, from_mapping
+from dynbatch.methods.options import cli_spec, from_mapping
 
 
 @dataclass(slots=True)
@@ -112,7 +112,7 @@ class Policy(ABC):
     # Defaults for other trainer settings this policy relies on (e.g. a schedule), applied unless the user sets them.
     config_defaults: ClassVar[dict[str, Any]] = {}
 
-    # The policy's typed options (a dataclass of ``dynbatch.selectors``, with defaults and ``validate()``).
+    # The policy's typed options (a dataclass of ``dynbatch.methods``, with defaults and ``validate()``).
     options_type: ClassVar[type | None] = None
 
     @classmethod
@@ -157,3 +157,34 @@ class Policy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+
+class BufferSnapshot:
+    """A copy of every buffer of ``model`` (BatchNorm running statistics, counters, ...), to put back later."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore(self, where: torch.Tensor | None = None) -> None:
+        """Put the copies back; with ``where`` (a 0-d bool device tensor, never read to the host) only if it is
+        true."""
+        for b, v in self.saved:
+            if where is None:
+                b.data.copy_(v)
+            else:
+                b.copy_(torch.where(where, v, b))
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module):
+    """Restore every buffer on exit.
+
+    Keeping train-mode behaviour (batch statistics, dropout) while undoing the running-statistics update is what
+    selection forwards need: their losses are those of a training forward, but they must not count as one.
+    """
+    snapshot = BufferSnapshot(model)
+    try:
+        yield
+    finally:
+        snapshot.restore()

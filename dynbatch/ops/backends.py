@@ -9,7 +9,7 @@ Every backend implements two primitives with one contract:
 
 and the fused selection ``select(logits, targets, features, loss, **kw) -> (stats float64 (5,), mask bool (B,))``
 with the keywords and result of ``dynbatch_kernels.reference.select``. Callers reach them through the registered
-ops of ``dynbatch.selection.ops``, never directly.
+ops of ``dynbatch.ops.library``, never directly.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def triton_status() -> tuple[bool, str]:
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
-    from dynbatch.selection import native
+    from dynbatch.ops import native
 
     return {"torch": (True, "reference"), "native": native.status(), "triton": triton_status()}
 
@@ -149,7 +149,7 @@ def get_backend(name: str, device: torch.device):
 
 
 def _resolve(name: str, device: torch.device):
-    from dynbatch.selection import native
+    from dynbatch.ops import native
 
     if name == "auto":
         if device.type == "cuda" and triton_status()[0]:

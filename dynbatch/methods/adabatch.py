@@ -1,4 +1,15 @@
-"""AdaBatch for any PyTorch loop: the batch size and the learning-rate factor of every epoch.
+"""AdaBatch: the batch size grows on a schedule while the learning rate is adjusted.
+
+The schedule is ``dynbatch.methods.AdaBatchSchedule``'s (see there for the rule).
+
+With ``--warmup-epochs W > 0`` the learning rate warms up linearly over the first W epochs to
+lr x batch / ``--warmup-base`` (256), the linear-scaling rule. The default schedule is ``constant``: AdaBatch
+does its own decay. Batches that do not fit are computed in micro-batches (``--micro-batch``, and automatic
+halving on CUDA out-of-memory), with the same result as one large step.
+
+Own-loop component
+------------------
+AdaBatch for any PyTorch loop: the batch size and the learning-rate factor of every epoch.
 
 Every ``resize_every`` epochs the batch is multiplied by ``resize_factor`` (2) and the learning rate by
 ``lr_factor`` (0.75; the published CIFAR runs set this against a 0.375 step decay of the fixed-batch baseline), up
@@ -11,7 +22,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from dynbatch.errors import UserError
-from dynbatch.selectors.options import from_mapping, option
+from dynbatch.methods.base import ForwardStep, Plan, Policy, StepContext
+from dynbatch.methods.options import from_mapping, option
 
 
 @dataclass
@@ -66,3 +78,38 @@ class AdaBatchSchedule:
             grew = self.batch_size(r * o.resize_every) > self.batch_size((r - 1) * o.resize_every)
             factor *= o.lr_factor if grew else o.lr_factor / o.resize_factor
         return factor
+
+
+# ---- the trainer adapter -------------------------------------------------------------------------------------
+class AdaBatchPolicy(Policy):
+    name = "adabatch"
+    help = "AdaBatch: multiply the batch size and learning rate by factors every K epochs"
+    config_defaults = {"schedule": "constant"}
+    options_type = AdaBatchOptions
+
+    def __init__(self, options=None, *, batch_size, config=None):
+        super().__init__(options, batch_size=batch_size, config=config)
+        self.schedule = AdaBatchSchedule(batch_size, self.options)
+        self.epoch = 0
+
+    def batch_size(self) -> int:
+        return self.schedule.batch_size(self.epoch)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def lr_factor(self, epoch_progress: float) -> float:
+        factor = self.schedule.lr_factor(int(epoch_progress))
+        if self.config is not None and self.config.warmup_epochs > 0:
+            # The trainer ramps 0 -> 1 over the warm-up; this sets where the ramp ends.
+            factor *= self.base_batch_size / self.options.warmup_base
+        return factor
+
+    def plan(self, x, y, ctx: StepContext) -> Plan:
+        return Plan([ForwardStep(ctx.dist.local(x), ctx.dist.local(y))])
+
+    def state_dict(self):
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.epoch = state["epoch"]

@@ -1,4 +1,4 @@
-"""Public functional API of EDBA's selection (``dynbatch.selection``).
+"""Public functional API of EDBA's selection (``dynbatch.ops``).
 
 Shapes: logits (B, C) and features (B, D) in fp32, bf16 or fp16; targets (B,) integer class indices; masks
 (N, B) bool. Results are fp32 whatever the input dtype. ``backend``: ``auto`` (Triton on CUDA, native on CPU,
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from dynbatch.errors import UserError
-from dynbatch.selection import ops
+from dynbatch.ops import library as ops
 from dynbatch_kernels import reference as _reference
-from dynbatch.selection.backends import BACKENDS
+from dynbatch.ops.backends import BACKENDS
 
 MAX_SUBSETS = 1 << 20
 
