@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <cstdint>
@@ -440,37 +441,36 @@ class BlockScorer {
   std::vector<float> e_, a_, K_, g_, m_, p_, q_, c_;
 };
 
-bool is_gram(const std::string& route) {
-  TORCH_CHECK(route == "gram" || route == "direct", "route must be gram or direct");
-  return route == "gram";
-}
-
-double scalar_of(const torch::Tensor& t) {
-  TORCH_CHECK(t.numel() == 1, "loss must hold one number");
-  if (t.device().is_cpu() && t.scalar_type() == torch::kFloat32) return *t.data_ptr<float>();
-  if (t.device().is_cpu() && t.scalar_type() == torch::kFloat64) return *t.data_ptr<double>();
-  return t.item<double>();
+// [loss, loss_ema, grad_ema] from the trend tensor (3,), float64 or float32; the EMAs are NaN before the first step.
+std::array<double, 3> trend_of(const torch::Tensor& trend) {
+  TORCH_CHECK(trend.numel() == 3 && trend.device().is_cpu(), "trend must be a CPU tensor (3,) = [loss, loss_ema, grad_ema]");
+  const auto t = trend.to(torch::kFloat64).contiguous();
+  const double* p = t.data_ptr<double>();
+  return {p[0], p[1], p[2]};
 }
 
 }  // namespace
 
-// E = softmax(logits) - smoothed one-hot (fp32, B x C) and ||g_i|| = ||e_i|| * ||[h_i, 1]|| (fp32, B).
-std::tuple<torch::Tensor, torch::Tensor> residuals(torch::Tensor logits, torch::Tensor targets, torch::Tensor features,
-                                                   bool bias, double smoothing) {
+// The ops' signatures follow their schemas in dynbatch/ops/library.py (the one place they are written): the head
+// (logits, targets, features, bias, label_smoothing) first, then each op's own arguments.
+
+// ||g_i|| = ||e_i|| * ||[h_i, 1]|| (fp32, B), e_i = softmax(z_i) - smoothed one-hot.
+torch::Tensor per_sample_grad_norms(const torch::Tensor& logits, const torch::Tensor& targets,
+                                    const torch::Tensor& features, bool bias, double smoothing) {
   Batch in(logits, targets, features);
-  auto e = torch::empty({in.B, in.C}, torch::dtype(torch::kFloat32));
+  std::vector<float> e(static_cast<size_t>(in.B * in.C));
   auto norms = torch::empty({in.B}, torch::dtype(torch::kFloat32));
   residual_rows(in.z.data_ptr<float>(), in.y.data_ptr<int64_t>(), in.h.data_ptr<float>(), in.B, in.C, in.D, bias,
-                smoothing, e.data_ptr<float>(), norms.data_ptr<float>());
-  return {e, norms};
+                smoothing, e.data(), norms.data_ptr<float>());
+  return norms;
 }
 
 // (||sum_{i in S} g_i||^2, |S|) for N subsets, fp32 (N,) each: the given masks (mode 0, (N, B) bool or uint8) or
 // subsets drawn from `seed` (modes 1, 2).
-std::tuple<torch::Tensor, torch::Tensor> subset_sq_sums(torch::Tensor logits, torch::Tensor targets,
-                                                        torch::Tensor features, c10::optional<torch::Tensor> masks,
-                                                        int64_t num_subsets, int64_t seed, int64_t mode, int64_t thr,
-                                                        const std::string& route, bool bias, double smoothing) {
+std::tuple<torch::Tensor, torch::Tensor> subset_sq_sums(const torch::Tensor& logits, const torch::Tensor& targets,
+                                                        const torch::Tensor& features, bool bias, double smoothing,
+                                                        const c10::optional<torch::Tensor>& masks, int64_t num_subsets,
+                                                        int64_t seed, int64_t mode, int64_t thr, bool gram) {
   Batch in(logits, targets, features);
   const int64_t N = num_subsets;
   torch::Tensor bytes;
@@ -486,7 +486,7 @@ std::tuple<torch::Tensor, torch::Tensor> subset_sq_sums(torch::Tensor logits, to
   auto counts = torch::empty({N}, torch::dtype(torch::kFloat32));
   float* sqp = sq.data_ptr<float>();
   float* cp = counts.data_ptr<float>();
-  BlockScorer(in, bias, smoothing, N, src, is_gram(route)).run([&](int64_t n0, int64_t rows, const float* q,
+  BlockScorer(in, bias, smoothing, N, src, gram).run([&](int64_t n0, int64_t rows, const float* q,
                                                                    const float* c) {
     std::copy(q, q + rows, sqp + n0);
     std::copy(c, c + rows, cp + n0);
@@ -499,18 +499,18 @@ std::tuple<torch::Tensor, torch::Tensor> subset_sq_sums(torch::Tensor logits, to
 // drawn from `seed`, their gradient norms (of the mean, or of the sum with sum_metric), margins
 // |(L - L_ema) / (G_S - G_ema) - 1|, the first minimal margin (before any EMA: the first largest subset), and the
 // winner's mask. Returns (stats float64 (5,) = [loss, grad_norm, margin, size, index], mask bool (B,)).
-std::tuple<torch::Tensor, torch::Tensor> select_subset(torch::Tensor logits, torch::Tensor targets,
-                                                       torch::Tensor features, torch::Tensor loss, int64_t num_subsets,
-                                                       int64_t seed, int64_t mode, int64_t thr,
-                                                       const std::string& route, bool bias, double smoothing,
-                                                       double loss_ema, double grad_ema, bool has_ema, double eps,
-                                                       bool sum_metric) {
+std::tuple<torch::Tensor, torch::Tensor> select_subset(const torch::Tensor& logits, const torch::Tensor& targets,
+                                                       const torch::Tensor& features, bool bias, double smoothing,
+                                                       const torch::Tensor& trend, int64_t num_subsets, int64_t seed,
+                                                       int64_t mode, int64_t thr, bool gram, bool sum_metric,
+                                                       double eps) {
   TORCH_CHECK(mode == 1 || mode == 2, "select_subset draws its subsets: mode must be 1 or 2");
   TORCH_CHECK(num_subsets >= 1, "num_subsets must be at least 1");
   Batch in(logits, targets, features);
   const int64_t B = in.B;
   MaskSource src{nullptr, static_cast<uint32_t>(seed), mode, static_cast<uint32_t>(thr), B};
-  const double loss_value = scalar_of(loss);
+  const auto [loss_value, loss_ema, grad_ema] = trend_of(trend);
+  const bool has_ema = !std::isnan(loss_ema) && !std::isnan(grad_ema);
   const float num = static_cast<float>(loss_value) - static_cast<float>(loss_ema);
   const float gema = static_cast<float>(grad_ema), feps = static_cast<float>(eps);
   const float fmax = std::numeric_limits<float>::max(), inf = std::numeric_limits<float>::infinity();
@@ -518,7 +518,7 @@ std::tuple<torch::Tensor, torch::Tensor> select_subset(torch::Tensor logits, tor
   float best_key = inf, best_norm = 0.f, max_count = 0.f;
   int64_t best = -1;
   std::vector<float> key(std::min(num_subsets, kBlockRows)), nrm(key.size());
-  BlockScorer(in, bias, smoothing, num_subsets, src, is_gram(route))
+  BlockScorer(in, bias, smoothing, num_subsets, src, gram)
       .run([&](int64_t n0, int64_t rows, const float* q, const float* c) {
         at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
@@ -568,10 +568,14 @@ std::tuple<torch::Tensor, torch::Tensor> select_subset(torch::Tensor logits, tor
   return {stats, mask};
 }
 
+// The CPU kernels of the ops dynbatch/ops/library.py defines; registered when the library is loaded.
+TORCH_LIBRARY_IMPL(dynbatch, CPU, m) {
+  m.impl("per_sample_grad_norms", &per_sample_grad_norms);
+  m.impl("subset_sq_sums", &subset_sq_sums);
+  m.impl("select_subset", &select_subset);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dynbatch native CPU kernels for EDBA subset selection";
-  m.def("residuals", &residuals, "softmax residuals and per-sample last-layer gradient norms");
-  m.def("subset_sq_sums", &subset_sq_sums, "squared norms of subset-sum last-layer gradients and subset sizes");
-  m.def("select_subset", &select_subset, "EDBA's fused selection: scores, margins, arg-min and the winner's mask");
+  m.doc() = "dynbatch native CPU kernels (registered on the CPU key of torch.ops.dynbatch) and their block size";
   m.attr("block_rows") = kBlockRows;
 }

@@ -25,7 +25,7 @@ def collect() -> dict:
         info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     else:
         info["cuda"] = "not available"
-    from dynbatch.ops.backends import backend_status
+    from dynbatch.ops import backend_status
 
     info["backends"] = backend_status()
     from dynbatch.monitor import default_sources

@@ -5,6 +5,6 @@
 - ``residuals.py``: fused softmax residuals and per-sample gradient norms.
 - ``subset_norms_direct.py`` / ``subset_norms_gram.py``: squared norms of subset-mean gradients, both routes.
 
-Nothing here is imported by ``import dynbatch``; the dispatcher in ``dynbatch.ops.backends`` loads a
+Nothing here is imported by ``import dynbatch``; the ops of ``dynbatch.ops.library`` load a
 kernel module the first time that backend is used.
 """

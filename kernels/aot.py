@@ -186,16 +186,13 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
         else:
             subset_sq_sums_direct(e, a, n, masks=mask_t, mode=mode_id, **draw)
         if not masks:  # select_subset: the subset kernels with the epilogue that picks the subset
-            loss = torch.tensor(1.0)
-            for has_ema in (False, True):
-                kw = dict(num_subsets=n, mode_id=mode_id, loss_ema=1.0, grad_ema=0.5, has_ema=has_ema, eps=1e-8,
-                          metric="mean", **draw)
-                if route == "gram":
-                    select_gram(logits, y, feats, loss, bias=True, label_smoothing=0.0, **kw)
-                else:
-                    select_direct(e, a, loss, **kw)
-                choose(torch.rand(n), torch.rand(n), loss, seed=7, mode_id=mode_id, thr=2**23, batch_size=b,
-                       loss_ema=1.0, grad_ema=0.5, has_ema=has_ema, eps=1e-8)
+            trend = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)  # the first step (NaN EMAs) is no other compile
+            kw = dict(num_subsets=n, mode_id=mode_id, eps=1e-8, metric="mean", **draw)
+            if route == "gram":
+                select_gram(logits, y, feats, trend, bias=True, label_smoothing=0.0, **kw)
+            else:
+                select_direct(e, a, trend, **kw)
+            choose(torch.rand(n), torch.rand(n), trend, seed=7, mode_id=mode_id, thr=2**23, batch_size=b, eps=1e-8)
     return launches
 
 

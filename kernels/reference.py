@@ -152,16 +152,19 @@ def subset_norms(sq_sums: torch.Tensor, counts: torch.Tensor, metric: str = "mea
     return torch.where(counts > 0, value, torch.zeros_like(sq_sums))
 
 
-def margins(norms: torch.Tensor, counts: torch.Tensor, loss, loss_ema: float, grad_ema: float,
-            eps: float = 1e-8) -> torch.Tensor:
-    """EDBA's margin loss |(L - L_ema) / (G_S - G_ema) - 1| per subset, fp32 (N,); +inf for empty subsets.
+def margins(norms: torch.Tensor, counts: torch.Tensor, loss, loss_ema, grad_ema, eps: float = 1e-8) -> torch.Tensor:
+    """EDBA's margin loss |(L - L_ema) / (G_S - G_ema) - 1| per subset, fp32 (N,); +inf for empty subsets. ``loss``,
+    ``loss_ema`` and ``grad_ema``: floats or 0-d tensors, taken in fp32.
 
     A denominator within ``eps`` of zero is replaced by ``eps`` with its sign (zero counts as positive), so
     identical samples or a converged EMA give large finite margins, never NaN or infinity. The native and Triton
     epilogues repeat these fp32 operations in this order, so all backends rank subsets alike.
     """
-    num = torch.as_tensor(loss, dtype=torch.float32, device=norms.device) - float(loss_ema)
-    den = norms - float(grad_ema)
+    def fp32(v):
+        return torch.as_tensor(v, dtype=torch.float32, device=norms.device)
+
+    num = fp32(loss) - fp32(loss_ema)
+    den = norms - fp32(grad_ema)
     sign = torch.where(den < 0, -1.0, 1.0)
     den = torch.where(den.abs() < eps, sign * eps, den)
     m = (num / den - 1.0).abs()
@@ -169,39 +172,39 @@ def margins(norms: torch.Tensor, counts: torch.Tensor, loss, loss_ema: float, gr
     return torch.where(counts > 0, m, torch.full_like(m, float("inf")))
 
 
-def choose(sq_sums: torch.Tensor, counts: torch.Tensor, loss: torch.Tensor, *, seed: int, mode_id: int, thr: int,
-           batch_size: int, loss_ema: float, grad_ema: float, has_ema: bool, eps: float, metric: str = "mean"):
-    """The selection's epilogue from every subset's (||sum||^2, |S|) (fp32 (N,) each) and the batch loss (0-d).
+def choose(sq_sums: torch.Tensor, counts: torch.Tensor, trend: torch.Tensor, *, seed: int, mode_id: int, thr: int,
+           batch_size: int, eps: float, metric: str = "mean"):
+    """The selection's epilogue from every subset's (||sum||^2, |S|) (fp32 (N,) each) and ``trend`` float64 (3,) =
+    [batch loss, loss EMA, gradient-norm EMA], the EMAs NaN before the first step.
 
-    The subset with the least margin wins (first index on ties); before any EMA (``has_ema`` False) the largest
-    subset does, as the closest to the whole batch. The winner's mask is regenerated from (seed, index); if every
-    subset is empty the whole batch is used. Returns ``(stats, mask)``: float64 (5,) = [loss, grad_norm, margin,
-    size, index] and bool (B,), the contract of every backend's fused ``select``. No host read.
+    The subset with the least margin wins (first index on ties); before any EMA the largest subset does, as the
+    closest to the whole batch. The winner's mask is regenerated from (seed, index); if every subset is empty the
+    whole batch is used. Returns ``(stats, mask)``: float64 (5,) = [loss, grad_norm, margin, size, index] and bool
+    (B,), the contract of every backend's fused ``select``. No host read: the first step is told apart on the
+    device.
     """
     norms = subset_norms(sq_sums, counts, metric)
-    if has_ema:
-        m = margins(norms, counts, loss, loss_ema, grad_ema, eps)
-        index = torch.argmin(m)  # first minimal index on ties
-    else:
-        m = torch.full_like(norms, float("nan"))
-        index = torch.argmax(counts)  # the first maximal count; empty subsets win only if all are empty
+    t = trend.to(torch.float32)
+    has_ema = ~(torch.isnan(t[1]) | torch.isnan(t[2]))
+    m = margins(norms, counts, t[0], t[1], t[2], eps)
+    # argmin: the first minimal margin; argmax: the first maximal count (empty subsets win only if all are empty)
+    index = torch.where(has_ema, torch.argmin(m), torch.argmax(counts))
+    m = torch.where(has_ema, m, torch.full_like(m, float("nan")))
     at = index.reshape(1)
     mask = draw_masks(seed, at, batch_size, mode_id, thr)[0]
     mask = torch.where(counts.max() > 0, mask, torch.ones_like(mask))
     # index_select, not norms[index]: indexing with a 0-d tensor reads the index to the host.
-    parts = (loss.reshape(1), norms.index_select(0, at), m.index_select(0, at), mask.sum().reshape(1), at)
+    parts = (trend[:1], norms.index_select(0, at), m.index_select(0, at), mask.sum().reshape(1), at)
     return torch.cat([t.to(torch.float64) for t in parts]), mask
 
 
-def select(logits, targets, features, loss, *, num_subsets: int, seed: int, mode_id: int, thr: int, route: str,
-           bias: bool, label_smoothing: float, loss_ema: float, grad_ema: float, has_ema: bool, eps: float,
-           metric: str = "mean"):
+def select(logits, targets, features, trend, *, num_subsets: int, seed: int, mode_id: int, thr: int, route: str,
+           bias: bool, label_smoothing: float, eps: float, metric: str = "mean"):
     """The whole selection in torch operators: the reference of the native and Triton fused ``select``."""
     e = residuals(logits, targets, label_smoothing)
     a = augmented_features(features, bias)
     q, c = seeded_subset_sq_sums(e, a, num_subsets, seed, mode_id, thr, route)
-    return choose(q, c, loss, seed=seed, mode_id=mode_id, thr=thr, batch_size=e.shape[0], loss_ema=loss_ema,
-                  grad_ema=grad_ema, has_ema=has_ema, eps=eps, metric=metric)
+    return choose(q, c, trend, seed=seed, mode_id=mode_id, thr=thr, batch_size=e.shape[0], eps=eps, metric=metric)
 
 
 def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoothing=0.0, route="auto"):

@@ -44,10 +44,11 @@ def workspace(device: torch.device, programs: int) -> tuple[torch.Tensor, torch.
 
 
 @triton.jit
-def block_choice(q, c, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr):
-    """Scores of subsets ``rows`` from their (||sum||^2, |S|) (fp32 (BLOCK,) each): (least key, its subset index,
-    its gradient norm, the largest count). The key is the margin (+inf for empty subsets), or minus the count
-    before any EMA (the first largest subset wins)."""
+def block_choice(q, c, rows, N, trend_ptr, eps, SUM_METRIC: tl.constexpr):
+    """Scores of subsets ``rows`` from their (||sum||^2, |S|) (fp32 (BLOCK,) each) and the trend [loss, loss EMA,
+    gradient-norm EMA] (float (3,)): (least key, its subset index, its gradient norm, the largest count). The key is
+    the margin (+inf for empty subsets), or minus the count before any EMA (NaN EMAs: the first largest subset
+    wins)."""
     ok = rows < N
     root = tl.math.sqrt_rn(tl.maximum(q, 0.0, propagate_nan=tl.PropagateNan.ALL))
     if SUM_METRIC:
@@ -55,16 +56,16 @@ def block_choice(q, c, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA: tl.c
     else:
         g = tl.math.div_rn(root, tl.maximum(c, 1.0))
     g = tl.where(c > 0, g, 0.0)
-    if HAS_EMA:
-        num = tl.load(loss_ptr).to(tl.float32) - loss_ema
-        den = g - grad_ema
-        sign = tl.where(den < 0, -1.0, 1.0)
-        den = tl.where(tl.abs(den) < eps, sign * eps, den)
-        m = tl.abs(tl.math.div_rn(num + tl.zeros_like(den), den) - 1.0)
-        m = tl.where((m != m) | (m == float("inf")), FLT_MAX, m)  # NaN and +inf rank last among non-empty
-        key = tl.where(c > 0, m, float("inf"))
-    else:
-        key = -c
+    loss_ema = tl.load(trend_ptr + 1).to(tl.float32)
+    grad_ema = tl.load(trend_ptr + 2).to(tl.float32)
+    num = tl.load(trend_ptr).to(tl.float32) - loss_ema
+    den = g - grad_ema
+    sign = tl.where(den < 0, -1.0, 1.0)
+    den = tl.where(tl.abs(den) < eps, sign * eps, den)
+    m = tl.abs(tl.math.div_rn(num + tl.zeros_like(den), den) - 1.0)
+    m = tl.where((m != m) | (m == float("inf")), FLT_MAX, m)  # NaN and +inf rank last among non-empty
+    has_ema = (loss_ema == loss_ema) & (grad_ema == grad_ema)
+    key = tl.where(has_ema, tl.where(c > 0, m, float("inf")), -c)
     key = tl.where(ok, key, float("inf"))
     best = tl.argmin(key, axis=0, tie_break_left=True)
     hit = rows == tl.min(rows, axis=0) + best
@@ -73,8 +74,8 @@ def block_choice(q, c, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA: tl.c
 
 
 @triton.jit
-def publish_and_finish(pid, P, key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, loss_ptr, seed, thr, B,
-                       stats_ptr, mask_ptr, HAS_EMA: tl.constexpr, MODE: tl.constexpr, BLOCK_P: tl.constexpr,
+def publish_and_finish(pid, P, key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, trend_ptr, seed, thr, B,
+                       stats_ptr, mask_ptr, MODE: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_MASK: tl.constexpr):
     """Store program ``pid``'s partial result; the last of the ``P`` programs to arrive finishes the selection."""
     tl.store(part_ptr + pid, key)
@@ -84,13 +85,13 @@ def publish_and_finish(pid, P, key, index, norm, maxc, part_ptr, pidx_ptr, count
     tl.debug_barrier()  # every thread's stores precede the release below
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == P - 1:
-        finish(P, part_ptr, pidx_ptr, loss_ptr, seed, thr, B, stats_ptr, mask_ptr, HAS_EMA, MODE, BLOCK_P,
+        finish(P, part_ptr, pidx_ptr, trend_ptr, seed, thr, B, stats_ptr, mask_ptr, MODE, BLOCK_P,
                BLOCK_MASK)
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def finish(P, part_ptr, pidx_ptr, loss_ptr, seed, thr, B, stats_ptr, mask_ptr, HAS_EMA: tl.constexpr,
+def finish(P, part_ptr, pidx_ptr, trend_ptr, seed, thr, B, stats_ptr, mask_ptr,
            MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MASK: tl.constexpr):
     """The first minimum over the programs' partial results, the winner's mask and the stats."""
     best_key = tl.full((), float("inf"), tl.float32)
@@ -120,27 +121,25 @@ def finish(P, part_ptr, pidx_ptr, loss_ptr, seed, thr, B, stats_ptr, mask_ptr, H
         m = tl.where(maxc > 0, member(key, cols, limit), inside) & inside  # every subset empty: the whole batch
         tl.store(mask_ptr + cols, m.to(tl.uint8), mask=inside)
         size += tl.sum(m.to(tl.int32), axis=0)
-    tl.store(stats_ptr + 0, tl.load(loss_ptr).to(tl.float64))
+    has_ema = (tl.load(trend_ptr + 1) == tl.load(trend_ptr + 1)) & (tl.load(trend_ptr + 2) == tl.load(trend_ptr + 2))
+    tl.store(stats_ptr + 0, tl.load(trend_ptr).to(tl.float64))
     tl.store(stats_ptr + 1, norm.to(tl.float64))
-    if HAS_EMA:
-        tl.store(stats_ptr + 2, best_key.to(tl.float64))
-    else:
-        tl.store(stats_ptr + 2, float("nan"))
+    tl.store(stats_ptr + 2, tl.where(has_ema, best_key.to(tl.float64), float("nan")))
     tl.store(stats_ptr + 3, size.to(tl.float64))
     tl.store(stats_ptr + 4, index.to(tl.float64))
 
 
 @triton.jit(do_not_specialize=["seed", "thr"])
-def _choose_kernel(q_ptr, cnt_ptr, N, loss_ptr, loss_ema, grad_ema, eps, part_ptr, pidx_ptr, counter_ptr, seed, thr,
-                   B, stats_ptr, mask_ptr, HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr, MODE: tl.constexpr,
+def _choose_kernel(q_ptr, cnt_ptr, N, trend_ptr, eps, part_ptr, pidx_ptr, counter_ptr, seed, thr,
+                   B, stats_ptr, mask_ptr, SUM_METRIC: tl.constexpr, MODE: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MASK: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     q = tl.load(q_ptr + rows, mask=rows < N, other=0.0)
     c = tl.load(cnt_ptr + rows, mask=rows < N, other=0.0)
-    key, index, norm, maxc = block_choice(q, c, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA, SUM_METRIC)
-    publish_and_finish(pid, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, loss_ptr,
-                       seed, thr, B, stats_ptr, mask_ptr, HAS_EMA, MODE, BLOCK_P, BLOCK_MASK)
+    key, index, norm, maxc = block_choice(q, c, rows, N, trend_ptr, eps, SUM_METRIC)
+    publish_and_finish(pid, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, trend_ptr,
+                       seed, thr, B, stats_ptr, mask_ptr, MODE, BLOCK_P, BLOCK_MASK)
 
 
 def outputs(device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,17 +148,17 @@ def outputs(device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.
             torch.empty(batch_size, dtype=torch.uint8, device=device))
 
 
-def epilogue_constants(programs: int, batch_size: int, *, has_ema: bool, mode_id: int) -> dict:
+def epilogue_constants(programs: int, batch_size: int, *, mode_id: int) -> dict:
     """The epilogue's launch constants."""
-    return dict(HAS_EMA=has_ema, MODE=mode_id, BLOCK_P=min(triton.next_power_of_2(max(programs, 1)), FINISH_BLOCK),
+    return dict(MODE=mode_id, BLOCK_P=min(triton.next_power_of_2(max(programs, 1)), FINISH_BLOCK),
                 BLOCK_MASK=min(triton.next_power_of_2(max(batch_size, 1)), 1024))
 
 
-def choose(sq_sums: torch.Tensor, counts: torch.Tensor, loss: torch.Tensor, *, seed: int, mode_id: int, thr: int,
-           batch_size: int, loss_ema: float, grad_ema: float, has_ema: bool, eps: float, metric: str = "mean",
+def choose(sq_sums: torch.Tensor, counts: torch.Tensor, trend: torch.Tensor, *, seed: int, mode_id: int, thr: int,
+           batch_size: int, eps: float, metric: str = "mean",
            block: int = 1024):
     """``reference.choose`` on given sums in one launch: (stats float64 (5,) = [loss, grad_norm, margin, size,
-    index], mask bool (B,)). sq_sums, counts: fp32 (N,); loss: 0-d, any float dtype. The fused selection runs the
+    index], mask bool (B,)). sq_sums, counts: fp32 (N,); trend: float (3,) = [loss, loss EMA, gradient EMA]. The fused selection runs the
     same device functions at the end of its subset kernel; this entry tests them on sums a test chooses."""
     n = sq_sums.shape[0]
     dev = sq_sums.device
@@ -167,8 +166,8 @@ def choose(sq_sums: torch.Tensor, counts: torch.Tensor, loss: torch.Tensor, *, s
     part, pidx = workspace(dev, programs)
     stats, mask = outputs(dev, batch_size)
     with on_device(sq_sums):
-        _choose_kernel[(programs,)](sq_sums, counts, n, loss, float(loss_ema), float(grad_ema), float(eps), part, pidx,
+        _choose_kernel[(programs,)](sq_sums, counts, n, trend, float(eps), part, pidx,
                                     arrival_counter(dev), seed, thr, batch_size, stats, mask,
                                     SUM_METRIC=metric == "sum", BLOCK=block,
-                                    **epilogue_constants(programs, batch_size, has_ema=has_ema, mode_id=mode_id))
+                                    **epilogue_constants(programs, batch_size, mode_id=mode_id))
     return stats, mask.view(torch.bool)

@@ -69,9 +69,9 @@ def _direct_kernel(e_ptr, a_ptr, masks_ptr, sq_ptr, cnt_ptr, N, B, C, DA, J, see
 
 
 @triton.jit(do_not_specialize=["seed", "thr"])
-def _direct_select_kernel(e_ptr, a_ptr, sq_ptr, N, B, C, DA, J, seed, thr, loss_ptr, loss_ema, grad_ema, eps,
+def _direct_select_kernel(e_ptr, a_ptr, sq_ptr, N, B, C, DA, J, seed, thr, trend_ptr, eps,
                           part_ptr, pidx_ptr, counter_ptr, stats_ptr, mask_ptr, MODE: tl.constexpr,
-                          HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr, SPLIT_J: tl.constexpr,
+                          SUM_METRIC: tl.constexpr, SPLIT_J: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
                           BLOCK_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                           ROUND_ONLY: tl.constexpr):
@@ -85,8 +85,8 @@ def _direct_select_kernel(e_ptr, a_ptr, sq_ptr, N, B, C, DA, J, seed, thr, loss_
     sq = _direct_partial(e_ptr, a_ptr, e_ptr, rows, pid_j, N, B, C, DA, J, seed, thr, MODE, SPLIT_J, BLOCK_N,
                          BLOCK_B, BLOCK_J, DOT_DTYPE, PRECISION, ROUND_ONLY)
     if SPLIT_J == 1:
-        _score_block(sq, rows, pid_n, N, B, seed, thr, loss_ptr, loss_ema, grad_ema, eps, part_ptr, pidx_ptr,
-                     counter_ptr, stats_ptr, mask_ptr, MODE, HAS_EMA, SUM_METRIC, BLOCK_N, BLOCK_B, BLOCK_P,
+        _score_block(sq, rows, pid_n, N, B, seed, thr, trend_ptr, eps, part_ptr, pidx_ptr,
+                     counter_ptr, stats_ptr, mask_ptr, MODE, SUM_METRIC, BLOCK_N, BLOCK_B, BLOCK_P,
                      BLOCK_MASK)
     else:
         tl.store(sq_ptr + pid_j * N + rows, sq, mask=rows < N)
@@ -97,19 +97,19 @@ def _direct_select_kernel(e_ptr, a_ptr, sq_ptr, N, B, C, DA, J, seed, thr, loss_
             for j in range(0, SPLIT_J):  # a fixed order, whichever program arrived last
                 q += tl.load(sq_ptr + j * N + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + 1 + pid_n, 0, sem="relaxed", scope="gpu")
-            _score_block(q, rows, pid_n, N, B, seed, thr, loss_ptr, loss_ema, grad_ema, eps, part_ptr, pidx_ptr,
-                         counter_ptr, stats_ptr, mask_ptr, MODE, HAS_EMA, SUM_METRIC, BLOCK_N, BLOCK_B, BLOCK_P,
+            _score_block(q, rows, pid_n, N, B, seed, thr, trend_ptr, eps, part_ptr, pidx_ptr,
+                         counter_ptr, stats_ptr, mask_ptr, MODE, SUM_METRIC, BLOCK_N, BLOCK_B, BLOCK_P,
                          BLOCK_MASK)
 
 
 @triton.jit
-def _score_block(q, rows, block, N, B, seed, thr, loss_ptr, loss_ema, grad_ema, eps, part_ptr, pidx_ptr, counter_ptr,
-                 stats_ptr, mask_ptr, MODE: tl.constexpr, HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr,
+def _score_block(q, rows, block, N, B, seed, thr, trend_ptr, eps, part_ptr, pidx_ptr, counter_ptr,
+                 stats_ptr, mask_ptr, MODE: tl.constexpr, SUM_METRIC: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MASK: tl.constexpr):
     cnt = _counts(part_ptr, seed, thr, rows, N, B, MODE, BLOCK_N, BLOCK_B)  # drawn masks: no mask pointer read
-    key, index, norm, maxc = block_choice(q, cnt, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA, SUM_METRIC)
-    publish_and_finish(block, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, loss_ptr,
-                       seed, thr, B, stats_ptr, mask_ptr, HAS_EMA, MODE, BLOCK_P, BLOCK_MASK)
+    key, index, norm, maxc = block_choice(q, cnt, rows, N, trend_ptr, eps, SUM_METRIC)
+    publish_and_finish(block, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, trend_ptr,
+                       seed, thr, B, stats_ptr, mask_ptr, MODE, BLOCK_P, BLOCK_MASK)
 
 
 def _launch(e: torch.Tensor, a: torch.Tensor, n: int, dot_dtype: torch.dtype):
@@ -149,8 +149,8 @@ def subset_sq_sums_direct(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *,
     return sq.sum(0), cnt
 
 
-def select_direct(e: torch.Tensor, a: torch.Tensor, loss: torch.Tensor, *, num_subsets: int, seed: int, mode_id: int,
-                  thr: int, loss_ema: float, grad_ema: float, has_ema: bool, eps: float, metric: str,
+def select_direct(e: torch.Tensor, a: torch.Tensor, trend: torch.Tensor, *, num_subsets: int, seed: int, mode_id: int,
+                  thr: int, eps: float, metric: str,
                   dot_dtype: torch.dtype):
     """The subset sums and the choice in one launch (after the residuals launch that wrote ``e`` and ``a``):
     ``reference.select``'s (stats float64 (5,), mask bool (B,)) for ``num_subsets >= 1`` subsets from ``seed``."""
@@ -160,10 +160,10 @@ def select_direct(e: torch.Tensor, a: torch.Tensor, loss: torch.Tensor, *, num_s
     partials = torch.empty((split_j, num_subsets) if split_j > 1 else (1,), dtype=torch.float32, device=dev)
     part, pidx = workspace(dev, n_blocks)
     stats, mask = outputs(dev, b)
-    epi = epilogue_constants(n_blocks, b, has_ema=has_ema, mode_id=mode_id)
+    epi = epilogue_constants(n_blocks, b, mode_id=mode_id)
     with on_device(e):
         _direct_select_kernel[(n_blocks, split_j)](
-            e, a, partials, num_subsets, b, c, a.shape[1], j, seed, thr, loss, float(loss_ema), float(grad_ema),
+            e, a, partials, num_subsets, b, c, a.shape[1], j, seed, thr, trend,
             float(eps), part, pidx, arrival_counter(dev, 1 + n_blocks), stats, mask, SUM_METRIC=metric == "sum",
             SPLIT_J=split_j, **epi, **tiles, **opts, **dot_dtype_args(dot_dtype))
     return stats, mask.view(torch.bool)

@@ -50,8 +50,8 @@ def _gram_kernel(k_ptr, masks_ptr, sq_ptr, cnt_ptr, N, B, seed, thr, MODE: tl.co
 
 
 @triton.jit(do_not_specialize=["seed", "thr"])
-def _gram_select_kernel(k_ptr, N, B, seed, thr, loss_ptr, loss_ema, grad_ema, eps, part_ptr, pidx_ptr, counter_ptr,
-                        stats_ptr, mask_ptr, MODE: tl.constexpr, HAS_EMA: tl.constexpr, SUM_METRIC: tl.constexpr,
+def _gram_select_kernel(k_ptr, N, B, seed, thr, trend_ptr, eps, part_ptr, pidx_ptr, counter_ptr,
+                        stats_ptr, mask_ptr, MODE: tl.constexpr, SUM_METRIC: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                         ROUND_ONLY: tl.constexpr):
@@ -61,9 +61,9 @@ def _gram_select_kernel(k_ptr, N, B, seed, thr, loss_ptr, loss_ema, grad_ema, ep
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     q, cnt = _gram_sums(k_ptr, k_ptr, seed, thr, rows, N, B, MODE, BLOCK_N, BLOCK_I, BLOCK_K, DOT_DTYPE, PRECISION,
                         ROUND_ONLY)
-    key, index, norm, maxc = block_choice(q, cnt, rows, N, loss_ptr, loss_ema, grad_ema, eps, HAS_EMA, SUM_METRIC)
-    publish_and_finish(pid, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, loss_ptr,
-                       seed, thr, B, stats_ptr, mask_ptr, HAS_EMA, MODE, BLOCK_P, BLOCK_MASK)
+    key, index, norm, maxc = block_choice(q, cnt, rows, N, trend_ptr, eps, SUM_METRIC)
+    publish_and_finish(pid, tl.num_programs(0), key, index, norm, maxc, part_ptr, pidx_ptr, counter_ptr, trend_ptr,
+                       seed, thr, B, stats_ptr, mask_ptr, MODE, BLOCK_P, BLOCK_MASK)
 
 
 @triton.jit
@@ -170,9 +170,9 @@ def subset_sq_sums_gram(logits: torch.Tensor, targets: torch.Tensor, features: t
     return sq, cnt
 
 
-def select_gram(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, loss: torch.Tensor, *,
+def select_gram(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, trend: torch.Tensor, *,
                 num_subsets: int, seed: int, mode_id: int, thr: int, bias: bool, label_smoothing: float,
-                loss_ema: float, grad_ema: float, has_ema: bool, eps: float, metric: str, dot_dtype: torch.dtype):
+                eps: float, metric: str, dot_dtype: torch.dtype):
     """The whole selection in two launches (K; subset sums with the epilogue): ``reference.select``'s
     (stats float64 (5,), mask bool (B,)) for ``num_subsets >= 1`` subsets drawn from ``seed``."""
     b = logits.shape[0]
@@ -184,9 +184,9 @@ def select_gram(logits: torch.Tensor, targets: torch.Tensor, features: torch.Ten
     stats, mask = outputs(dev, b)
     with on_device(logits):
         _gram_select_kernel[(programs,)](
-            k, num_subsets, b, seed, thr, loss, float(loss_ema), float(grad_ema), float(eps), part, pidx,
+            k, num_subsets, b, seed, thr, trend, float(eps), part, pidx,
             arrival_counter(dev), stats, mask, SUM_METRIC=metric == "sum", **tiles, **opts, **dot,
-            **epilogue_constants(programs, b, has_ema=has_ema, mode_id=mode_id))
+            **epilogue_constants(programs, b, mode_id=mode_id))
     return stats, mask.view(torch.bool)
 
 

@@ -303,7 +303,7 @@ def test_backends_agree_up_to_ties():
 
 SELECTION_LAUNCHES = """
 import json, torch
-from dynbatch.ops.backends import TritonBackend
+from dynbatch.ops.library import IMPLEMENTATIONS
 from dynbatch_kernels import aot, configs
 out = {}
 g = torch.Generator().manual_seed(0)
@@ -313,9 +313,9 @@ for b, c, d, n in ((100, 10, 64, 4096), (8, 3, 5, 16), (1000, 100, 512, 65536)):
         for route in ("direct", "gram"):
             for has_ema in (False, True):
                 with aot.capture() as launches, configs.target(arch):
-                    TritonBackend().select(logits, y, feats, torch.tensor(1.0), num_subsets=n, seed=1, mode_id=1,
-                                           thr=2**23, route=route, bias=True, label_smoothing=0.0, loss_ema=1.0,
-                                           grad_ema=0.5, has_ema=has_ema, eps=1e-8, metric="mean")
+                    trend = torch.tensor([1.0, 1.0 if has_ema else float("nan"), 0.5], dtype=torch.float64)
+                    IMPLEMENTATIONS["select_subset"][1](logits, y, feats, True, 0.0, trend, n, 1, 1, 2**23,
+                                                        route == "gram", False, 1e-8)
                 out[f"B={b} N={n} sm_{arch} {route} ema={has_ema}"] = [l.name for l in launches]
 print(json.dumps(out))
 """

@@ -71,9 +71,11 @@ def test_native_low_precision_inputs():
 
 
 def test_auto_backend_on_cpu_is_native():
-    from dynbatch.ops.backends import NativeBackend, get_backend
+    from dynbatch.ops import resolve_backend
 
-    assert isinstance(get_backend("auto", torch.device("cpu")), NativeBackend)
+    assert resolve_backend("auto", "cpu") == "op"  # the registered op, which has the native kernel on the CPU key
+    for op in ("per_sample_grad_norms", "subset_sq_sums", "select_subset"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynbatch::{op}", "CPU"), op
 
 
 def test_portable_draw_matches_the_avx2_draw(tmp_path):

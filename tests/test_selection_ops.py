@@ -93,3 +93,39 @@ def test_torch_compile_traces_the_selection_without_graph_breaks(backend):
     got, want = compiled(logits, y, feats), step(logits, y, feats)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_compiled_loop_with_device_emas_compiles_once_and_reads_nothing(backend):
+    """A compiled own loop keeps its loss and EMAs as 0-d tensors on the device: ``select_subset`` takes them as
+    such (packed into one trend tensor), so under ``dynamic=True`` varying batch sizes neither recompile nor
+    specialise, and no value is read to the host (fullgraph=True fails on any graph break; the captured graphs
+    hold no scalar read)."""
+    graphs = []
+
+    def backend_fn(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(logits, y, feats, loss_ema, grad_ema):
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        sel = select_subset(logits, y, feats, num_subsets=300, seed=(7 << 32) + 3, loss=loss, loss_ema=loss_ema,
+                            grad_ema=grad_ema, backend=backend)
+        return sel.stats, sel.mask
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend_fn, fullgraph=True, dynamic=True)
+    emas = (torch.tensor(2.2), torch.tensor(0.05))
+    for b in (100, 90, 110, 97):
+        logits, y, feats = random_case(b, C, D, seed=b)
+        got, want = compiled(logits, y, feats, *emas), step(logits, y, feats, *emas)
+        torch.testing.assert_close(got[0], want[0], equal_nan=True)
+        assert torch.equal(got[1], want[1])
+    assert 1 <= len(graphs) <= 2, len(graphs)
+    # Under dynamic=True dynamo passes the Python-float options (p, eps, label_smoothing) as host scalars that the
+    # graph unpacks with .item(); what must never be read is a value computed from the data or a user's tensor.
+    user = {"L_logits_", "L_y_", "L_feats_", "L_loss_ema_", "L_grad_ema_"}
+    reads = [n for gm in graphs for n in gm.graph.nodes
+             if (n.op == "call_method" and n.target in ("item", "tolist") or "local_scalar_dense" in str(n.target))
+             and not (n.args[0].op == "placeholder" and n.args[0].target not in user)]
+    assert not reads, reads

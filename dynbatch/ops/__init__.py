@@ -1,19 +1,23 @@
-"""Public functional API of EDBA's selection (``dynbatch.ops``).
+"""The last-layer ops for your own code: per-sample and subset gradient norms, random subsets, EDBA's subset choice.
 
 Shapes: logits (B, C) and features (B, D) in fp32, bf16 or fp16; targets (B,) integer class indices; masks
-(N, B) bool. Results are fp32 whatever the input dtype. ``backend``: ``auto`` (Triton on CUDA, native on CPU,
-torch otherwise), ``torch`` (the reference), ``native`` or ``triton``. ``route``: ``direct``, ``gram`` or
-``auto`` (the cheaper: Gram when B < C(D+1)).
+(N, B) bool. Results are fp32 whatever the input dtype. ``backend``: ``auto`` (the registered op: the native
+extension on CPU, Triton on CUDA, the torch reference elsewhere), ``torch`` (the reference), ``native`` or
+``triton``. ``route``: ``direct``, ``gram`` or ``auto`` (the cheaper: Gram when B < C(D+1)). The ops and their
+schemas: ``dynbatch.ops.library``.
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 
 from dynbatch.errors import UserError
-from dynbatch.ops import library as ops
+from dynbatch.ops import library, native
 from dynbatch_kernels import reference as _reference
-from dynbatch.ops.backends import BACKENDS
 
+BACKENDS = ("torch", "native", "triton")
 MAX_SUBSETS = 1 << 20
 
 
@@ -44,17 +48,84 @@ def _mode_threshold(mode: str, p: float) -> tuple[int, int]:
     return mode_id, _reference.bernoulli_threshold(p)
 
 
-def _backend_name(backend: str) -> str:
-    if backend not in ("auto", *BACKENDS):
-        raise UserError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
-    return backend
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton not importable ({e})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "CPU interpreter (TRITON_INTERPRET=1): exact but slow"
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device (or TRITON_INTERPRET=1 for the interpreter)"
+    return True, ""
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    return {"torch": (True, "reference"), "native": native.status(), "triton": triton_status()}
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, device_type: str) -> str:
+    """What ``backend`` runs on ``device_type``: ``op`` (the registered op, dispatched by device), ``torch`` (the
+    reference, called directly) or ``triton`` (the launchers, called directly). For ``auto`` and ``native`` on CPU
+    it loads the native extension first, which registers its kernels on the CPU key. A constant to
+    ``torch.compile``: it cannot change within a process (so it is resolved once per backend and device type)."""
+    how = _resolved.get((backend, device_type))
+    if how is None:
+        how = _resolved[(backend, device_type)] = _resolve(backend, device_type)
+    return how
+
+
+_resolved: dict[tuple[str, str], str] = {}
+
+
+def _resolve(backend: str, device_type: str) -> str:
+    if backend == "auto":
+        if device_type == "cpu":
+            native.load()
+        return "op"
+    if backend == "torch":
+        return "torch"
+    if backend == "native":
+        if device_type != "cpu":
+            raise UserError("backend native runs on CPU tensors; use backend triton or auto on CUDA")
+        if native.load() is None:
+            raise UserError(f"native backend unavailable: {native.status()[1]}; use backend torch or auto")
+        return "op"
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            raise UserError(f"triton backend unavailable: {why}; use backend auto")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+        return "triton"
+    raise UserError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+
+
+def _run(name: str, backend: str, *args):
+    """Op ``name`` of ``dynbatch.ops.library`` on ``backend`` (the device is the logits', ``args[0]``)."""
+    how = resolve_backend(backend, args[0].device.type)
+    if how == "op":
+        return library.OPS[name](*args)
+    reference, triton = library.IMPLEMENTATIONS[name]
+    return (reference if how == "torch" else triton)(*args)
+
+
+def _trend(loss, loss_ema, grad_ema, device: torch.device) -> torch.Tensor:
+    """[loss, loss_ema, grad_ema] float64 (3,) on ``device``, EMAs NaN when None; each a float or a 0-d tensor.
+    Device tensors stay on the device (one stack) and host floats are filled in on it, never copied from pageable
+    memory. On the CPU, outside a compiled graph, the loss is read where it lies: one small tensor, no dispatch."""
+    values = (loss, float("nan") if loss_ema is None else loss_ema, float("nan") if grad_ema is None else grad_ema)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.array([float(v) for v in values]))  # a third of torch.tensor's cost
+    return torch.stack([v.reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
+                        else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
 
 
 def per_sample_grad_norms(logits, targets, features, *, bias=True, label_smoothing=0.0, backend="auto"):
     """Norm of each sample's own last-layer gradient (weight, and bias when ``bias``): fp32 (B,)."""
     _check(logits, targets, features)
-    return ops.per_sample_grad_norms_op(logits, targets, features, bias, float(label_smoothing),
-                                        _backend_name(backend))
+    return _run("per_sample_grad_norms", backend, logits, targets, features, bool(bias), float(label_smoothing))
 
 
 def random_subsets(num_subsets, batch_size, *, seed, mode="bernoulli", p=0.5, device=None) -> torch.Tensor:
@@ -64,11 +135,8 @@ def random_subsets(num_subsets, batch_size, *, seed, mode="bernoulli", p=0.5, de
     return _reference.subset_masks(seed, rows, batch_size, mode, p)
 
 
-def _sq_sums(logits, targets, features, masks, num_subsets, seed, mode_id, thr, bias, label_smoothing, backend,
-             route):
-    r = _route(route, logits.shape[0], logits.shape[1], features.shape[1] + bool(bias))
-    return ops.subset_sq_sums_op(logits, targets, features, masks, num_subsets, _reference.seed32(seed), mode_id,
-                                 thr, r, bias, float(label_smoothing), _backend_name(backend))
+def _gram(route: str, logits, features, bias) -> bool:
+    return _route(route, logits.shape[0], logits.shape[1], features.shape[1] + bool(bias)) == "gram"
 
 
 def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoothing=0.0, backend="auto",
@@ -81,7 +149,8 @@ def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoo
         raise UserError(f"masks must be (N, {logits.shape[0]}), got {tuple(masks.shape)}")
     m = masks.to(device=logits.device)
     m = (m if m.dtype in (torch.bool, torch.uint8) else m != 0).contiguous()
-    q, c = _sq_sums(logits, targets, features, m, m.shape[0], 0, 0, 0, bias, label_smoothing, backend, route)
+    q, c = _run("subset_sq_sums", backend, logits, targets, features, bool(bias), float(label_smoothing), m, m.shape[0],
+                0, 0, 0, _gram(route, logits, features, bias))
     return _reference.subset_norms(q, c, grad_metric)
 
 
@@ -136,21 +205,18 @@ class Selection:
         return self.stats[4].long()
 
 
-def _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, backend, route,
-                    bias, label_smoothing, eps, grad_metric) -> tuple:
+def _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route, bias,
+                    label_smoothing) -> tuple:
+    """The op's arguments after ``sum_metric`` and ``eps`` are dropped: (head..., trend, subsets...)."""
     _check(logits, targets, features)
     if not 1 <= num_subsets <= MAX_SUBSETS:
         raise UserError(f"num_subsets must be in 1..{MAX_SUBSETS} (got {num_subsets})")
     mode_id, thr = _mode_threshold(mode, p)
-    has_ema = loss_ema is not None and grad_ema is not None
-    if not isinstance(loss, torch.Tensor):
-        loss = torch.tensor(float(loss), device=logits.device)
-    elif loss.dim():
-        loss = loss.reshape(())
-    r = _route(route, logits.shape[0], logits.shape[1], features.shape[1] + bool(bias))
-    return (logits, targets, features, loss, num_subsets, _reference.seed32(seed), mode_id, thr, r, bias,
-            float(label_smoothing), float(loss_ema) if has_ema else 0.0, float(grad_ema) if has_ema else 0.0, has_ema,
-            float(eps), _metric(grad_metric), _backend_name(backend))
+    if loss_ema is None or grad_ema is None:
+        loss_ema = grad_ema = None
+    trend = _trend(loss, loss_ema, grad_ema, logits.device)
+    return (logits, targets, features, bool(bias), float(label_smoothing), trend, num_subsets,
+            _reference.seed32(seed), mode_id, thr, _gram(route, logits, features, bias))
 
 
 def select_subset(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode="bernoulli",
@@ -158,15 +224,16 @@ def select_subset(logits, targets, features, *, num_subsets, seed, loss, loss_em
                   grad_metric="mean") -> Selection:
     """Draw ``num_subsets`` subsets from ``seed`` (inside the kernels), score each by the norm of its mean (or
     summed, ``grad_metric="sum"``) last-layer gradient, and pick the one with the least margin loss; ties go to
-    the lowest index. ``loss`` is the batch's mean loss (a float or a 0-d tensor, left on the device).
+    the lowest index. ``loss`` is the batch's mean loss and ``loss_ema``, ``grad_ema`` the EMAs, each a float or a
+    0-d tensor; tensors stay on the device (nothing is read to the host, so a compiled loop may keep them there).
 
-    First step (``loss_ema`` or ``grad_ema`` None): there is no trend yet, so the largest subset is chosen (lowest
-    index among equals), the closest to the whole batch. Empty subsets are never chosen. One fused op: nothing of
-    size N leaves the backend (see :func:`subset_scores` to inspect every subset's score).
+    First step (``loss_ema`` or ``grad_ema`` None, or NaN): there is no trend yet, so the largest subset is chosen
+    (lowest index among equals), the closest to the whole batch. Empty subsets are never chosen. One fused op:
+    nothing of size N leaves the backend (see :func:`subset_scores` to inspect every subset's score).
     """
-    args = _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, backend,
-                           route, bias, label_smoothing, eps, grad_metric)
-    return Selection(*ops.select_subset_op(*args))
+    args = _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route,
+                           bias, label_smoothing)
+    return Selection(*_run("select_subset", backend, *args, _metric(grad_metric) == "sum", float(eps)))
 
 
 def subset_scores(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode="bernoulli",
@@ -175,12 +242,11 @@ def subset_scores(logits, targets, features, *, num_subsets, seed, loss, loss_em
     """Every subset's (gradient norm, margin), fp32 (N,) each, for the arguments of :func:`select_subset`, which
     chooses the first minimal margin (margins are NaN without EMAs). For inspection and tests: it materialises the
     N-sized scores that the fused selection never does."""
-    (logits, targets, features, loss, n, seed32, mode_id, thr, r, bias, smoothing, loss_ema, grad_ema, has_ema, eps,
-     metric, backend) = _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode,
-                                        p, backend, route, bias, label_smoothing, eps, grad_metric)
-    q, c = ops.subset_sq_sums_op(logits, targets, features, None, n, seed32, mode_id, thr, r, bias, smoothing,
-                                 backend)
-    norms = _reference.subset_norms(q, c, metric)
-    if not has_ema:
+    head = _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route,
+                           bias, label_smoothing)
+    trend = head[5]
+    q, c = _run("subset_sq_sums", backend, *head[:5], None, *head[6:])
+    norms = _reference.subset_norms(q, c, _metric(grad_metric))
+    if loss_ema is None or grad_ema is None:
         return norms, torch.full_like(norms, float("nan"))
-    return norms, _reference.margins(norms, c, loss, loss_ema, grad_ema, eps)
+    return norms, _reference.margins(norms, c, trend[0], trend[1], trend[2], eps)
