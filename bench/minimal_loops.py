@@ -26,6 +26,7 @@ def trainer(policy: str, batch: int, out: Path, **options):
     ``_train_step()`` calls: what ``dynbatch train`` runs per step, rows written to ``out``."""
     from dynbatch.train import records
     from dynbatch.train.config import TrainConfig
+    from dynbatch.train.metrics import Clock, MetricsSink
     from dynbatch.train.trainer import Trainer
 
     cfg = TrainConfig(data="digits", model="dynbatch_bench.minimal_loops:tiny_mlp", policy=policy, batch_size=batch,
@@ -33,8 +34,7 @@ def trainer(policy: str, batch: int, out: Path, **options):
                       util_interval=60.0, lr=0.05, momentum=0.9, policy_options=options)
     t = Trainer(cfg, out, log=lambda m: None)
     out.mkdir(parents=True, exist_ok=True)
-    t.metrics = records.MetricsWriter(out / "metrics.jsonl")
-    t.loggers = []
+    t.sink = MetricsSink(records.MetricsWriter(out / "metrics.jsonl"), [], Clock(t.device))
     return t
 
 

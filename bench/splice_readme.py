@@ -1,5 +1,6 @@
-"""Copy generated reports into README.md between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers, so the README
-shows exactly what the benchmark and reproduction commands wrote (never a hand-copied number).
+"""Copy generated reports into the documents between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers (README.md,
+docs/*.md and the reproduction report bench/results/repro/REPORT.md: whichever holds the marker), so they show
+exactly what the benchmark and reproduction commands wrote (never a hand-copied number).
 
     python bench/splice_readme.py BENCH-CPU bench/results/cpu/report.md [REPRO bench/results/repro/*/table.md ...]
 """
@@ -9,19 +10,23 @@ import re
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench/results/repro/REPORT.md"]
 
 
-def splice(text: str, name: str, body: str) -> str:
+def splice(name: str, body: str) -> None:
+    """Replace the block ``name`` in the one document that holds its marker."""
     block = f"<!-- {name} -->\n{body.strip()}\n<!-- /{name} -->"
     pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->|<!-- {name} -->", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"splice_readme: no <!-- {name} --> marker in {README}")
-    return pattern.sub(lambda _: block, text, count=1)
+    for doc in DOCUMENTS:
+        text = doc.read_text() if doc.is_file() else ""
+        if pattern.search(text):
+            doc.write_text(pattern.sub(lambda _: block, text, count=1))
+            return
+    raise SystemExit(f"splice_readme: no <!-- {name} --> marker in {', '.join(str(d) for d in DOCUMENTS)}")
 
 
 def main(argv: list[str]) -> int:
-    text = README.read_text()
     i = 0
     while i < len(argv):
         name, files = argv[i], []
@@ -32,8 +37,7 @@ def main(argv: list[str]) -> int:
         # Demote the reports' headings below the README section they land in.
         body = "\n\n".join(re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 5) + " ", f.read_text(), flags=re.M)
                            for f in files)
-        text = splice(text, name, body)
-    README.write_text(text)
+        splice(name, body)
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dynbatch.errors import DynbatchError, UserError
+from dynbatch.options import OptionError, boolean, cli_spec
 
 # Options a resumed run may change; everything else comes from the run's config.json.
 RESUMABLE_OVERRIDES = {"resume", "autoresume", "epochs", "stop_after_steps", "progress", "command"}
@@ -27,41 +27,6 @@ NOT_COMPARED = {"epochs", "stop_after_steps", "progress"}
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, with the fix, not usage + message
         self.exit(2, f"dynbatch: error: {message}; see '{self.prog} --help'\n")
-
-
-# ---- value types: each refuses a bad value with a message that says what is expected -----------------------------
-def finite_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
-    return v
-
-
-def integer(s: str) -> int:
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
-
-
-def boolean(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{s!r} is not true or false")
-
-
-def milestones(s: str) -> tuple[float, ...]:
-    try:
-        out = tuple(finite_float(v) for v in s.split(","))
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of epochs like 30,60,90") from None
-    return out
 
 
 class TrainOptions:
@@ -89,10 +54,8 @@ class _Group:
             default = False
         elif action == "store_false":
             default = True
-        elif default is not None and "(default" not in help:
+        elif default not in (None, "", ()) and "(default" not in help:
             help = f"{help} (default: {default})" if help else f"default: {default}"
-        if kw.get("type") in (int, float):  # policies say int/float; parse them strictly, finite, with a fix
-            kw["type"] = {int: integer, float: finite_float}[kw["type"]]
         a = self.group.add_argument(*flags, default=argparse.SUPPRESS, help=help, **kw)
         self.options.defaults[a.dest] = default
         self.options.parse[a.dest] = bool if action in ("store_true", "store_false") else kw.get("type", str)
@@ -100,71 +63,22 @@ class _Group:
             self.options.owner[a.dest] = self.owner
         return a
 
+    def add_options(self, options_type, group: str | None = None) -> None:
+        """A flag for every field of ``options_type`` (of help group ``group``, or all when None)."""
+        for spec in cli_spec(options_type):
+            if group is None or spec.pop("group") == group:
+                spec.pop("group", None)
+                self.add_argument(*spec.pop("flags"), **spec)
+
 
 def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
-    from dynbatch.data import DATASET_NAMES
-    from dynbatch.models import MODELS
     from dynbatch.methods import POLICIES
-    from dynbatch.train.config import OPTIMIZER_DEFAULTS, TrainConfig
-    from dynbatch.train.schedules import SCHEDULES
+    from dynbatch.train.config import TrainConfig
 
-    d = TrainConfig()
     opts = TrainOptions()
     p = sub.add_parser("train", help="train a model", description="Train a classifier with a batch-size policy.")
-    g = opts.group(p, "data")
-    g.add_argument("--data", default=d.data, help=f"data set: {', '.join(DATASET_NAMES)}")
-    g.add_argument("--data-dir", help="folder with torchvision's CIFAR layout (no download)")
-    g.add_argument("--image-size", type=int, help="imagefolder data: side in pixels the images are resized to "
-                   "(default: 32)")
-    g.add_argument("--num-classes", type=int, help="number of classes (default: from the labels)")
-    g.add_argument("--train-samples", type=int, help="class-balanced seeded subset of N training samples")
-    g.add_argument("--train-fraction", type=float, help="class-balanced seeded subset, a fraction in (0, 1]")
-    g.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="train without random crops and flips (augmentation is on otherwise)")
-    g = opts.group(p, "model and optimisation")
-    g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}, or package.module:factory (a "
-                   "callable taking num_classes and in_channels that returns an nn.Module)")
-    g.add_argument("--policy", default=d.policy, help=f"one of {', '.join(POLICIES)}")
-    g.add_argument("--epochs", type=int, default=d.epochs,
-                   help="total epochs; with --resume, the new total (extends or finishes the run)")
-    g.add_argument("--batch-size", type=int, help="loader batch size; the initial one for adaptive policies "
-                   "(default: the policy's)")
-    g.add_argument("--optimizer", default=d.optimizer, help="sgd, adam or adamw (fused; --momentum and --nesterov "
-                   "are SGD's)")
-    g.add_argument("--lr", type=float, help=f"learning rate (default: the policy's paper, else {OPTIMIZER_DEFAULTS['lr']})")
-    g.add_argument("--momentum", type=float, help=f"SGD momentum in [0, 1) (default: the policy's paper, else {OPTIMIZER_DEFAULTS['momentum']})")
-    g.add_argument("--nesterov", type=boolean, help="Nesterov momentum, true or false (default: the policy's, else "
-                   "false)")
-    g.add_argument("--weight-decay", type=float, help=f"L2 penalty (default: the policy's paper, else {OPTIMIZER_DEFAULTS['weight_decay']})")
-    g.add_argument("--schedule", help=f"one of {', '.join(SCHEDULES)} (default: the policy's, else cosine)")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="epochs of linear learning-rate warm-up")
-    g.add_argument("--milestones", type=milestones, help="epochs of the step schedule, comma separated "
-                   "(default: 50%%,75%% of the budget)")
-    g.add_argument("--gamma", type=float, default=d.gamma, help="step-schedule factor, in (0, 1]")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="in [0, 1)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds the model, subset, sampler and augmentation")
-    g = opts.group(p, "execution")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--amp", default=d.amp, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else "
-                   "fp32), bf16, none")
-    g.add_argument("--channels-last", default=d.channels_last, help="auto (on for convolutional models), on, off")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
-    g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (global batch statistics)")
-    g.add_argument("--micro-batch", type=int, help="largest chunk computed at once; larger steps accumulate gradients")
-    g.add_argument("--eval-batch", type=int, default=d.eval_batch, help="test images evaluated at once")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between test evaluations (the last "
-                   "epoch is always evaluated)")
-    g.add_argument("--util-interval", type=float, default=d.util_interval, help="seconds between utilisation samples")
-    g.add_argument("--log", default=d.log, help="loggers beside metrics.jsonl, comma separated: tensorboard "
-                   "(events in <out>/tensorboard; nothing logged twice on resume)")
-    g.add_argument("--redraw-subset", default=d.redraw_subset,
-                   help="a protocol reading of the EDBA authors' template, not a practice: redraw the training "
-                        "subset from the whole split at epoch boundaries: never, on-resize (where the policy's "
-                        "batch size changed) or every-epoch")
-    g.add_argument("--on-nonfinite", default=d.on_nonfinite, help="a non-finite loss or gradient: stop (exit 3, "
-                   "last checkpoint intact) or skip (the step is not applied and is counted in its row)")
-    g.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,
-                   help="with --on-nonfinite skip: stop after this many skipped steps in a row")
+    for title in ("data", "model and optimisation", "execution"):
+        opts.group(p, title).add_options(TrainConfig, title)
     g = opts.group(p, "config file")
     g.add_argument("--config", help="YAML or JSON file of options by name (lr: 0.1, policy: edba, ...); flags on "
                    "the command line override it; a run's config.json re-runs that run")
@@ -175,11 +89,10 @@ def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     g.add_argument("--resume", help="continue the run in this folder from its last checkpoint")
     g.add_argument("--autoresume", action="store_true", help="with --out: start the run if the folder is new, resume "
                    "it if it holds a run of the same settings (for schedulers and torchrun --max-restarts)")
-    g.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after N steps (resumable)")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar (the bar shows images per second, and the step's loss, accuracy and batch size)")
+    g.add_options(TrainConfig, "run folder")
     for name, cls in POLICIES.items():
-        cls.add_arguments(opts.group(p, f"policy {name}", cls.help, owner=name))
+        if cls.options_type is not None:
+            opts.group(p, f"policy {name}", cls.help, owner=name).add_options(cls.options_type)
     return p, opts
 
 
@@ -205,8 +118,6 @@ def _config_from(given: dict[str, Any], opts: TrainOptions):
                         "drop it (Adam's betas are torch's defaults)")
     policy_options = {k: v for k, v in values.items() if opts.owner.get(k) == cls.name}
     fields = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
-    if fields.get("milestones") is None:
-        fields["milestones"] = ()
     return TrainConfig(**fields, policy_options=policy_options)
 
 
@@ -263,7 +174,7 @@ def _config_value(dest: str, value: Any, parse, path: Path) -> Any:
         return value
     if isinstance(value, (bool, dict)):
         raise bad
-    if parse is milestones and isinstance(value, (list, tuple)):
+    if dest == "milestones" and isinstance(value, (list, tuple)):
         if not value:
             return ()  # no milestones: the step schedule's own (50%, 75% of the budget)
         value = ",".join(map(str, value))
@@ -389,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         return handlers[args.command](args, opts)
     except DynbatchError as e:
-        print(f"dynbatch: error: {e}", file=sys.stderr)
+        print(f"dynbatch: error: {e.for_cli() if isinstance(e, OptionError) else e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("dynbatch: interrupted", file=sys.stderr)

@@ -36,7 +36,7 @@ def test_wheel_installed_outside_the_tree_has_native_sources_and_bench(tmp_path)
     (wheel,) = wheels.glob("dynbatch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("dynbatch_csrc/dynbatch_native.cpp", "dynbatch_bench/test_step.py", "dynbatch_bench/report.py",
-                   "dynbatch_kernels/aot.py", "dynbatch/selectors/edba.py"):
+                   "dynbatch_kernels/aot.py", "dynbatch/methods/edba.py", "dynbatch/ops/library.py"):
         assert needed in names, needed
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

@@ -79,14 +79,22 @@ def test_the_policy_is_a_thin_user_of_the_selector():
 
 
 def test_library_errors_are_value_errors():
-    with pytest.raises(ValueError, match="--subsets must be in"):
+    """A library user never typed a flag: errors name the field; the CLI says the flag (tests/test_bad_input.py)."""
+    with pytest.raises(ValueError, match="^subsets must be in") as e:
         EDBASelector(UserNet(), subsets=0)
+    assert e.value.for_cli().startswith("--subsets must be in")
+    with pytest.raises(ValueError, match=r"^need 1 <= bs_min <= bs_max"):
+        EDBASelector(UserNet(), bs_min=50, bs_max=20)
+    with pytest.raises(ValueError, match=r"^batch_size 8192 exceeds max_batch 4096"):
+        AdaBatchSchedule(8192)
+    from dynbatch.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^lr must be positive"):
+        TrainConfig(lr=-1.0).validate()
     with pytest.raises(ValueError, match="no nn.Linear head"):
         EDBASelector(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())).head
     with pytest.raises(TypeError, match="no option"):
         EDBASelector(UserNet(), subset_count=5)
-    with pytest.raises(ValueError):
-        AdaBatchSchedule(8192)  # above max_batch
 
 
 def test_options_are_typed_with_their_defaults_once():

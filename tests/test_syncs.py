@@ -8,7 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynbatch.train.config import TrainConfig
-from dynbatch.train.trainer import FLUSH_EVERY, Trainer
+from dynbatch.train.metrics import FLUSH_EVERY
+from dynbatch.train.trainer import Trainer
 
 aten = torch.ops.aten
 

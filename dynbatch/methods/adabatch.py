@@ -21,27 +21,24 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dynbatch.errors import UserError
 from dynbatch.methods.base import ForwardStep, Plan, Policy, StepContext
-from dynbatch.methods.options import from_mapping, option
+from dynbatch.options import OptionError, check_fields, from_mapping, option, positive
+
+
+_WHOLE = "give a whole number of 1 or more"
 
 
 @dataclass
 class AdaBatchOptions:
-    resize_every: int = option(20, "epochs between batch-size increases")
-    resize_factor: int = option(2, "batch-size multiplier per resize")
-    lr_factor: float = option(0.75, "learning-rate multiplier per resize")
-    max_batch: int = option(4096, "largest batch size")
-    warmup_base: int = option(256, "warm-up target is lr x batch / this")
+    resize_every: int = option(20, "epochs between batch-size increases", check=positive(_WHOLE))
+    resize_factor: int = option(2, "batch-size multiplier per resize", check=positive(_WHOLE))
+    lr_factor: float = option(0.75, "learning-rate multiplier per resize", check=positive("e.g. 0.75"))
+    max_batch: int = option(4096, "largest batch size", check=positive(_WHOLE))
+    warmup_base: int = option(256, "warm-up target is lr x batch / this", check=positive(_WHOLE))
 
     def validate(self) -> None:
-        """Raise ``UserError`` (a ``ValueError``) naming the first bad option and the fix."""
-        for k in ("resize_every", "resize_factor", "max_batch", "warmup_base"):
-            if getattr(self, k) < 1:
-                raise UserError(f"--{k.replace('_', '-')} must be positive (got {getattr(self, k)}); give a whole "
-                                "number of 1 or more")
-        if not self.lr_factor > 0:
-            raise UserError(f"--lr-factor must be positive (got {self.lr_factor}); e.g. 0.75")
+        """Raise ``OptionError`` (a ``ValueError``) naming the first bad option and the fix."""
+        check_fields(self)
 
 
 class AdaBatchSchedule:
@@ -58,8 +55,8 @@ class AdaBatchSchedule:
         base = dataclasses.asdict(options) if isinstance(options, AdaBatchOptions) else dict(options or {})
         self.options = from_mapping(AdaBatchOptions, {**base, **overrides})
         if batch_size > self.options.max_batch:
-            raise UserError(f"--batch-size {batch_size} exceeds --max-batch {self.options.max_batch}; raise "
-                            "--max-batch or lower --batch-size")
+            raise OptionError(f"{{batch_size}} {batch_size} exceeds {{max_batch}} {self.options.max_batch}; raise "
+                              "{max_batch} or lower {batch_size}")
         self.initial = batch_size
 
     def resizes(self, epoch: int) -> int:

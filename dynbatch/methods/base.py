@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from dynbatch.methods.options import cli_spec, from_mapping
+from dynbatch.options import from_mapping
 
 
 @dataclass(slots=True)
@@ -112,14 +112,9 @@ class Policy(ABC):
     # Defaults for other trainer settings this policy relies on (e.g. a schedule), applied unless the user sets them.
     config_defaults: ClassVar[dict[str, Any]] = {}
 
-    # The policy's typed options (a dataclass of ``dynbatch.methods``, with defaults and ``validate()``).
+    # The policy's typed options (a dataclass of ``dynbatch.options`` fields, with ``validate()``); the CLI makes
+    # a flag of each field.
     options_type: ClassVar[type | None] = None
-
-    @classmethod
-    def add_arguments(cls, group) -> None:
-        """Register this policy's command-line options: one flag per field of ``options_type``."""
-        for spec in cli_spec(cls.options_type) if cls.options_type else ():
-            group.add_argument(*spec.pop("flags"), **spec)
 
     @classmethod
     def validate(cls, options: dict[str, Any]) -> None:

@@ -60,59 +60,48 @@ from torch import nn
 
 from dynbatch.errors import RunFailure, UserError
 from dynbatch.methods.base import ForwardStep, Plan, Policy, ReuseStep, StepContext, preserved_buffers
-from dynbatch.methods.options import from_mapping, option
+from dynbatch.options import OptionError, check_fields, from_mapping, non_negative, one_of, option, positive, within
 from dynbatch.ops import MAX_SUBSETS, Selection, select_subset
 
 
 @dataclass
 class EDBAOptions:
-    subsets: int = option(4096, f"random subsets scored per step (1..{MAX_SUBSETS})")
-    subset_mode: str = option("bernoulli", "bernoulli (each sample in with p) or uniform_size")
-    subset_p: float = option(0.5, "inclusion probability for bernoulli subsets")
-    ema_decay: float = option(0.9, "decay of the loss and gradient-norm EMAs")
-    margin_eps: float = option(1e-8, "floor of |G_S - G_ema| in the margin")
+    subsets: int = option(4096, f"random subsets scored per step (1..{MAX_SUBSETS})",
+                          check=within(f"1..{MAX_SUBSETS}", lambda v: 1 <= v <= MAX_SUBSETS, "e.g. 4096"))
+    subset_mode: str = option("bernoulli", "bernoulli (each sample in with p) or uniform_size",
+                              check=one_of("bernoulli", "uniform_size", hint="bernoulli is the default"))
+    subset_p: float = option(0.5, "inclusion probability for bernoulli subsets",
+                             check=within("(0, 1]", lambda v: 0 < v <= 1, "e.g. 0.5"))
+    ema_decay: float = option(0.9, "decay of the loss and gradient-norm EMAs",
+                              check=within("[0, 1)", lambda v: 0 <= v < 1, "e.g. 0.9"))
+    margin_eps: float = option(1e-8, "floor of |G_S - G_ema| in the margin", check=positive("e.g. 1e-8"))
     reuse_forward: bool = option(False, "one forward per step, loss masked to the subset")
     bs_min: int = option(10, "smallest batch the batch-size rule may set")
     bs_max: int = option(1000, "largest batch the batch-size rule may set")
     bs_factor: float = option(1.1, "batch-size change factor (> 1)")
-    bs_rule: str = option("loss", "batch-size rule: loss (trend of the loss) or share (chosen subset's share)")
-    grow_below: float = option(0.05, "rule loss: grow when (L - L_ema)/L_ema < -this")
-    shrink_above: float = option(0.05, "rule loss: shrink when (L - L_ema)/L_ema > this")
+    bs_rule: str = option("loss", "batch-size rule: loss (trend of the loss) or share (chosen subset's share)",
+                          check=one_of("loss", "share", hint="loss is the default"))
+    grow_below: float = option(0.05, "rule loss: grow when (L - L_ema)/L_ema < -this", check=non_negative("e.g. 0.05"))
+    shrink_above: float = option(0.05, "rule loss: shrink when (L - L_ema)/L_ema > this",
+                                 check=non_negative("e.g. 0.05"))
     share_grow: float = option(0.55, "rule share: grow when the chosen subset holds more than this share")
     share_shrink: float = option(0.45, "rule share: shrink when it holds less than this share")
-    selection_backend: str = option("auto", "auto, torch, native, triton")
-    grad_metric: str = option("mean", "subset score: norm of the subset's mean gradient (the paper's) or of its sum")
+    selection_backend: str = option("auto", "auto, torch, native, triton",
+                                    check=one_of("auto", "torch", "native", "triton",
+                                                 hint="auto picks the fastest usable one"))
+    grad_metric: str = option("mean", "subset score: norm of the subset's mean gradient (the paper's) or of its sum",
+                              check=one_of("mean", "sum", hint="mean is the paper's"))
 
     def validate(self) -> None:
-        """Raise ``UserError`` (a ``ValueError``) naming the first bad option, its range and an example."""
-        if not 1 <= self.subsets <= MAX_SUBSETS:
-            raise UserError(f"--subsets must be in 1..{MAX_SUBSETS} (got {self.subsets}); e.g. 4096")
-        if self.subset_mode not in ("bernoulli", "uniform_size"):
-            raise UserError(f"--subset-mode must be bernoulli or uniform_size (got {self.subset_mode!r}); "
-                            "bernoulli is the default")
-        if not 0 < self.subset_p <= 1:
-            raise UserError(f"--subset-p must be in (0, 1] (got {self.subset_p}); e.g. 0.5")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}); e.g. 0.9")
+        """Raise ``OptionError`` (a ``ValueError``) naming the first bad option, its range and an example."""
+        check_fields(self)
         if not 1 <= self.bs_min <= self.bs_max:
-            raise UserError(f"need 1 <= --bs-min <= --bs-max (got {self.bs_min}, {self.bs_max}); e.g. 10 and 1000")
+            raise OptionError(f"need 1 <= {{bs_min}} <= {{bs_max}} (got {self.bs_min}, {self.bs_max}); e.g. 10 and 1000")
         if not self.bs_factor > 1:
-            raise UserError(f"--bs-factor must be above 1 (got {self.bs_factor}); e.g. 1.1")
-        if not self.margin_eps > 0:
-            raise UserError(f"--margin-eps must be positive (got {self.margin_eps}); e.g. 1e-8")
-        for k in ("grow_below", "shrink_above"):
-            if getattr(self, k) < 0:
-                raise UserError(f"--{k.replace('_', '-')} must be non-negative (got {getattr(self, k)}); e.g. 0.05")
-        if self.bs_rule not in ("loss", "share"):
-            raise UserError(f"--bs-rule must be loss or share (got {self.bs_rule!r}); loss is the default")
+            raise OptionError(f"{{bs_factor}} must be above 1 (got {self.bs_factor}); e.g. 1.1")
         if not 0 <= self.share_shrink <= self.share_grow <= 1:
-            raise UserError(f"need 0 <= --share-shrink <= --share-grow <= 1 (got {self.share_shrink}, "
-                            f"{self.share_grow}); e.g. 0.45 and 0.55")
-        if self.grad_metric not in ("mean", "sum"):
-            raise UserError(f"--grad-metric must be mean or sum (got {self.grad_metric!r}); mean is the paper's")
-        if self.selection_backend not in ("auto", "torch", "native", "triton"):
-            raise UserError(f"--selection-backend must be auto, torch, native or triton (got "
-                            f"{self.selection_backend!r}); auto picks the fastest usable one")
+            raise OptionError(f"need 0 <= {{share_shrink}} <= {{share_grow}} <= 1 (got {self.share_shrink}, "
+                              f"{self.share_grow}); e.g. 0.45 and 0.55")
 
 
 @dataclass(frozen=True)

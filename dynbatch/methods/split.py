@@ -43,16 +43,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dynbatch.errors import UserError
 from dynbatch.methods.base import ForwardStep, GradientStep, Plan, Policy, ReuseStep, StepContext, preserved_buffers
-from dynbatch.methods.options import option
+from dynbatch.options import OptionError, check_fields, one_of, option, positive
 
 
 def parse_splits(s: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in str(s).split(","))
     except ValueError:
-        raise UserError(f"--splits must be comma-separated integers (got {s!r}); e.g. 1,2,4") from None
+        raise OptionError(f"{{splits}} must be comma-separated integers (got {s!r}); e.g. 1,2,4") from None
     return out
 
 
@@ -112,13 +111,18 @@ def candidate_forwards(model: nn.Module, x: torch.Tensor, y: torch.Tensor, split
     return out
 
 
+CRITERIA = ("min", "max", "random")
+
+
 @dataclass
 class SplitOptions:
-    base_batch: int | None = option(None, "samples per step (default: --batch-size, 256)")
+    base_batch: int | None = option(None, "samples per step (default: --batch-size, 256)",
+                                    check=positive("e.g. 256"))
     splits: str = option("1,2,4", "numbers of chunks to try, each dividing the base batch")
-    criterion: str = option("min", "min, max or random")
-    split_update: str = option("sequential", "sequential or original")
-    split_clip: float = option(5.0, "gradient-norm clip of the original update")
+    criterion: str = option("min", "min, max or random", check=one_of(*CRITERIA, hint="min is the default"))
+    split_update: str = option("sequential", "sequential or original",
+                               check=one_of("sequential", "original", hint="sequential is the default"))
+    split_clip: float = option(5.0, "gradient-norm clip of the original update", check=positive("e.g. 5"))
     split_reuse_first: bool = option(False, "back-propagate the first chunk's candidate forward instead of "
                                             "recomputing it")
 
@@ -127,22 +131,11 @@ class SplitOptions:
         return parse_splits(self.splits)
 
     def validate(self) -> None:
-        """Raise ``UserError`` (a ``ValueError``) naming the first bad option, its range and an example."""
+        """Raise ``OptionError`` (a ``ValueError``) naming the first bad option, its range and an example."""
         splits = self.split_counts
         if not splits or any(k < 1 for k in splits) or len(set(splits)) != len(splits):
-            raise UserError(f"--splits must be distinct positive integers (got {self.splits}); e.g. 1,2,4")
-        if self.base_batch is not None and self.base_batch < 1:
-            raise UserError(f"--base-batch must be positive (got {self.base_batch}); e.g. 256")
-        if self.criterion not in CRITERIA:
-            raise UserError(f"--criterion must be min, max or random (got {self.criterion!r}); min is the default")
-        if self.split_update not in ("sequential", "original"):
-            raise UserError(f"--split-update must be sequential or original (got {self.split_update!r}); "
-                            "sequential is the default")
-        if not self.split_clip > 0:
-            raise UserError(f"--split-clip must be positive (got {self.split_clip}); e.g. 5")
-
-
-CRITERIA = ("min", "max", "random")
+            raise OptionError(f"{{splits}} must be distinct positive integers (got {self.splits}); e.g. 1,2,4")
+        check_fields(self)
 
 
 def pick(scores: dict[int, float], criterion: str, seed: int = 0, step: int = 0) -> int:
@@ -180,8 +173,8 @@ def choose_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=Non
 def check_divides(splits, batch: int) -> None:
     bad = [k for k in splits if batch % k]
     if bad:
-        raise UserError(f"splits {','.join(map(str, splits))} must divide the base batch {batch}; choose divisors "
-                        f"of {batch}, e.g. 1,2,4")
+        raise OptionError(f"{{splits}} {','.join(map(str, splits))} must divide the base batch {batch}; choose "
+                          f"divisors of {batch}, e.g. 1,2,4")
 
 
 def split_scores(losses: dict, splits, batch: int, dist=None) -> dict[int, float]:
@@ -208,8 +201,8 @@ class SplitPolicy(Policy):
 
     def check_world_size(self, world: int) -> None:
         if world > 1 and self.options.split_reuse_first:
-            raise UserError("--split-reuse-first is not available under DDP (several graph-keeping forwards through "
-                            "the DDP wrapper before one backward); drop it")
+            raise OptionError("{split_reuse_first} is not available under DDP (several graph-keeping forwards "
+                              "through the DDP wrapper before one backward); drop it")
 
     def plan(self, x, y, ctx: StepContext) -> Plan:
         o = self.options

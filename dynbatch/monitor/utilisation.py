@@ -105,3 +105,12 @@ class UtilisationMonitor:
             with self._lock:
                 samples, self._samples = self._samples, []
         return {"util_samples": len(samples), **summarise(samples)}
+
+    def epoch_summary(self, dist) -> dict[str, float]:
+        """:meth:`summary` of every rank (``dist``: ``dynbatch.distributed.Dist``): rank 0's fields as they are,
+        rank r's as ``util_rank<r>_*``. A collective under DDP."""
+        per_rank = dist.gather_objects(self.summary())
+        out = dict(per_rank[0])
+        for r, summary in enumerate(per_rank[1:], start=1):
+            out.update({k.replace("util_", f"util_rank{r}_", 1): v for k, v in summary.items()})
+        return out

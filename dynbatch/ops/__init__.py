@@ -64,7 +64,6 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     return {"torch": (True, "reference"), "native": native.status(), "triton": triton_status()}
 
 
-@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device_type: str) -> str:
     """What ``backend`` runs on ``device_type``: ``op`` (the registered op, dispatched by device), ``torch`` (the
     reference, called directly) or ``triton`` (the launchers, called directly). For ``auto`` and ``native`` on CPU
@@ -76,6 +75,9 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return how
 
 
+# torch.compiler.assume_constant_result(resolve_backend), without importing torch._dynamo (and Triton with it) when
+# dynbatch.ops is imported: the decorator sets only this mark. The compiled-loop test fails if the mark stops working.
+resolve_backend._dynamo_marked_constant = True
 _resolved: dict[tuple[str, str], str] = {}
 
 
@@ -113,11 +115,17 @@ def _run(name: str, backend: str, *args):
 
 def _trend(loss, loss_ema, grad_ema, device: torch.device) -> torch.Tensor:
     """[loss, loss_ema, grad_ema] float64 (3,) on ``device``, EMAs NaN when None; each a float or a 0-d tensor.
-    Device tensors stay on the device (one stack) and host floats are filled in on it, never copied from pageable
-    memory. On the CPU, outside a compiled graph, the loss is read where it lies: one small tensor, no dispatch."""
+    Tensors are never read: they are copied in on their device (one stack), and host floats are filled in there,
+    never copied from pageable memory. On the CPU, outside a compiled graph, host floats go in as one small array
+    (a third of ``torch.tensor``'s cost; this runs at every selection)."""
     values = (loss, float("nan") if loss_ema is None else loss_ema, float("nan") if grad_ema is None else grad_ema)
     if device.type == "cpu" and not torch.compiler.is_compiling():
-        return torch.from_numpy(np.array([float(v) for v in values]))  # a third of torch.tensor's cost
+        tensors = [isinstance(v, torch.Tensor) for v in values]
+        trend = torch.from_numpy(np.array([0.0 if is_t else float(v) for v, is_t in zip(values, tensors)]))
+        for i, is_t in enumerate(tensors):
+            if is_t:
+                trend[i:i + 1].copy_(values[i].reshape(1))
+        return trend
     return torch.stack([v.reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
                         else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
 

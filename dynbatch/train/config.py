@@ -1,13 +1,19 @@
-"""Every setting of a training run, resolved, validated, and stored in ``config.json``."""
+"""Every setting of a training run, declared once (``dynbatch.options``), resolved, validated, and stored in
+``config.json``."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dynbatch.data.sources import MAX_CLASSES
+from dynbatch.data.sources import DATASET_NAMES, MAX_CLASSES
 from dynbatch.errors import UserError
+from dynbatch.methods import POLICIES, policy_class
+from dynbatch.models import MODELS
+from dynbatch.options import (OptionError, at_least, check_fields, finite_float, non_negative, one_of, option,
+                              positive, within)
 from dynbatch.train.loggers import parse_loggers
 from dynbatch.train.optim import OPTIMIZERS
 from dynbatch.train.schedules import SCHEDULES
@@ -19,52 +25,112 @@ MAX_SEED = 2**31 - 1
 NONFINITE_ACTIONS = ("stop", "skip")
 
 
+def _milestones(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(finite_float(v) for v in s.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of epochs like 30,60,90") from None
+
+
+def _milestones_check(name, v):
+    if any(m < 0 for m in v or ()):
+        raise OptionError(f"{{{name}}} must be epochs >= 0 (got {','.join(map(str, v))}); e.g. 50,75")
+
+
+def _seed_check(name, v):
+    if not 0 <= v <= MAX_SEED:
+        raise OptionError(f"{{{name}}} must be in 0..{MAX_SEED} (got {v}); pick a seed in that range")
+
+
+def _loggers_check(name, v):
+    parse_loggers(v)
+
+
+def _choices(values) -> str:
+    return ", ".join(values)
+
+
+_D, _M, _X = "data", "model and optimisation", "execution"
+_PAPER = "(default: the policy's paper, else {})"
+
+
 @dataclass
 class TrainConfig:
-    data: str = "digits"
-    data_dir: str | None = None
-    num_classes: int | None = None
-    image_size: int | None = None  # imagefolder data: side of the resized images (default 32)
-    train_samples: int | None = None
-    train_fraction: float | None = None
-    model: str = "preresnet20"
-    policy: str = "fixed"
+    """Every setting of a run: the library's fields, the command line's flags (``--data-dir`` for ``data_dir``)
+    and a config file's keys, each declared once."""
+
+    data: str = option("digits", f"data set: {_choices(DATASET_NAMES)}", group=_D)
+    data_dir: str | None = option(None, "folder with torchvision's CIFAR layout (no download)", group=_D)
+    image_size: int | None = option(None, "imagefolder data: side in pixels the images are resized to (default: 32)",
+                                    check=positive(), group=_D)
+    num_classes: int | None = option(None, "number of classes (default: from the labels)", check=at_least(2),
+                                     group=_D)
+    train_samples: int | None = option(None, "class-balanced seeded subset of N training samples", check=positive(),
+                                       group=_D)
+    train_fraction: float | None = option(None, "class-balanced seeded subset, a fraction in (0, 1]",
+                                          check=within("(0, 1]", lambda v: 0 < v <= 1, "e.g. 0.1 for 10%"), group=_D)
+    augment: bool = option(True, "train without random crops and flips (augmentation is on otherwise)",
+                           flag="--no-augment", group=_D)
+    model: str = option("preresnet20", f"one of {_choices(MODELS)}, or package.module:factory (a callable taking "
+                        "num_classes and in_channels that returns an nn.Module)", group=_M)
+    policy: str = option("fixed", f"one of {_choices(POLICIES)}", group=_M)
     policy_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 30
-    batch_size: int | None = None  # None: the policy's default
-    optimizer: str = "sgd"  # sgd, adam, adamw
-    lr: float | None = None
-    momentum: float | None = None  # SGD only
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    schedule: str | None = None  # None: the policy's default, else cosine
-    warmup_epochs: float = 0.0
-    milestones: tuple[float, ...] = ()
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto: bf16 autocast where bf16 is native (CUDA; CPUs with avx512_bf16/amx), else fp32
-    channels_last: str = "auto"  # auto: on for convolutional models
-    compile: bool = False
-    sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch
-    micro_batch: int | None = None
-    eval_batch: int = 1000
-    eval_every: int = 1  # epochs between test evaluations; the last epoch is always evaluated
-    util_interval: float = 0.5
-    log: str = ""  # loggers beside metrics.jsonl: "tensorboard"
-    redraw_subset: str = "never"  # protocol reading (dynbatch.train.redraw): never, on-resize, every-epoch
-    on_nonfinite: str = "stop"  # a non-finite loss or gradient: stop the run, or skip the step
-    nonfinite_limit: int = 10  # skip mode: stop after this many skipped steps in a row
-    stop_after_steps: int | None = None
-    progress: bool = True
+    epochs: int = option(30, "total epochs; with --resume, the new total (extends or finishes the run)",
+                         check=positive(), group=_M)
+    batch_size: int | None = option(None, "loader batch size; the initial one for adaptive policies (default: the "
+                                    "policy's)", check=positive(), group=_M)
+    optimizer: str = option("sgd", "sgd, adam or adamw (fused; --momentum and --nesterov are SGD's)", group=_M)
+    lr: float | None = option(None, "learning rate " + _PAPER.format(OPTIMIZER_DEFAULTS["lr"]),
+                              check=positive("e.g. 0.05"), group=_M)
+    momentum: float | None = option(None, "SGD momentum in [0, 1) " + _PAPER.format(OPTIMIZER_DEFAULTS["momentum"]),
+                                    check=within("[0, 1)", lambda v: 0 <= v < 1, "e.g. 0.9, or 0 for none"), group=_M)
+    nesterov: bool | None = option(None, "Nesterov momentum, true or false (default: the policy's, else false)",
+                                   group=_M)
+    weight_decay: float | None = option(None, "L2 penalty " + _PAPER.format(OPTIMIZER_DEFAULTS["weight_decay"]),
+                                        check=non_negative("e.g. 5e-4, or 0 for none"), group=_M)
+    schedule: str | None = option(None, f"one of {_choices(SCHEDULES)} (default: the policy's, else cosine)",
+                                  group=_M)
+    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up",
+                                  check=non_negative("e.g. 5, or 0 for none"), group=_M)
+    milestones: tuple[float, ...] = option((), "epochs of the step schedule, comma separated (default: 50%%,75%% "
+                                           "of the budget)", parse=_milestones, check=_milestones_check, group=_M)
+    gamma: float = option(0.1, "step-schedule factor, in (0, 1]", check=within(
+        "(0, 1]", lambda v: 0 < v <= 1, "it multiplies the learning rate at each milestone, e.g. 0.1"), group=_M)
+    label_smoothing: float = option(0.0, "in [0, 1)", check=within("[0, 1)", lambda v: 0 <= v < 1, "e.g. 0.1"),
+                                    group=_M)
+    seed: int = option(0, "seeds the model, subset, sampler and augmentation", check=_seed_check, group=_M)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", group=_X)
+    amp: str = option("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16, none",
+                      check=one_of("auto", "bf16", "none", hint="auto picks bf16 where it is fast"), group=_X)
+    channels_last: str = option("auto", "auto (on for convolutional models), on, off",
+                                check=one_of("auto", "on", "off", hint="auto is the default"), group=_X)
+    compile: bool = option(False, "torch.compile the model (dynamic shapes)", group=_X)
+    sync_bn: bool = option(False, "under torchrun: SyncBatchNorm (global batch statistics)", group=_X)
+    micro_batch: int | None = option(None, "largest chunk computed at once; larger steps accumulate gradients",
+                                     check=positive(), group=_X)
+    eval_batch: int = option(1000, "test images evaluated at once", check=positive(), group=_X)
+    eval_every: int = option(1, "epochs between test evaluations (the last epoch is always evaluated)",
+                             check=positive(), group=_X)
+    util_interval: float = option(0.5, "seconds between utilisation samples", check=positive("e.g. 0.5"), group=_X)
+    log: str = option("", "loggers beside metrics.jsonl, comma separated: tensorboard (events in <out>/tensorboard; "
+                      "nothing logged twice on resume)", check=_loggers_check, group=_X)
+    redraw_subset: str = option(
+        "never", "a protocol reading of the EDBA authors' template, not a practice: redraw the training subset from "
+        "the whole split at epoch boundaries: never, on-resize (where the policy's batch size changed) or every-epoch",
+        check=one_of("never", "on-resize", "every-epoch", hint="never is the default"), group=_X)
+    on_nonfinite: str = option("stop", "a non-finite loss or gradient: stop (exit 3, last checkpoint intact) or skip "
+                               "(the step is not applied and is counted in its row)",
+                               check=one_of(*NONFINITE_ACTIONS, hint="stop is the default"), group=_X)
+    nonfinite_limit: int = option(10, "with --on-nonfinite skip: stop after this many skipped steps in a row",
+                                  check=positive(), group=_X)
+    stop_after_steps: int | None = option(None, "checkpoint and stop after N steps (resumable)", check=positive(),
+                                          group="run folder")
+    progress: bool = option(True, "no progress bar (the bar shows images per second, and the step's loss, accuracy "
+                            "and batch size)", flag="--no-progress", group="run folder")
 
     def resolved(self) -> "TrainConfig":
         """A copy with unset settings filled from the policy (its paper's optimizer, its batch size), then global
         defaults; ``self`` (what the user gave) is left as it is."""
-        from dynbatch.methods import policy_class
-
         policy_cls = policy_class(self.policy)
         out = dataclasses.replace(self, policy_options=dict(self.policy_options))
         if out.batch_size is None:
@@ -79,69 +145,23 @@ class TrainConfig:
         return out
 
     def validate(self) -> None:
-        """Raise ``UserError`` naming the first bad setting and its valid range."""
-        def flag(name: str) -> str:
-            return "--" + name.replace("_", "-")
-
-        def at_least(name: str, lo, allow_none=False):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if v is None or v < lo:
-                word = "positive" if lo == 1 else f"at least {lo}"
-                raise UserError(f"{flag(name)} must be {word} (got {v}); give a value of {lo} or more")
-
-        for name in ("epochs", "batch_size", "eval_batch", "eval_every", "nonfinite_limit"):
-            at_least(name, 1)
-        for name in ("micro_batch", "train_samples", "stop_after_steps"):
-            at_least(name, 1, allow_none=True)
-        at_least("num_classes", 2, allow_none=True)
-        at_least("image_size", 1, allow_none=True)
+        """Raise ``OptionError`` naming the first bad setting and its valid range: each field's declared check,
+        then the checks between fields."""
+        check_fields(self)
         if self.num_classes is not None and self.num_classes > MAX_CLASSES:
-            raise UserError(f"--num-classes {self.num_classes} is above the supported {MAX_CLASSES}; give the "
-                            "number of classes in the labels")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UserError(f"--seed must be in 0..{MAX_SEED} (got {self.seed}); pick a seed in that range")
-        if not self.util_interval > 0:
-            raise UserError(f"--util-interval must be positive seconds (got {self.util_interval}); e.g. 0.5")
-        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
-            raise UserError(f"--train-fraction must be in (0, 1] (got {self.train_fraction}); e.g. 0.1 for 10%")
+            raise OptionError(f"{{num_classes}} {self.num_classes} is above the supported {MAX_CLASSES}; give the "
+                              "number of classes in the labels")
         if self.train_fraction is not None and self.train_samples is not None:
-            raise UserError("give either --train-samples or --train-fraction, not both; drop one of them")
-        if self.lr is not None and not self.lr > 0:
-            raise UserError(f"--lr must be positive (got {self.lr}); e.g. --lr 0.05")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise UserError(f"--weight-decay must be non-negative (got {self.weight_decay}); e.g. 5e-4, or 0 for none")
-        if self.momentum is not None and not 0 <= self.momentum < 1:
-            raise UserError(f"--momentum must be in [0, 1) (got {self.momentum}); e.g. 0.9, or 0 for none")
+            raise OptionError("give either {train_samples} or {train_fraction}, not both; drop one of them")
         if self.nesterov and self.momentum == 0:
-            raise UserError("--nesterov needs a positive --momentum; give --momentum 0.9 or --nesterov false")
+            raise OptionError("{nesterov} needs a positive {momentum}; give {momentum} 0.9 or {nesterov} false")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if not 0 < self.gamma <= 1:
-            raise UserError(f"--gamma must be in (0, 1] (got {self.gamma}); it multiplies the learning rate at each "
-                            "milestone, e.g. 0.1")
-        if any(m < 0 for m in self.milestones):
-            raise UserError(f"--milestones must be epochs >= 0 (got {','.join(map(str, self.milestones))}); e.g. 50,75")
-        if self.warmup_epochs < 0:
-            raise UserError(f"--warmup-epochs must be non-negative (got {self.warmup_epochs}); e.g. 5, or 0 for none")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing}); e.g. 0.1")
-        if self.amp not in ("auto", "bf16", "none"):
-            raise UserError(f"--amp must be auto, bf16 or none (got {self.amp!r}); auto picks bf16 where it is fast")
-        if self.channels_last not in ("auto", "on", "off"):
-            raise UserError(f"--channels-last must be auto, on or off (got {self.channels_last!r}); auto is the default")
-        parse_loggers(self.log)
-        if self.redraw_subset not in ("never", "on-resize", "every-epoch"):
-            raise UserError(f"--redraw-subset must be never, on-resize or every-epoch (got {self.redraw_subset!r}); "
-                            "never is the default")
         if self.redraw_subset != "never" and self.train_samples is None and self.train_fraction is None:
-            raise UserError("--redraw-subset redraws a --train-samples (or --train-fraction) subset; give one, or "
-                            "drop --redraw-subset")
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            raise UserError(f"--on-nonfinite must be stop or skip (got {self.on_nonfinite!r}); stop is the default")
+            raise OptionError("{redraw_subset} redraws a {train_samples} (or {train_fraction}) subset; give one, "
+                              "or drop {redraw_subset}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,8 +29,6 @@ from dynbatch.errors import RunFailure, UserError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "curves.png")
 LOCK = ".lock"
-CHECKPOINT_KEYS = ("version", "model", "optimizer", "policy", "sampler", "aug_gen", "torch_rng", "cuda_rng",
-                   "micro_batch", "progress", "metrics_offset", "world_size")
 
 
 def _os_problem(e: OSError) -> str:
@@ -322,8 +320,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     _atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's state, loaded with ``weights_only=True`` (tensors and plain data only: no code runs)."""
+def load_checkpoint(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint's state, loaded with ``weights_only=True`` (tensors and plain data only: no code runs); it must
+    hold ``keys`` (``dynbatch.train.state.CHECKPOINT_KEYS``)."""
     fix = f"start a new run with --out {path.parent} --overwrite"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -335,7 +334,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         f"{fix}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a dynbatch checkpoint; {fix}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    missing = [k for k in keys if k not in state]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a checkpoint of this dynbatch version; {fix}")
     return state

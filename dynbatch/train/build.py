@@ -1,0 +1,168 @@
+"""Building a run from its config: the device and ranks, the device-resident data, the model (precision, layout,
+DDP, compile), the optimizer, the policy, the executor and the step context. Everything is checked here, before
+the run folder is touched, so bad input never leaves a partial run behind."""
+from __future__ import annotations
+
+import inspect
+import platform
+import sys
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
+from dynbatch.distributed import Dist
+from dynbatch.errors import UserError
+from dynbatch.info import package_versions
+from dynbatch.methods import Policy, StepContext, policy_class
+from dynbatch.models import build_model
+from dynbatch.train import precision as precisions
+from dynbatch.train.config import TrainConfig
+from dynbatch.train.executor import PlanExecutor
+from dynbatch.train.optim import build_optimizer
+from dynbatch.train.redraw import SubsetRedraw
+
+
+@dataclass
+class RunParts:
+    """What a run is made of. ``model`` is the plain module (its state is saved); ``step_model`` the wrapper that
+    trains (DDP and/or ``torch.compile`` around it)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: Dist
+    data: DeviceData
+    redraw: SubsetRedraw | None
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    precision: precisions.Precision
+    channels_last: bool
+    optimizer: torch.optim.Optimizer
+    policy: Policy
+    executor: PlanExecutor
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample losses (B,)
+    ctx: StepContext
+    sampler: VariableBatchSampler
+    aug_gen: torch.Generator
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _place(cfg: TrainConfig) -> tuple[torch.device, Dist]:
+    device = resolve_device(cfg.device)
+    dist = Dist.from_env(device.type)
+    if dist.enabled:
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(device)
+        if cfg.batch_size < dist.world:
+            raise UserError(f"--batch-size {cfg.batch_size} is below the {dist.world} ranks, which each need a "
+                            f"sample; give at least {dist.world}")
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU use a model without "
+                        "BatchNorm statistics, such as preresnet20_gn")
+    return device, dist
+
+
+def _data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceData, SubsetRedraw | None]:
+    src = load_dataset(cfg.data, cfg.data_dir, cfg.num_classes, cfg.image_size)
+    if not cfg.augment:
+        src.crop_padding, src.flip = 0, False
+    train_samples = cfg.train_samples
+    if cfg.train_fraction is not None:
+        train_samples = max(1, round(cfg.train_fraction * len(src.y_train)))
+    subset = balanced_subset(src.y_train, train_samples, cfg.seed) if train_samples is not None else None
+    redraw = SubsetRedraw(cfg.redraw_subset, src.y_train, subset, cfg.seed) if cfg.redraw_subset != "never" else None
+    return DeviceData(src, device, subset), redraw
+
+
+def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel without buffer syncs in forwards: no hidden collective in forwards that only some
+    code paths run; ``--sync-bn`` gives global BatchNorm statistics instead."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kw = {"device_ids": [device.index] if device.type == "cuda" else None}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kw["forward_sync_buffers"] = False
+    else:
+        kw["broadcast_buffers"] = False
+    return DDP(model, **kw)
+
+
+def _model(cfg: TrainConfig, data: DeviceData, device: torch.device, dist: Dist, log):
+    """(plain module, the wrapper that trains, precision)."""
+    torch.manual_seed(cfg.seed)
+    src = data.source
+    model = build_model(cfg.model, src.num_classes, src.image_shape[0]).to(device)
+    precision = precisions.resolve(cfg.amp, cfg.channels_last, device, model)
+    if precision.bf16 and device.type == "cpu" and not precisions.cpu_has_native_bf16():
+        log("note: --amp bf16 on a CPU without native bf16 (avx512_bf16 or amx_bf16) is emulated and much slower "
+            "than fp32; --amp auto chooses fp32 here")
+    # Before any wrapper (DDP builds its gradient buckets from the parameters' layout as it finds them).
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()  # once: the steps do not switch modes (evaluation switches back itself)
+    wrapped = model
+    if dist.enabled:
+        if cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = _ddp(model, device)
+    return model, torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped, precision
+
+
+def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> RunParts:
+    """The parts of a run of ``cfg`` (resolved and validated here)."""
+    cfg.validate()
+    policy_cls = policy_class(cfg.policy)
+    policy_cls.validate(cfg.policy_options)
+    device, dist = _place(cfg)
+    data, redraw = _data(cfg, device)
+    model, step_model, precision = _model(cfg, data, device, dist, log)
+    optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+                                weight_decay=cfg.weight_decay)
+    policy = policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
+    policy.check_world_size(dist.world)
+    executor = PlanExecutor(step_model, optimizer, cfg.micro_batch, dist=dist,
+                            restore_buffers_on_skip=cfg.on_nonfinite == "skip")
+    loss_fn = partial(F.cross_entropy, reduction="none", label_smoothing=cfg.label_smoothing)
+    ctx = StepContext(model=step_model, module=model, loss_fn=loss_fn, autocast=precision.autocast, device=device,
+                      seed=cfg.seed, label_smoothing=cfg.label_smoothing, dist=dist)
+    return RunParts(cfg=cfg, device=device, dist=dist, data=data, redraw=redraw, model=model, step_model=step_model,
+                    precision=precision, channels_last=precision.channels_last, optimizer=optimizer, policy=policy,
+                    executor=executor, loss_fn=loss_fn, ctx=ctx,
+                    sampler=VariableBatchSampler(len(data.train), cfg.seed + 1, device),
+                    aug_gen=torch.Generator().manual_seed(cfg.seed + 2))
+
+
+def part_names() -> list[str]:
+    return [f.name for f in fields(RunParts)]
+
+
+def describe(parts: RunParts, given: dict[str, Any]) -> dict[str, Any]:
+    """``config.json``: the resolved settings, what the user gave (so it re-runs exactly), versions, device, data."""
+    dev, src = parts.device, parts.data.source
+    return {
+        "config": parts.cfg.to_dict(),
+        "given": {k: v for k, v in given.items() if k not in ("out", "overwrite", "autoresume")},
+        "versions": package_versions(),
+        "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                   else platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+        "data": {"name": src.name, "train_samples": len(parts.data.train), "test_samples": len(parts.data.test),
+                 "num_classes": src.num_classes, "image_shape": list(src.image_shape)},
+        "precision": parts.precision.name, "amp_bf16": parts.precision.bf16, "channels_last": parts.channels_last,
+        "world_size": parts.dist.world,
+        "command": sys.argv,
+    }
