@@ -303,7 +303,7 @@ def test_backends_agree_up_to_ties():
 
 SELECTION_LAUNCHES = """
 import json, torch
-from dynbatch.ops.library import IMPLEMENTATIONS
+from dynbatch.ops.library import ARGS, IMPLEMENTATIONS
 from dynbatch_kernels import aot, configs
 out = {}
 g = torch.Generator().manual_seed(0)
@@ -314,8 +314,10 @@ for b, c, d, n in ((100, 10, 64, 4096), (8, 3, 5, 16), (1000, 100, 512, 65536)):
             for has_ema in (False, True):
                 with aot.capture() as launches, configs.target(arch):
                     trend = torch.tensor([1.0, 1.0 if has_ema else float("nan"), 0.5], dtype=torch.float64)
-                    IMPLEMENTATIONS["select_subset"][1](logits, y, feats, True, 0.0, trend, n, 1, 1, 2**23,
-                                                        route == "gram", False, 1e-8)
+                    IMPLEMENTATIONS["select_subset"][1](*ARGS["select_subset"](
+                        logits=logits, targets=y, features=feats, bias=True, label_smoothing=0.0, trend=trend,
+                        num_subsets=n, seed=1, mode=1, threshold=2**23, gram=route == "gram", sum_metric=False,
+                        eps=1e-8))
                 out[f"B={b} N={n} sm_{arch} {route} ema={has_ema}"] = [l.name for l in launches]
 print(json.dumps(out))
 """

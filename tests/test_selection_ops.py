@@ -129,3 +129,25 @@ def test_compiled_loop_with_device_emas_compiles_once_and_reads_nothing(backend)
              if (n.op == "call_method" and n.target in ("item", "tolist") or "local_scalar_dense" in str(n.target))
              and not (n.args[0].op == "placeholder" and n.args[0].target not in user)]
     assert not reads, reads
+
+
+def test_fakes_check_the_shapes_they_are_given():
+    """The fake implementations (what torch.compile traces with) refuse inputs the kernels would refuse."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dynbatch.ops.library import ARGS, OPS
+
+    def call(b_targets=B, trend_len=3):
+        with FakeTensorMode():
+            args = ARGS["select_subset"](
+                logits=torch.empty(B, C), targets=torch.empty(b_targets, dtype=torch.long), features=torch.empty(B, D),
+                bias=True, label_smoothing=0.0, trend=torch.empty(trend_len, dtype=torch.float64), num_subsets=16,
+                seed=1, mode=1, threshold=2**23, gram=True, sum_metric=False, eps=1e-8)
+            return OPS["select_subset"](*args)
+
+    stats, mask = call()
+    assert stats.shape == (5,) and stats.dtype == torch.float64 and mask.shape == (B,) and mask.dtype == torch.bool
+    with pytest.raises(RuntimeError, match="same batch size"):
+        call(b_targets=B + 1)
+    with pytest.raises(RuntimeError, match="trend must be"):
+        call(trend_len=2)

@@ -104,13 +104,14 @@ def _resolve(backend: str, device_type: str) -> str:
     raise UserError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
 
 
-def _run(name: str, backend: str, *args):
-    """Op ``name`` of ``dynbatch.ops.library`` on ``backend`` (the device is the logits', ``args[0]``)."""
-    how = resolve_backend(backend, args[0].device.type)
+def _run(name: str, backend: str, **args):
+    """Op ``name`` of ``dynbatch.ops.library`` on ``backend``, its arguments by name (put in schema order here)."""
+    ordered = library.ARGS[name](**args)
+    how = resolve_backend(backend, ordered.logits.device.type)
     if how == "op":
-        return library.OPS[name](*args)
+        return library.OPS[name](*ordered)
     reference, triton = library.IMPLEMENTATIONS[name]
-    return (reference if how == "torch" else triton)(*args)
+    return (reference if how == "torch" else triton)(*ordered)
 
 
 def _trend(loss, loss_ema, grad_ema, device: torch.device) -> torch.Tensor:
@@ -133,7 +134,7 @@ def _trend(loss, loss_ema, grad_ema, device: torch.device) -> torch.Tensor:
 def per_sample_grad_norms(logits, targets, features, *, bias=True, label_smoothing=0.0, backend="auto"):
     """Norm of each sample's own last-layer gradient (weight, and bias when ``bias``): fp32 (B,)."""
     _check(logits, targets, features)
-    return _run("per_sample_grad_norms", backend, logits, targets, features, bool(bias), float(label_smoothing))
+    return _run("per_sample_grad_norms", backend, **_head(logits, targets, features, bias, label_smoothing))
 
 
 def random_subsets(num_subsets, batch_size, *, seed, mode="bernoulli", p=0.5, device=None) -> torch.Tensor:
@@ -157,8 +158,8 @@ def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoo
         raise UserError(f"masks must be (N, {logits.shape[0]}), got {tuple(masks.shape)}")
     m = masks.to(device=logits.device)
     m = (m if m.dtype in (torch.bool, torch.uint8) else m != 0).contiguous()
-    q, c = _run("subset_sq_sums", backend, logits, targets, features, bool(bias), float(label_smoothing), m, m.shape[0],
-                0, 0, 0, _gram(route, logits, features, bias))
+    q, c = _run("subset_sq_sums", backend, **_head(logits, targets, features, bias, label_smoothing), masks=m,
+                num_subsets=m.shape[0], seed=0, mode=0, threshold=0, gram=_gram(route, logits, features, bias))
     return _reference.subset_norms(q, c, grad_metric)
 
 
@@ -213,18 +214,24 @@ class Selection:
         return self.stats[4].long()
 
 
-def _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route, bias,
-                    label_smoothing) -> tuple:
-    """The op's arguments after ``sum_metric`` and ``eps`` are dropped: (head..., trend, subsets...)."""
+def _head(logits, targets, features, bias, label_smoothing) -> dict:
+    """The arguments every op starts with."""
+    return dict(logits=logits, targets=targets, features=features, bias=bool(bias),
+                label_smoothing=float(label_smoothing))
+
+
+def _selection_args(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route, bias,
+                    label_smoothing) -> dict:
+    """The selection's arguments by name, but ``sum_metric`` and ``eps``."""
     _check(logits, targets, features)
     if not 1 <= num_subsets <= MAX_SUBSETS:
         raise UserError(f"num_subsets must be in 1..{MAX_SUBSETS} (got {num_subsets})")
     mode_id, thr = _mode_threshold(mode, p)
     if loss_ema is None or grad_ema is None:
         loss_ema = grad_ema = None
-    trend = _trend(loss, loss_ema, grad_ema, logits.device)
-    return (logits, targets, features, bool(bias), float(label_smoothing), trend, num_subsets,
-            _reference.seed32(seed), mode_id, thr, _gram(route, logits, features, bias))
+    return dict(_head(logits, targets, features, bias, label_smoothing),
+                trend=_trend(loss, loss_ema, grad_ema, logits.device), num_subsets=num_subsets,
+                seed=_reference.seed32(seed), mode=mode_id, threshold=thr, gram=_gram(route, logits, features, bias))
 
 
 def select_subset(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode="bernoulli",
@@ -239,9 +246,11 @@ def select_subset(logits, targets, features, *, num_subsets, seed, loss, loss_em
     (lowest index among equals), the closest to the whole batch. Empty subsets are never chosen. One fused op:
     nothing of size N leaves the backend (see :func:`subset_scores` to inspect every subset's score).
     """
-    args = _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route,
-                           bias, label_smoothing)
-    return Selection(*_run("select_subset", backend, *args, _metric(grad_metric) == "sum", float(eps)))
+    args = _selection_args(logits, targets, features, num_subsets=num_subsets, seed=seed, loss=loss,
+                           loss_ema=loss_ema, grad_ema=grad_ema, mode=mode, p=p, route=route, bias=bias,
+                           label_smoothing=label_smoothing)
+    return Selection(*_run("select_subset", backend, **args, sum_metric=_metric(grad_metric) == "sum",
+                           eps=float(eps)))
 
 
 def subset_scores(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode="bernoulli",
@@ -250,10 +259,11 @@ def subset_scores(logits, targets, features, *, num_subsets, seed, loss, loss_em
     """Every subset's (gradient norm, margin), fp32 (N,) each, for the arguments of :func:`select_subset`, which
     chooses the first minimal margin (margins are NaN without EMAs). For inspection and tests: it materialises the
     N-sized scores that the fused selection never does."""
-    head = _selection_args(logits, targets, features, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route,
-                           bias, label_smoothing)
-    trend = head[5]
-    q, c = _run("subset_sq_sums", backend, *head[:5], None, *head[6:])
+    head = _selection_args(logits, targets, features, num_subsets=num_subsets, seed=seed, loss=loss,
+                           loss_ema=loss_ema, grad_ema=grad_ema, mode=mode, p=p, route=route, bias=bias,
+                           label_smoothing=label_smoothing)
+    trend = head.pop("trend")
+    q, c = _run("subset_sq_sums", backend, **head, masks=None)
     norms = _reference.subset_norms(q, c, _metric(grad_metric))
     if loss_ema is None or grad_ema is None:
         return norms, torch.full_like(norms, float("nan"))

@@ -22,6 +22,8 @@ autograd formula: selection reads detached values. Arguments are checked and nor
 """
 from __future__ import annotations
 
+from collections import namedtuple
+
 import torch
 
 HEAD = "Tensor logits, Tensor targets, Tensor features, bool bias, float label_smoothing"
@@ -37,6 +39,15 @@ for _name, _schema in SCHEMAS.items():
     _LIB.define(_name + _schema)
 
 
+def _arg_names(schema: str) -> list[str]:
+    return [arg.split()[-1] for arg in schema[1:schema.index(")")].split(",")]
+
+
+# Each op's arguments by name, in schema order: the implementations below and the public API read and build them
+# by name, so the order is written in SCHEMAS alone (and in the native kernels' C++ signatures).
+ARGS = {name: namedtuple(f"{name}_args", _arg_names(schema)) for name, schema in SCHEMAS.items()}
+
+
 def _reference():
     from dynbatch_kernels import reference
 
@@ -44,31 +55,29 @@ def _reference():
 
 
 # ---- the reference: every device without a kernel of its own ---------------------------------------------------
-def _norms_reference(logits, targets, features, bias, label_smoothing):
+def _norms_reference(a):
     """||g_i|| = ||e_i|| ||a_i||, fp32 (B,)."""
     ref = _reference()
-    e = ref.residuals(logits, targets, label_smoothing)
-    return e.norm(dim=1) * ref.augmented_features(features, bias).norm(dim=1)
+    e = ref.residuals(a.logits, a.targets, a.label_smoothing)
+    return e.norm(dim=1) * ref.augmented_features(a.features, a.bias).norm(dim=1)
 
 
-def _sq_sums_reference(logits, targets, features, bias, label_smoothing, masks, num_subsets, seed, mode, threshold,
-                       gram):
+def _sq_sums_reference(a):
     """(||sum_S g||^2, |S|), fp32 (N,) each."""
     ref = _reference()
-    e = ref.residuals(logits, targets, label_smoothing)
-    a = ref.augmented_features(features, bias)
-    route = "gram" if gram else "direct"
-    if mode != 0:
-        return ref.seeded_subset_sq_sums(e, a, num_subsets, seed, mode, threshold, route)
-    return ref.subset_sq_sums(e, a, masks, route)
+    e = ref.residuals(a.logits, a.targets, a.label_smoothing)
+    feats = ref.augmented_features(a.features, a.bias)
+    route = "gram" if a.gram else "direct"
+    if a.mode != 0:
+        return ref.seeded_subset_sq_sums(e, feats, a.num_subsets, a.seed, a.mode, a.threshold, route)
+    return ref.subset_sq_sums(e, feats, a.masks, route)
 
 
-def _select_reference(logits, targets, features, bias, label_smoothing, trend, num_subsets, seed, mode, threshold,
-                      gram, sum_metric, eps):
+def _select_reference(a):
     """(stats float64 (5,) = [loss, grad_norm, margin, size, index], mask bool (B,))."""
-    return _reference().select(logits, targets, features, trend, num_subsets=num_subsets, seed=seed, mode_id=mode,
-                               thr=threshold, route="gram" if gram else "direct", bias=bias,
-                               label_smoothing=label_smoothing, eps=eps, metric="sum" if sum_metric else "mean")
+    return _reference().select(a.logits, a.targets, a.features, a.trend, num_subsets=a.num_subsets, seed=a.seed,
+                               mode_id=a.mode, thr=a.threshold, route="gram" if a.gram else "direct", bias=a.bias,
+                               label_smoothing=a.label_smoothing, eps=a.eps, metric="sum" if a.sum_metric else "mean")
 
 
 # ---- Triton: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1, through the public API's backend="triton") ---
@@ -78,89 +87,94 @@ def dot_dtype(logits, features) -> torch.dtype:
     return low[0] if low else torch.float32
 
 
-def _residuals_triton(logits, targets, features, bias, label_smoothing):
-    """E fp32 (B, C) and A = [h, 1] fp32 (B, D + bias), one launch."""
+def _residuals_triton(a, augmented: bool):
+    """(E fp32 (B, C), ||g_i|| fp32 (B,)[, A = [h, 1] fp32 (B, D + bias)]), one launch."""
     from dynbatch_kernels.residuals import residuals_and_norms
 
-    e, _, a = residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=label_smoothing,
-                                  augmented=True)
-    return e, a
+    return residuals_and_norms(a.logits, a.targets, a.features, bias=a.bias, label_smoothing=a.label_smoothing,
+                               augmented=augmented)
 
 
-def _norms_triton(logits, targets, features, bias, label_smoothing):
-    from dynbatch_kernels.residuals import residuals_and_norms
-
-    return residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=label_smoothing)[1]
+def _norms_triton(a):
+    return _residuals_triton(a, augmented=False)[1]
 
 
-def _sq_sums_triton(logits, targets, features, bias, label_smoothing, masks, num_subsets, seed, mode, threshold,
-                    gram):
-    dot = dot_dtype(logits, features)
-    if gram:  # two launches: K from the logits and features, then the subsets
+def _sq_sums_triton(a):
+    dot = dot_dtype(a.logits, a.features)
+    if a.gram:  # two launches: K from the logits and features, then the subsets
         from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram
 
-        return subset_sq_sums_gram(logits, targets, features, num_subsets, bias=bias, label_smoothing=label_smoothing,
-                                   masks=masks, seed=seed, mode=mode, thr=threshold, dot_dtype=dot)
+        return subset_sq_sums_gram(a.logits, a.targets, a.features, a.num_subsets, bias=a.bias,
+                                   label_smoothing=a.label_smoothing, masks=a.masks, seed=a.seed, mode=a.mode,
+                                   thr=a.threshold, dot_dtype=dot)
     from dynbatch_kernels.subset_norms_direct import subset_sq_sums_direct
 
-    e, a = _residuals_triton(logits, targets, features, bias, label_smoothing)
-    return subset_sq_sums_direct(e, a, num_subsets, masks=masks, seed=seed, mode=mode, thr=threshold, dot_dtype=dot)
+    e, _, feats = _residuals_triton(a, augmented=True)
+    return subset_sq_sums_direct(e, feats, a.num_subsets, masks=a.masks, seed=a.seed, mode=a.mode, thr=a.threshold,
+                                 dot_dtype=dot)
 
 
-def _select_triton(logits, targets, features, bias, label_smoothing, trend, num_subsets, seed, mode, threshold, gram,
-                   sum_metric, eps):
+def _select_triton(a):
     """Two launches on either route; the second picks the subset in its epilogue (``select_epilogue``)."""
-    kw = dict(num_subsets=num_subsets, seed=seed, mode_id=mode, thr=threshold, eps=eps,
-              metric="sum" if sum_metric else "mean", dot_dtype=dot_dtype(logits, features))
-    if gram:
+    kw = dict(num_subsets=a.num_subsets, seed=a.seed, mode_id=a.mode, thr=a.threshold, eps=a.eps,
+              metric="sum" if a.sum_metric else "mean", dot_dtype=dot_dtype(a.logits, a.features))
+    if a.gram:
         from dynbatch_kernels.subset_norms_gram import select_gram
 
-        return select_gram(logits, targets, features, trend, bias=bias, label_smoothing=label_smoothing, **kw)
+        return select_gram(a.logits, a.targets, a.features, a.trend, bias=a.bias, label_smoothing=a.label_smoothing,
+                           **kw)
     from dynbatch_kernels.subset_norms_direct import select_direct
 
-    e, a = _residuals_triton(logits, targets, features, bias, label_smoothing)
-    return select_direct(e, a, trend, **kw)
+    e, _, feats = _residuals_triton(a, augmented=True)
+    return select_direct(e, feats, a.trend, **kw)
 
 
-IMPLEMENTATIONS = {  # op -> (reference, Triton)
-    "per_sample_grad_norms": (_norms_reference, _norms_triton),
-    "subset_sq_sums": (_sq_sums_reference, _sq_sums_triton),
-    "select_subset": (_select_reference, _select_triton),
-}
+def _by_name(name: str, fn):
+    """``fn`` (one argument: the op's arguments by name) as an implementation taking them positionally."""
+    args_type = ARGS[name]
+    return lambda *args: fn(args_type(*args))
+
+
+IMPLEMENTATIONS = {  # op -> (reference, Triton), each taking the op's arguments positionally
+    name: (_by_name(name, ref), _by_name(name, triton)) for name, ref, triton in (
+        ("per_sample_grad_norms", _norms_reference, _norms_triton),
+        ("subset_sq_sums", _sq_sums_reference, _sq_sums_triton),
+        ("select_subset", _select_reference, _select_triton))}
 for _name, (_ref, _triton) in IMPLEMENTATIONS.items():
     _LIB.impl(_name, _ref, "CompositeExplicitAutograd")
     _LIB.impl(_name, _triton, "CUDA")
 
 
 # ---- fakes: output shapes for torch.compile, after checking the inputs' shapes ---------------------------------
-def _check_head(logits, targets, features):
-    torch._check(logits.dim() == 2 and features.dim() == 2 and targets.dim() == 1,
+def _check_head(a):
+    torch._check(a.logits.dim() == 2 and a.features.dim() == 2 and a.targets.dim() == 1,
                  lambda: "expected logits (B, C), targets (B,) and features (B, D)")
-    torch._check(targets.shape[0] == logits.shape[0] and features.shape[0] == logits.shape[0],
+    torch._check(a.targets.shape[0] == a.logits.shape[0] and a.features.shape[0] == a.logits.shape[0],
                  lambda: "logits, targets and features must have the same batch size")
 
 
-@torch.library.register_fake("dynbatch::per_sample_grad_norms")
-def _(logits, targets, features, bias, label_smoothing):
-    _check_head(logits, targets, features)
-    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+def _norms_fake(a):
+    _check_head(a)
+    return a.logits.new_empty(a.logits.shape[0], dtype=torch.float32)
 
 
-@torch.library.register_fake("dynbatch::subset_sq_sums")
-def _(logits, targets, features, bias, label_smoothing, masks, num_subsets, seed, mode, threshold, gram):
-    _check_head(logits, targets, features)
-    if masks is not None:
-        torch._check(masks.dim() == 2 and masks.shape[0] == num_subsets and masks.shape[1] == logits.shape[0],
-                     lambda: "masks must be (num_subsets, B)")
-    return (logits.new_empty(num_subsets, dtype=torch.float32), logits.new_empty(num_subsets, dtype=torch.float32))
+def _sq_sums_fake(a):
+    _check_head(a)
+    if a.masks is not None:
+        torch._check(a.masks.dim() == 2 and a.masks.shape[0] == a.num_subsets
+                     and a.masks.shape[1] == a.logits.shape[0], lambda: "masks must be (num_subsets, B)")
+    return tuple(a.logits.new_empty(a.num_subsets, dtype=torch.float32) for _ in range(2))
 
 
-@torch.library.register_fake("dynbatch::select_subset")
-def _(logits, targets, features, bias, label_smoothing, trend, num_subsets, seed, mode, threshold, gram, sum_metric,
-      eps):
-    _check_head(logits, targets, features)
-    torch._check(trend.dim() == 1 and trend.shape[0] == 3, lambda: "trend must be (3,) = [loss, loss_ema, grad_ema]")
-    return logits.new_empty(5, dtype=torch.float64), logits.new_empty(logits.shape[0], dtype=torch.bool)
+def _select_fake(a):
+    _check_head(a)
+    torch._check(a.trend.dim() == 1 and a.trend.shape[0] == 3, lambda: "trend must be (3,) = [loss, loss_ema, grad_ema]")
+    return a.logits.new_empty(5, dtype=torch.float64), a.logits.new_empty(a.logits.shape[0], dtype=torch.bool)
+
+
+for _name, _fake in (("per_sample_grad_norms", _norms_fake), ("subset_sq_sums", _sq_sums_fake),
+                     ("select_subset", _select_fake)):
+    torch.library.register_fake(f"dynbatch::{_name}", _by_name(_name, _fake))
 
 
 OPS = {name: getattr(torch.ops.dynbatch, name).default for name in SCHEMAS}  # looked up once: a getattr is slow
