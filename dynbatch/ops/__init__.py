@@ -9,6 +9,7 @@ schemas: ``dynbatch.ops.library``.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -114,18 +115,30 @@ def _run(name: str, backend: str, **args):
     return (reference if how == "torch" else triton)(*ordered)
 
 
+_host = threading.local()  # per thread: the CPU trend buffer, (numpy array, tensor on it, view of its first entry)
+
+
 def _trend(loss, loss_ema, grad_ema, device: torch.device) -> torch.Tensor:
     """[loss, loss_ema, grad_ema] float64 (3,) on ``device``, EMAs NaN when None; each a float or a 0-d tensor.
+
     Tensors are never read: they are copied in on their device (one stack), and host floats are filled in there,
-    never copied from pageable memory. On the CPU, outside a compiled graph, host floats go in as one small array
-    (a third of ``torch.tensor``'s cost; this runs at every selection)."""
+    never copied from pageable memory. On the CPU, outside a compiled graph, one buffer per thread is refilled (the
+    loss by one copy, floats through numpy): the selection runs at every step, and here each extra torch operation
+    costs several µs. The ops finish before returning on the CPU and keep no reference, so the buffer is free again
+    when the call returns."""
     values = (loss, float("nan") if loss_ema is None else loss_ema, float("nan") if grad_ema is None else grad_ema)
     if device.type == "cpu" and not torch.compiler.is_compiling():
-        tensors = [isinstance(v, torch.Tensor) for v in values]
-        trend = torch.from_numpy(np.array([0.0 if is_t else float(v) for v, is_t in zip(values, tensors)]))
-        for i, is_t in enumerate(tensors):
-            if is_t:
-                trend[i:i + 1].copy_(values[i].reshape(1))
+        if not hasattr(_host, "trend"):
+            array = np.zeros(3)
+            _host.trend = (array, torch.from_numpy(array), torch.from_numpy(array[:1]))
+        array, trend, first = _host.trend
+        for i, v in enumerate(values):
+            if not isinstance(v, torch.Tensor):
+                array[i] = float(v)
+            elif i == 0:
+                first.copy_(v)  # a 0-d loss broadcast into the first entry
+            else:
+                trend[i:i + 1].copy_(v.reshape(1))
         return trend
     return torch.stack([v.reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
                         else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
