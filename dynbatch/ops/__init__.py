@@ -107,8 +107,8 @@ def _resolve(backend: str, device_type: str) -> str:
 
 def _run(name: str, backend: str, **args):
     """Op ``name`` of ``dynbatch.ops.library`` on ``backend``, its arguments by name (put in schema order here)."""
-    ordered = library.ARGS[name](**args)
-    how = resolve_backend(backend, ordered.logits.device.type)
+    ordered = [args[field] for field in library.ARGS[name]._fields]  # a list: half a namedtuple's cost
+    how = resolve_backend(backend, args["logits"].device.type)
     if how == "op":
         return library.OPS[name](*ordered)
     reference, triton = library.IMPLEMENTATIONS[name]
