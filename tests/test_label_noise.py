@@ -1,0 +1,84 @@
+"""Label noise as data (``dynbatch.data.noise``): the measured rate is the asked one within sampling error, each
+kind moves labels where it says, the same seed gives the same labels, and bad specifications are one line."""
+import math
+
+import numpy as np
+import pytest
+
+from dynbatch.data.noise import CIFAR10_FLIPS, LabelNoise, corrupt_labels, noise_rate, parse_label_noise
+from dynbatch.options import OptionError
+
+N = 20_000
+
+
+def _labels(c=10, seed=0):
+    return np.random.default_rng(seed).integers(0, c, N)
+
+
+def _within_sampling_error(measured, p, n):
+    return abs(measured - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-12  # 4 sigma of a binomial proportion
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "pair"])
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.45])
+def test_measured_rate_is_the_asked_one(kind, rate):
+    y = _labels()
+    noisy = corrupt_labels(y, LabelNoise(kind, rate), 10, seed=3)
+    assert noisy.dtype == np.int64 and noisy.shape == y.shape and noisy.min() >= 0 and noisy.max() <= 9
+    assert _within_sampling_error(noise_rate(y, noisy), rate, N)
+
+
+def test_symmetric_noise_goes_to_the_other_classes_uniformly():
+    y = _labels()
+    noisy = corrupt_labels(y, LabelNoise("symmetric", 0.5), 10, seed=1)
+    moved = noisy != y
+    offsets = (noisy[moved] - y[moved]) % 10
+    counts = np.bincount(offsets, minlength=10)
+    assert counts[0] == 0  # a flipped label is never its own class
+    share = counts[1:] / counts[1:].sum()
+    assert np.all(np.abs(share - 1 / 9) < 4 * math.sqrt((1 / 9) * (8 / 9) / counts[1:].sum()))
+
+
+def test_pair_noise_moves_each_class_to_the_next():
+    y = _labels(c=7)
+    noisy = corrupt_labels(y, LabelNoise("pair", 0.3), 7, seed=2)
+    moved = noisy != y
+    assert np.array_equal(noisy[moved], (y[moved] + 1) % 7)
+
+
+def test_asymmetric_noise_follows_the_cifar10_mapping():
+    y = _labels()
+    noisy = corrupt_labels(y, LabelNoise("asymmetric", 0.4), 10, seed=4)
+    moved = noisy != y
+    assert set(np.unique(y[moved])) == set(CIFAR10_FLIPS)  # only the five source classes move ...
+    for src, dst in CIFAR10_FLIPS.items():  # ... each to its own target (cat and dog swap)
+        assert np.all(noisy[moved & (y == src)] == dst)
+        assert _within_sampling_error(np.mean(moved[y == src]), 0.4, int(np.sum(y == src)))
+
+
+def test_the_same_seed_gives_the_same_labels():
+    y = _labels()
+    a = corrupt_labels(y, LabelNoise("symmetric", 0.4), 10, seed=7)
+    assert np.array_equal(a, corrupt_labels(y, LabelNoise("symmetric", 0.4), 10, seed=7))
+    assert not np.array_equal(a, corrupt_labels(y, LabelNoise("symmetric", 0.4), 10, seed=8))
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("gaussian:0.2", "is not KIND:RATE"),
+    ("symmetric", "is not KIND:RATE"),
+    ("pair:abc", "is not a number"),
+    ("pair:1", "must be in [0, 1)"),
+    ("symmetric:-0.1", "must be in [0, 1)"),
+])
+def test_bad_specifications_are_one_line_with_the_fix(text, needle):
+    with pytest.raises(OptionError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as e:
+        parse_label_noise(text)
+    assert e.value.for_cli().startswith("--label-noise ") and "e.g." in str(e.value) and "\n" not in str(e.value)
+
+
+def test_kinds_that_do_not_fit_the_data_are_refused():
+    with pytest.raises(OptionError, match="at least two classes"):
+        corrupt_labels(np.zeros(10, dtype=np.int64), LabelNoise("pair", 0.2), 1, seed=0)
+    with pytest.raises(OptionError, match="needs 10 classes"):
+        corrupt_labels(_labels(c=100), LabelNoise("asymmetric", 0.2), 100, seed=0)
+    assert parse_label_noise("none") is None and str(parse_label_noise("pair:0.45")) == "pair:0.45"
