@@ -82,3 +82,48 @@ def test_kinds_that_do_not_fit_the_data_are_refused():
     with pytest.raises(OptionError, match="needs 10 classes"):
         corrupt_labels(_labels(c=100), LabelNoise("asymmetric", 0.2), 100, seed=0)
     assert parse_label_noise("none") is None and str(parse_label_noise("pair:0.45")) == "pair:0.45"
+
+
+# ---- as a run's data option ------------------------------------------------------------------------------------------
+def test_a_run_trains_on_noisy_labels_and_records_the_rates(tmp_path):
+    """Only the training labels change (the same images as a clean run: subsets are drawn from the true labels),
+    the clean ones are kept beside them, and config.json records the asked and the measured rate."""
+    import json
+
+    import torch
+
+    from dynbatch.train.config import TrainConfig
+    from dynbatch.train.trainer import Trainer
+
+    def trainer(noise, out):
+        cfg = TrainConfig(train_samples=600, batch_size=50, epochs=1, progress=False, util_interval=5.0, seed=5,
+                          label_noise=noise)
+        return Trainer.new(cfg, tmp_path / out, log=lambda m: None)
+
+    clean, noisy = trainer("", "clean"), trainer("symmetric:0.4", "noisy")
+    assert noisy.data.train.y_clean is not None and clean.data.train.y_clean is None
+    assert torch.equal(noisy.data.train.y_clean, clean.data.train.y)  # same images, their true labels
+    assert torch.equal(noisy.data.test.y, clean.data.test.y)  # test labels untouched
+    measured = int((noisy.data.train.y != noisy.data.train.y_clean).sum()) / 600
+    assert _within_sampling_error(measured, 0.4, 600)
+    recorded = json.loads((tmp_path / "noisy" / "config.json").read_text())["label_noise"]
+    assert recorded == {"asked": "symmetric:0.4", "measured": measured}
+    assert json.loads((tmp_path / "clean" / "config.json").read_text())["label_noise"] is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--label-noise", "gaussian:0.2"), "--label-noise 'gaussian:0.2' is not KIND:RATE"),
+    (("--label-noise", "symmetric:1.0"), "--label-noise 'symmetric:1.0': the rate must be in [0, 1)"),
+    (("--label-noise", "asymmetric:0.3", "--data", "npz:{npz}"), "--label-noise asymmetric:0.3 is CIFAR-10's"),
+])
+def test_bad_label_noise_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
+    from cli_helpers import assert_one_line_error, run_cli
+
+    npz = tmp_path / "five.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x_train=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8), y_train=np.arange(20) % 5,
+             x_test=rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8), y_test=np.arange(5))
+    out = tmp_path / "never"
+    rc, _, err = run_cli(capsys, "train", "--out", out, *[a.format(npz=npz) for a in args])
+    assert_one_line_error(rc, err, needle)
+    assert not out.exists()

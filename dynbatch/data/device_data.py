@@ -26,6 +26,7 @@ class DeviceSplit:
             xt = torch.nn.functional.pad(xt, (0, 0, padding, padding, padding, padding))
         self.x = xt.to(device)
         self.y = torch.from_numpy(np.ascontiguousarray(y)).to(device)
+        self.y_clean: torch.Tensor | None = None  # the true labels, where y holds noisy ones (label noise)
         self.device = device
         # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift.
         std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -80,9 +81,23 @@ class DeviceData:
         self.device = device
         self.train = DeviceSplit(x_tr, y_tr, src.mean, src.std, device, src.crop_padding, src.flip)
         self.test = DeviceSplit(src.x_test, src.y_test, src.mean, src.std, device, 0, False)
+        self._set_clean_labels(train_indices)
+
+    def _set_clean_labels(self, train_indices: np.ndarray | None) -> None:
+        """With label noise: the training split's true labels (``train.y_clean``, on the device) and the measured
+        noise rate (``train_label_noise``), the fraction of its labels that differ from them."""
+        clean = self.source.y_train_clean
+        self.train.y_clean = None
+        self.train_label_noise = None
+        if clean is not None:
+            clean = clean if train_indices is None else clean[train_indices]
+            self.train.y_clean = torch.from_numpy(np.ascontiguousarray(clean)).to(self.device)
+            noisy = self.source.y_train if train_indices is None else self.source.y_train[train_indices]
+            self.train_label_noise = float(np.mean(clean != noisy)) if len(clean) else 0.0
 
     def use_train_subset(self, train_indices: np.ndarray) -> None:
         """Train on these rows of the source's training split from now on (``--redraw-subset``)."""
         src = self.source
         self.train = DeviceSplit(src.x_train[train_indices], src.y_train[train_indices], src.mean, src.std,
                                  self.device, src.crop_padding, src.flip)
+        self._set_clean_labels(train_indices)

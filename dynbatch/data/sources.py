@@ -45,6 +45,7 @@ class DataSource:
     std: tuple[float, ...]
     crop_padding: int = 4
     flip: bool = True
+    y_train_clean: np.ndarray | None = None  # the true training labels when y_train was corrupted (label noise)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

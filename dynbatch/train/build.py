@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
+from dynbatch.data.noise import corrupt_labels, parse_label_noise
 from dynbatch.distributed import Dist
 from dynbatch.errors import UserError
 from dynbatch.info import package_versions
@@ -86,6 +87,10 @@ def _data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceData, SubsetRed
         train_samples = max(1, round(cfg.train_fraction * len(src.y_train)))
     subset = balanced_subset(src.y_train, train_samples, cfg.seed) if train_samples is not None else None
     redraw = SubsetRedraw(cfg.redraw_subset, src.y_train, subset, cfg.seed) if cfg.redraw_subset != "never" else None
+    noise = parse_label_noise(cfg.label_noise)
+    if noise is not None:  # after the subsets are drawn from the true labels: the same images as a clean run
+        src.y_train_clean = src.y_train
+        src.y_train = corrupt_labels(src.y_train, noise, src.num_classes, cfg.seed)
     return DeviceData(src, device, subset), redraw
 
 
@@ -162,6 +167,8 @@ def describe(parts: RunParts, given: dict[str, Any]) -> dict[str, Any]:
                    else platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
         "data": {"name": src.name, "train_samples": len(parts.data.train), "test_samples": len(parts.data.test),
                  "num_classes": src.num_classes, "image_shape": list(src.image_shape)},
+        "label_noise": {"asked": parts.cfg.label_noise, "measured": parts.data.train_label_noise}
+        if parts.cfg.label_noise else None,
         "precision": parts.precision.name, "amp_bf16": parts.precision.bf16, "channels_last": parts.channels_last,
         "world_size": parts.dist.world,
         "command": sys.argv,

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dynbatch.data.noise import parse_label_noise
 from dynbatch.data.sources import DATASET_NAMES, MAX_CLASSES
 from dynbatch.errors import UserError
 from dynbatch.methods import POLICIES, policy_class
@@ -42,6 +43,10 @@ def _seed_check(name, v):
         raise OptionError(f"{{{name}}} must be in 0..{MAX_SEED} (got {v}); pick a seed in that range")
 
 
+def _label_noise_check(name, v):
+    parse_label_noise(v)
+
+
 def _loggers_check(name, v):
     parse_loggers(v)
 
@@ -71,6 +76,10 @@ class TrainConfig:
                                           check=within("(0, 1]", lambda v: 0 < v <= 1, "e.g. 0.1 for 10%"), group=_D)
     augment: bool = option(True, "train without random crops and flips (augmentation is on otherwise)",
                            flag="--no-augment", group=_D)
+    label_noise: str = option("", "label noise on the training split, seeded by --seed (test labels stay clean): "
+                              "symmetric:R (uniform over the other classes), pair:R (c -> c+1) or asymmetric:R "
+                              "(CIFAR-10's truck->automobile, bird->airplane, cat<->dog, deer->horse), R in [0, 1)",
+                              check=_label_noise_check, group=_D)
     model: str = option("preresnet20", f"one of {_choices(MODELS)}, or package.module:factory (a callable taking "
                         "num_classes and in_channels that returns an nn.Module)", group=_M)
     policy: str = option("fixed", f"one of {_choices(POLICIES)}", group=_M)
