@@ -1,6 +1,6 @@
 """AdaBatch: the batch size grows on a schedule while the learning rate is adjusted.
 
-The schedule is ``dynbatch.methods.AdaBatchSchedule``'s (see there for the rule).
+The schedule is :class:`AdaBatchSchedule`'s, below (the rule is in its own docstring).
 
 With ``--warmup-epochs W > 0`` the learning rate warms up linearly over the first W epochs to
 lr x batch / ``--warmup-base`` (256), the linear-scaling rule. The default schedule is ``constant``: AdaBatch

@@ -18,7 +18,7 @@ Under DDP (``torchrun``) every rank forwards its share, gathers the residual inp
 subset, which is checked), and trains on its own part of it; the executor weights the ranks' losses by the global
 subset size. A rank holding none of the chosen samples contributes a zero-weight sample.
 
-The selection, the EMAs and the batch-size rule are ``dynbatch.methods.EDBASelector``'s (the same object a
+The selection, the EMAs and the batch-size rule are :class:`EDBASelector`'s, below (the same object a
 researcher uses in their own loop); this policy adds what the trainer needs around it: DDP gathering, the
 ``--reuse-forward`` variant, the plan and the step record.
 
