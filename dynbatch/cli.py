@@ -66,8 +66,8 @@ class _Group:
     def add_options(self, options_type, group: str | None = None) -> None:
         """A flag for every field of ``options_type`` (of help group ``group``, or all when None)."""
         for spec in cli_spec(options_type):
-            if group is None or spec.pop("group") == group:
-                spec.pop("group", None)
+            field_group = spec.pop("group")
+            if group is None or field_group == group:
                 self.add_argument(*spec.pop("flags"), **spec)
 
 

@@ -156,8 +156,9 @@ def part_names() -> list[str]:
     return [f.name for f in fields(RunParts)]
 
 
-def describe(parts: RunParts, given: dict[str, Any]) -> dict[str, Any]:
-    """``config.json``: the resolved settings, what the user gave (so it re-runs exactly), versions, device, data."""
+def describe(parts, given: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of a run (its :class:`RunParts`, or the trainer holding them): the resolved settings, what
+    the user gave (so it re-runs exactly), versions, device, data."""
     dev, src = parts.device, parts.data.source
     return {
         "config": parts.cfg.to_dict(),

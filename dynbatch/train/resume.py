@@ -53,4 +53,4 @@ def _extend(t, epochs: int) -> None:
         t.log(f"--epochs {epochs}: the {t.cfg.schedule} schedule is re-planned over {epochs} epochs; the learning "
               f"rate goes from {before:.4g} to {t._lr(progress):.4g} at epoch {progress:.2f}")
     if t.dist.is_main:
-        records.write_json(t.out / "config.json", describe(t.parts, t.given))
+        records.write_json(t.out / "config.json", describe(t, t.given))

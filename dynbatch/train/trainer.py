@@ -44,7 +44,6 @@ class Trainer:
         parts = build_run(cfg.resolved(), self.log)
         for name in part_names():  # cfg, device, dist, data, model, step_model, optimizer, policy, executor, ...
             setattr(self, name, getattr(parts, name))
-        self.parts = parts
         self.progress = state.Progress()
         self.metrics_offset: int | None = None  # bytes of metrics.jsonl the newest checkpoint accounts for
         self.checkpoint_step: int | None = None  # the step the newest checkpoint.pt was written at
@@ -64,7 +63,7 @@ class Trainer:
         if t.dist.is_main:
             t._lock = records.prepare_new_run(t.out, overwrite)
             try:
-                records.write_json(t.out / "config.json", describe(t.parts, t.given))
+                records.write_json(t.out / "config.json", describe(t, t.given))
             except BaseException:
                 records.unlock_run(t._lock)
                 records.discard_new_run(t.out)
