@@ -41,7 +41,9 @@ def machine() -> dict:
 
 
 def run(benchmark, fn, budget_s: float = 1.5, **extra):
-    """Time ``fn`` with pytest-benchmark: one warm-up, then as many rounds as fit ``budget_s`` (3..50)."""
+    """Time ``fn`` with pytest-benchmark: after a warm-up call (which may load an extension or compile), a round
+    repeats the call until it lasts ≥ 2 ms, since a single call of a few µs is within the timer's and the
+    scheduler's noise; then as many rounds as fit ``budget_s`` (3..50). Reported times are per call."""
     import time
 
     def call():
@@ -49,12 +51,14 @@ def run(benchmark, fn, budget_s: float = 1.5, **extra):
         sync()
         return out
 
+    call()
     t = time.perf_counter()
     call()
-    once = max(time.perf_counter() - t, 1e-6)
-    rounds = int(min(50, max(3, budget_s / once)))
+    once = max(time.perf_counter() - t, 1e-7)
+    iterations = max(1, int(2e-3 / once))
+    rounds = int(min(50, max(3, budget_s / (once * iterations))))
     benchmark.extra_info.update(extra, machine=machine())
-    return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+    return benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
 
 class SelectionCase:

@@ -8,6 +8,7 @@ schemas: ``dynbatch.ops.library``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -40,6 +41,7 @@ def _route(route: str, b: int, c: int, da: int) -> str:
     return route
 
 
+@functools.lru_cache(maxsize=64)  # called at every selection step with the same two values
 def _mode_threshold(mode: str, p: float) -> tuple[int, int]:
     mode_id = _reference.MODES.get(mode)
     if mode_id is None:
@@ -105,14 +107,14 @@ def _resolve(backend: str, device_type: str) -> str:
     raise UserError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
 
 
-def _run(name: str, backend: str, **args):
-    """Op ``name`` of ``dynbatch.ops.library`` on ``backend``, its arguments by name (put in schema order here)."""
-    ordered = [args[field] for field in library.ARGS[name]._fields]  # a list: half a namedtuple's cost
-    how = resolve_backend(backend, args["logits"].device.type)
+def _run(backend: str, args: tuple):
+    """The op whose arguments ``args`` holds (a ``library.ARGS`` tuple, built by name) on ``backend``."""
+    name = type(args).op
+    how = resolve_backend(backend, args.logits.device.type)
     if how == "op":
-        return library.OPS[name](*ordered)
+        return library.OPS[name](*args)
     reference, triton = library.IMPLEMENTATIONS[name]
-    return (reference if how == "torch" else triton)(*ordered)
+    return (reference if how == "torch" else triton)(*args)
 
 
 _host = threading.local()  # per thread: the CPU trend buffer, (numpy array, tensor on it, view of its first entry)
@@ -147,7 +149,8 @@ def _trend(loss, loss_ema, grad_ema, device: torch.device) -> torch.Tensor:
 def per_sample_grad_norms(logits, targets, features, *, bias=True, label_smoothing=0.0, backend="auto"):
     """Norm of each sample's own last-layer gradient (weight, and bias when ``bias``): fp32 (B,)."""
     _check(logits, targets, features)
-    return _run("per_sample_grad_norms", backend, **_head(logits, targets, features, bias, label_smoothing))
+    return _run(backend, library.ARGS["per_sample_grad_norms"](**_head(logits, targets, features, bias,
+                                                                             label_smoothing)))
 
 
 def random_subsets(num_subsets, batch_size, *, seed, mode="bernoulli", p=0.5, device=None) -> torch.Tensor:
@@ -171,8 +174,9 @@ def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoo
         raise UserError(f"masks must be (N, {logits.shape[0]}), got {tuple(masks.shape)}")
     m = masks.to(device=logits.device)
     m = (m if m.dtype in (torch.bool, torch.uint8) else m != 0).contiguous()
-    q, c = _run("subset_sq_sums", backend, **_head(logits, targets, features, bias, label_smoothing), masks=m,
-                num_subsets=m.shape[0], seed=0, mode=0, threshold=0, gram=_gram(route, logits, features, bias))
+    q, c = _run(backend, library.ARGS["subset_sq_sums"](
+        **_head(logits, targets, features, bias, label_smoothing), masks=m, num_subsets=m.shape[0], seed=0, mode=0,
+        threshold=0, gram=_gram(route, logits, features, bias)))
     return _reference.subset_norms(q, c, grad_metric)
 
 
@@ -234,17 +238,19 @@ def _head(logits, targets, features, bias, label_smoothing) -> dict:
 
 
 def _selection_args(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode, p, route, bias,
-                    label_smoothing) -> dict:
-    """The selection's arguments by name, but ``sum_metric`` and ``eps``."""
+                    label_smoothing, eps, grad_metric):
+    """The arguments of ``select_subset``, checked (the selection runs at every step: no dictionaries here)."""
     _check(logits, targets, features)
     if not 1 <= num_subsets <= MAX_SUBSETS:
         raise UserError(f"num_subsets must be in 1..{MAX_SUBSETS} (got {num_subsets})")
     mode_id, thr = _mode_threshold(mode, p)
     if loss_ema is None or grad_ema is None:
         loss_ema = grad_ema = None
-    return dict(_head(logits, targets, features, bias, label_smoothing),
-                trend=_trend(loss, loss_ema, grad_ema, logits.device), num_subsets=num_subsets,
-                seed=_reference.seed32(seed), mode=mode_id, threshold=thr, gram=_gram(route, logits, features, bias))
+    return library.ARGS["select_subset"](
+        logits=logits, targets=targets, features=features, bias=bool(bias), label_smoothing=float(label_smoothing),
+        trend=_trend(loss, loss_ema, grad_ema, logits.device), num_subsets=num_subsets, seed=_reference.seed32(seed),
+        mode=mode_id, threshold=thr, gram=_gram(route, logits, features, bias),
+        sum_metric=_metric(grad_metric) == "sum", eps=float(eps))
 
 
 def select_subset(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode="bernoulli",
@@ -259,11 +265,10 @@ def select_subset(logits, targets, features, *, num_subsets, seed, loss, loss_em
     (lowest index among equals), the closest to the whole batch. Empty subsets are never chosen. One fused op:
     nothing of size N leaves the backend (see :func:`subset_scores` to inspect every subset's score).
     """
-    args = _selection_args(logits, targets, features, num_subsets=num_subsets, seed=seed, loss=loss,
-                           loss_ema=loss_ema, grad_ema=grad_ema, mode=mode, p=p, route=route, bias=bias,
-                           label_smoothing=label_smoothing)
-    return Selection(*_run("select_subset", backend, **args, sum_metric=_metric(grad_metric) == "sum",
-                           eps=float(eps)))
+    return Selection(*_run(backend, _selection_args(
+        logits, targets, features, num_subsets=num_subsets, seed=seed, loss=loss, loss_ema=loss_ema,
+        grad_ema=grad_ema, mode=mode, p=p, route=route, bias=bias, label_smoothing=label_smoothing, eps=eps,
+        grad_metric=grad_metric)))
 
 
 def subset_scores(logits, targets, features, *, num_subsets, seed, loss, loss_ema, grad_ema, mode="bernoulli",
@@ -272,12 +277,12 @@ def subset_scores(logits, targets, features, *, num_subsets, seed, loss, loss_em
     """Every subset's (gradient norm, margin), fp32 (N,) each, for the arguments of :func:`select_subset`, which
     chooses the first minimal margin (margins are NaN without EMAs). For inspection and tests: it materialises the
     N-sized scores that the fused selection never does."""
-    head = _selection_args(logits, targets, features, num_subsets=num_subsets, seed=seed, loss=loss,
-                           loss_ema=loss_ema, grad_ema=grad_ema, mode=mode, p=p, route=route, bias=bias,
-                           label_smoothing=label_smoothing)
-    trend = head.pop("trend")
-    q, c = _run("subset_sq_sums", backend, **head, masks=None)
-    norms = _reference.subset_norms(q, c, _metric(grad_metric))
+    a = _selection_args(logits, targets, features, num_subsets=num_subsets, seed=seed, loss=loss, loss_ema=loss_ema,
+                        grad_ema=grad_ema, mode=mode, p=p, route=route, bias=bias, label_smoothing=label_smoothing,
+                        eps=eps, grad_metric=grad_metric)
+    sums = library.ARGS["subset_sq_sums"]._fields
+    q, c = _run(backend, library.ARGS["subset_sq_sums"](**{k: (None if k == "masks" else getattr(a, k)) for k in sums}))
+    norms = _reference.subset_norms(q, c, grad_metric)
     if loss_ema is None or grad_ema is None:
         return norms, torch.full_like(norms, float("nan"))
-    return norms, _reference.margins(norms, c, trend[0], trend[1], trend[2], eps)
+    return norms, _reference.margins(norms, c, a.trend[0], a.trend[1], a.trend[2], eps)

@@ -45,7 +45,8 @@ def _arg_names(schema: str) -> list[str]:
 
 # Each op's arguments by name, in schema order: the implementations below and the public API read and build them
 # by name, so the order is written in SCHEMAS alone (and in the native kernels' C++ signatures).
-ARGS = {name: namedtuple(f"{name}_args", _arg_names(schema)) for name, schema in SCHEMAS.items()}
+ARGS = {name: type(f"{name}_args", (namedtuple(f"{name}_args", _arg_names(schema)),), {"__slots__": (), "op": name})
+        for name, schema in SCHEMAS.items()}
 
 
 def _reference():
