@@ -271,6 +271,28 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   at::mm_out(c, a, b);
 }
 
+// Row-major C (M x N) = X^T Y for row-major X (K x M) and Y (K x N): the batch's summed outer products.
+void gemm_t_rows(int64_t M, int64_t N, int64_t K, const float* X, const float* Y, float* C) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    std::fill(C, C + M * N, 0.f);
+    return;
+  }
+  if (sgemm_ != nullptr) {
+    // Column-major BLAS sees row-major C as C^T = Y^T X, i.e. Y (N x K, column-major) times X^T.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const float one = 1.f, zero = 0.f;
+    const char ta = 'N', tb = 'T';
+    sgemm_(&ta, &tb, &m, &n, &k, &one, Y, &m, X, &n, &zero, C, &m);
+    return;
+  }
+  auto f32 = torch::dtype(torch::kFloat32);
+  auto x = torch::from_blob(const_cast<float*>(X), {K, M}, f32);
+  auto y = torch::from_blob(const_cast<float*>(Y), {K, N}, f32);
+  auto c = torch::from_blob(C, {M, N}, f32);
+  at::mm_out(c, x.t(), y);
+}
+
 // Softmax residual rows E = softmax(z) - smoothed one-hot (B x C) and per-sample norms ||e_i|| ||a_i|| (B), from
 // fp32 row-major logits z (B x C), int64 targets y (B) and fp32 features h (B x D).
 void residual_rows(const float* zp, const int64_t* yp, const float* hp, int64_t B, int64_t C, int64_t D, bool bias,
@@ -568,11 +590,101 @@ std::tuple<torch::Tensor, torch::Tensor> select_subset(const torch::Tensor& logi
   return {stats, mask};
 }
 
+// ---- per-sample scores against the batch (kernels/reference.py: sample_scores) ----------------------------------
+namespace {
+
+// Must match reference.ALONE: ||G - g_i||^2 below this share of ||G||^2 + ||g_i||^2 is rounding (a lone sample).
+constexpr double kAlone = 1e-5;
+
+// cos(g_i, G - g_i) from r_i = <g_i, G>, ||g_i|| and ||G||^2; 0 for a zero gradient or a lone sample.
+float consensus_of(double r, double gn, double total_sq) {
+  const double g2 = gn * gn, rest = total_sq - 2 * r + g2;
+  const double den = gn * std::sqrt(std::max(rest, 0.0));
+  if (rest <= kAlone * (total_sq + g2) || !(den > 0)) return 0.f;
+  return static_cast<float>(std::min(1.0, std::max(-1.0, (r - g2) / den)));
+}
+
+// r_i = <e_i (x) a_i, G> = e_i^T G a_i for `rows` samples whose residuals (rows x C) and augmented features
+// (rows x DA) are contiguous, with G = their own E^T A; returns ||G||^2 = sum_i r_i. `p` is scratch (rows x DA),
+// `g` scratch (C x DA).
+double agreements(const float* e, const float* a, int64_t rows, int64_t C, int64_t DA, float* g, float* p,
+                  float* r) {
+  gemm_t_rows(C, DA, rows, e, a, g);  // G = E^T A: one C x DA product, never rows x C x DA
+  gemm_rows(rows, DA, C, e, C, g, DA, false, p, DA);  // P = E G
+  double total = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    r[i] = static_cast<float>(dot_lanes(p + i * DA, a + i * DA, DA));
+    total += r[i];
+  }
+  return total;
+}
+
+}  // namespace
+
+// Each sample's scores, fp32 (K, B): loss, ||e_i||, ||g_i||, agreement r_i and consensus c_i against the batch,
+// and with by_class the same two against the sample's own class.
+torch::Tensor sample_scores(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& features,
+                            bool bias, double smoothing, bool by_class) {
+  Batch in(logits, targets, features);
+  const int64_t B = in.B, C = in.C, D = in.D, DA = D + (bias ? 1 : 0);
+  auto out = torch::empty({by_class ? 7 : 5, B}, torch::dtype(torch::kFloat32));
+  float* o = out.data_ptr<float>();
+  float *loss = o, *en = o + B, *gn = o + 2 * B, *r = o + 3 * B, *c = o + 4 * B;
+  const float* zp = in.z.data_ptr<float>();
+  const int64_t* yp = in.y.data_ptr<int64_t>();
+  const float* hp = in.h.data_ptr<float>();
+  std::vector<float> e(static_cast<size_t>(B * C)), a(static_cast<size_t>(B * DA)), g(static_cast<size_t>(C * DA)),
+      p(static_cast<size_t>(B * DA));
+  residual_rows(zp, yp, hp, B, C, D, bias, smoothing, e.data(), gn);
+  for (int64_t i = 0; i < B; ++i) {
+    const float* zr = zp + i * C;
+    double mx = -INFINITY, s = 0, zsum = 0;
+    for (int64_t k = 0; k < C; ++k) mx = std::max(mx, static_cast<double>(zr[k]));
+    for (int64_t k = 0; k < C; ++k) s += std::exp(zr[k] - mx), zsum += zr[k];
+    // -sum_k t_k log p_k with t = (1 - smoothing) one-hot + smoothing / C
+    loss[i] = static_cast<float>(mx + std::log(s) - (1 - smoothing) * zr[yp[i]] - smoothing / C * zsum);
+    en[i] = static_cast<float>(std::sqrt(dot_lanes(e.data() + i * C, e.data() + i * C, C)));
+    std::copy(hp + i * D, hp + (i + 1) * D, a.data() + i * DA);
+    if (bias) a[i * DA + D] = 1.f;
+  }
+  const double total_sq = agreements(e.data(), a.data(), B, C, DA, g.data(), p.data(), r);
+  for (int64_t i = 0; i < B; ++i) c[i] = consensus_of(r[i], gn[i], total_sq);
+  if (!by_class) return out;
+  // One G per class present, over that class's rows gathered contiguously (a counting sort by class).
+  float *rc = o + 5 * B, *cc = o + 6 * B;
+  std::vector<int64_t> start(C + 1, 0), order(B);
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK(yp[i] >= 0 && yp[i] < C, "targets must be class indices in [0, C)");
+    ++start[yp[i] + 1];
+  }
+  for (int64_t k = 0; k < C; ++k) start[k + 1] += start[k];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < B; ++i) order[next[yp[i]]++] = i;
+  std::vector<float> ek(static_cast<size_t>(B * C)), ak(static_cast<size_t>(B * DA)), rk(B);
+  for (int64_t k = 0; k < C; ++k) {
+    const int64_t lo = start[k], n = start[k + 1] - lo;
+    if (n == 0) continue;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = order[lo + j];
+      std::copy(e.data() + i * C, e.data() + (i + 1) * C, ek.data() + j * C);
+      std::copy(a.data() + i * DA, a.data() + (i + 1) * DA, ak.data() + j * DA);
+    }
+    const double class_sq = agreements(ek.data(), ak.data(), n, C, DA, g.data(), p.data(), rk.data());
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = order[lo + j];
+      rc[i] = rk[j];
+      cc[i] = consensus_of(rk[j], gn[i], class_sq);
+    }
+  }
+  return out;
+}
+
 // The CPU kernels of the ops dynbatch/ops/library.py defines; registered when the library is loaded.
 TORCH_LIBRARY_IMPL(dynbatch, CPU, m) {
   m.impl("per_sample_grad_norms", &per_sample_grad_norms);
   m.impl("subset_sq_sums", &subset_sq_sums);
   m.impl("select_subset", &select_subset);
+  m.impl("sample_scores", &sample_scores);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

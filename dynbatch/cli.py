@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dynbatch.errors import DynbatchError, UserError
-from dynbatch.options import OptionError, boolean, cli_spec
+from dynbatch.options import OptionError, boolean, cli_spec, integer
 
 # Options a resumed run may change; everything else comes from the run's config.json.
 RESUMABLE_OVERRIDES = {"resume", "autoresume", "epochs", "stop_after_steps", "progress", "command"}
@@ -263,6 +263,15 @@ def cmd_plot(args: argparse.Namespace, opts=None) -> int:
     return 0
 
 
+def cmd_score(args, opts=None) -> int:
+    from dynbatch.train.scores import score_run
+
+    if args.batch < 2:
+        raise UserError(f"--batch must be at least 2 (got {args.batch}); agreement needs a batch, e.g. 1024")
+    score_run(Path(args.run), batch=args.batch, seed=args.seed)
+    return 0
+
+
 def cmd_info(args, opts=None) -> int:
     from dynbatch import info
 
@@ -279,6 +288,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, TrainOptions]:
     plot.add_argument("--out", required=True, help="PNG file to write")
     plot.add_argument("--x", choices=("epochs", "samples"), default="epochs",
                       help="x axis of the curves: epochs, or samples trained on (compares policies on compute)")
+    score = sub.add_parser("score", help="every training sample's last-layer scores under a run's checkpoint",
+                           description="Score each training sample of RUN under its checkpoint (loss, ||e||, ||g||, "
+                           "agreement and consensus, by batch and by class); with label noise, each score's AUROC "
+                           "for telling mislabeled samples. Writes RUN/scores/step-<N>.npz and .json.")
+    score.add_argument("run", help="run folder (with checkpoint.pt)")
+    score.add_argument("--batch", type=integer, default=1024, help="scoring batch: the agreement's reference set")
+    score.add_argument("--seed", type=integer, default=0, help="seed of the scoring batches' order")
     sub.add_parser("info", help="versions, devices, usable kernel backends")
     from dynbatch.bench_cli import add_bench_parser
 
@@ -292,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return int(e.code or 0)
-    handlers = {"train": cmd_train, "plot": cmd_plot, "info": cmd_info}
+    handlers = {"train": cmd_train, "plot": cmd_plot, "score": cmd_score, "info": cmd_info}
     try:
         if args.command == "bench":
             from dynbatch.bench_cli import cmd_bench

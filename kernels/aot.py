@@ -164,10 +164,12 @@ def _case(b: int, c: int, d: int, dtype: torch.dtype):
 
 def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, mode: str, route: str,
                  masks: bool = False) -> list[Launch]:
-    """Every kernel launch of one ``subset_grad_norms``/``select_subset`` call, as the launchers make it for
+    """Every kernel launch of one ``subset_grad_norms``/``select_subset`` call (and of ``sample_scores``), as the
+    launchers make it for
     ``sm_<arch>`` (the launch configuration follows the target: see ``configs.py``)."""
     from dynbatch_kernels import configs
     from dynbatch_kernels.residuals import residuals_and_norms
+    from dynbatch_kernels.sample_scores import sample_scores
     from dynbatch_kernels.select_epilogue import choose
     from dynbatch_kernels.subset_norms_direct import select_direct, subset_sq_sums_direct
     from dynbatch_kernels.subset_norms_gram import select_gram, subset_sq_sums_gram
@@ -179,6 +181,7 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
     with capture() as launches, configs.target(arch):
         for augmented in (False, True):  # per-sample norms alone; the direct route's inputs
             residuals_and_norms(logits, y, feats, bias=True, label_smoothing=0.0, augmented=augmented)
+        sample_scores(logits, y, feats, bias=True, label_smoothing=0.0, by_class=True)  # subsets play no part
         e = torch.randn(b, c)
         a = torch.randn(b, d + 1)
         if route == "gram":

@@ -215,3 +215,52 @@ def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoo
         route = choose_route(*e.shape[:1], e.shape[1], a.shape[1])
     q, c = subset_sq_sums(e, a, masks.to(e.device), route)
     return subset_norms(q, c)
+
+
+# ---- per-sample scores against the batch ------------------------------------------------------------------------
+# Rows of the scores tensor (K, B) that ``sample_scores`` returns; the class rows only with ``by_class``.
+SCORES = ("loss", "residual_norm", "grad_norm", "agreement", "consensus")
+CLASS_SCORES = ("class_agreement", "class_consensus")
+# ||G - g_i||^2 below this share of ||G||^2 + ||g_i||^2 is rounding, not a direction: the sample is alone (its
+# class has one sample, or B = 1) and its consensus is 0. fp32 cancellation leaves ~1e-7 of the sum.
+ALONE = 1e-5
+
+
+def sample_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of each sample against its (smoothed) target, fp32 (B,)."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets.long(), reduction="none",
+                                             label_smoothing=label_smoothing)
+
+
+def consensus(agreement: torch.Tensor, grad_norm: torch.Tensor, total_sq: torch.Tensor) -> torch.Tensor:
+    """c_i = cos(g_i, G - g_i) = (r_i - ||g_i||^2) / (||g_i|| ||G - g_i||) from r_i = <g_i, G>, ||g_i|| and
+    ||G||^2 (each fp32 (B,) or broadcastable), with ||G - g_i||^2 = ||G||^2 - 2 r_i + ||g_i||^2; 0 where either
+    norm vanishes (a zero gradient, or a sample alone in its group), clamped to [-1, 1]. fp32 (B,)."""
+    g2 = grad_norm * grad_norm
+    rest = total_sq - 2 * agreement + g2
+    alone = rest <= ALONE * (total_sq + g2)
+    den = grad_norm * rest.clamp_min(0).sqrt()
+    ok = ~alone & (den > 0)
+    c = (agreement - g2) / torch.where(ok, den, torch.ones_like(den))
+    return torch.where(ok, c.clamp(-1, 1), torch.zeros_like(c))
+
+
+def sample_scores(logits, targets, features, *, bias=True, label_smoothing=0.0, by_class=False) -> torch.Tensor:
+    """Each sample's scores against its batch, fp32 (K, B), rows named by ``SCORES`` (+ ``CLASS_SCORES`` with
+    ``by_class``): loss, ||e_i||, ||g_i|| = ||e_i|| ||a_i||, r_i = <g_i, G> = e_i^T G a_i with G = E^T A the batch's
+    summed gradient, c_i (:func:`consensus`), and the same two with G_k, the sum over the samples of the sample's
+    own class. The reference forms the class-masked B x B Gram ((E E^T) o (A A^T) o [y_i = y_j]) rather than one
+    G per class: no host read of the class counts, and only the kernels need to be fast."""
+    e = residuals(logits, targets, label_smoothing)
+    a = augmented_features(features, bias)
+    e_norm = e.norm(dim=1)
+    g_norm = e_norm * a.norm(dim=1)
+    g = e.T @ a  # (C, D'): never B x C x D'
+    r = ((e @ g) * a).sum(1)
+    rows = [sample_losses(logits, targets, label_smoothing), e_norm, g_norm, r, consensus(r, g_norm, g.square().sum())]
+    if by_class:
+        y = targets.long()
+        rc = (gram_matrix(e, a) * (y[:, None] == y[None, :])).sum(1)
+        class_sq = torch.zeros(logits.shape[1], device=e.device).index_add_(0, y, rc)  # ||G_k||^2 = sum_k r_i
+        rows += [rc, consensus(rc, g_norm, class_sq[y])]
+    return torch.stack(rows)

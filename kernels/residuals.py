@@ -22,8 +22,9 @@ def softmax_residual(z, mx, s, is_target, ok, C, smoothing):
 
 
 @triton.jit
-def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, a_ptr, C, D, stride_l, stride_f, smoothing,
-                      BIAS: tl.constexpr, WRITE_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, a_ptr, loss_ptr, C, D, stride_l, stride_f,
+                      smoothing, BIAS: tl.constexpr, WRITE_A: tl.constexpr, WRITE_LOSS: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cs = tl.arange(0, BLOCK_C)
     cm = cs < C
@@ -33,6 +34,10 @@ def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, a_ptr,
     t = tl.load(targets_ptr + row).to(tl.int32)
     e = softmax_residual(z, mx, s, cs == t, cm, C, smoothing)
     tl.store(e_ptr + row * C + cs, e, mask=cm)
+    if WRITE_LOSS:  # -sum_k t_k log p_k = logsumexp(z) - (1 - smoothing) z_y - smoothing / C sum_k z_k
+        zs = tl.where(cm, z, 0.0)
+        zy = tl.sum(tl.where(cs == t, zs, 0.0), axis=0)
+        tl.store(loss_ptr + row, mx + tl.log(s) - (1.0 - smoothing) * zy - smoothing / C * tl.sum(zs, axis=0))
     a2 = tl.zeros((BLOCK_D,), tl.float32)
     if BIAS:
         da = D + 1
@@ -53,9 +58,10 @@ def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, a_ptr,
 
 
 def residuals_and_norms(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, *, bias: bool,
-                        label_smoothing: float, augmented: bool = False):
+                        label_smoothing: float, augmented: bool = False, losses: torch.Tensor | None = None):
     """(E fp32 (B, C), per-sample gradient norms fp32 (B,)); logits (B, C) and features (B, D) in any float dtype.
-    With ``augmented`` also A = [h, 1] (or h without ``bias``) fp32 (B, D + bias), written by the same launch."""
+    With ``augmented`` also A = [h, 1] (or h without ``bias``) fp32 (B, D + bias), written by the same launch;
+    ``losses`` (fp32 (B,), contiguous) receives each sample's cross-entropy, also from the same launch."""
     b, c = logits.shape
     d = features.shape[1]
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
@@ -66,8 +72,9 @@ def residuals_and_norms(logits: torch.Tensor, targets: torch.Tensor, features: t
     if b > 0:
         with on_device(logits):
             _residuals_kernel[(b,)](
-                logits, targets, features, e, norms, a, c, d, logits.stride(0), features.stride(0),
-                float(label_smoothing), BIAS=bias, WRITE_A=augmented, BLOCK_C=triton.next_power_of_2(c),
+                logits, targets, features, e, norms, a, norms if losses is None else losses, c, d, logits.stride(0),
+                features.stride(0), float(label_smoothing), BIAS=bias, WRITE_A=augmented,
+                WRITE_LOSS=losses is not None, BLOCK_C=triton.next_power_of_2(c),
                 BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 1024),
             )
     return (e, norms, a) if augmented else (e, norms)

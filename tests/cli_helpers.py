@@ -45,3 +45,15 @@ def assert_one_line_error(rc: int, err: str, needle: str, code: int = 2) -> None
     assert len(lines) == 1 and lines[0].startswith("dynbatch: error:") and "Traceback" not in err, err
     assert needle in lines[0], lines[0]
     assert "; " in lines[0], f"no fix offered: {lines[0]}"
+
+
+def example_diff(name: str) -> list[str]:
+    """Changed lines between ``examples/plain_loop.py`` and ``examples/<name>``, docstrings aside."""
+    import difflib
+
+    def code(file):
+        text = (REPO / "examples" / file).read_text()
+        return text[text.index('"""', 3) + 3:].splitlines()
+
+    return [line for line in difflib.unified_diff(code("plain_loop.py"), code(name), lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]

@@ -68,3 +68,35 @@ def assert_same_choice_up_to_ties(margins, ref, got, rtol: float = 1e-4, atol: f
     assert float(margins[int(got.index)]) <= float(margins.min()) * (1 + rtol) + atol
     if int(ref.index) == int(got.index):
         assert torch.equal(ref.mask, got.mask)
+
+
+def autograd_scores(logits, y, feats, bias=True, label_smoothing=0.0) -> dict[str, torch.Tensor]:
+    """Float64 oracle of every per-sample score, from autograd: a zero perturbation W (C, D') of a linear head
+    on [h, 1] added to the given logits (so the logits are exactly the given ones), one backward per sample for
+    its gradient g_i = dL_i/dW and its residual e_i = dL_i/dz_i; then G, r, c from those (B, C*D') gradients."""
+    z = logits.double().detach().requires_grad_(True)
+    a = feats.double()
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+    w = torch.zeros(logits.shape[1], a.shape[1], dtype=torch.float64, requires_grad=True)
+    losses, res, grads = [], [], []
+    for i in range(z.shape[0]):
+        li = nn.functional.cross_entropy(z[i:i + 1] + a[i:i + 1] @ w.T, y[i:i + 1], label_smoothing=label_smoothing)
+        gz, gw = torch.autograd.grad(li, (z, w))
+        losses.append(li.detach())
+        res.append(gz[i])
+        grads.append(gw.reshape(-1))
+    g = torch.stack(grads)
+
+    def against(total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # total: (B, P), each row's G
+        r = (g * total).sum(1)
+        rest = (total - g).norm(dim=1)
+        den = g.norm(dim=1) * rest
+        c = torch.where(den > 0, (r - g.square().sum(1)) / torch.where(den > 0, den, 1.0), torch.zeros_like(r))
+        return r, c
+
+    r, c = against(g.sum(0).expand_as(g))
+    same = (y[:, None] == y[None, :]).double()
+    rc, cc = against(same @ g)
+    return {"loss": torch.stack(losses), "residual_norm": torch.stack(res).norm(dim=1), "grad_norm": g.norm(dim=1),
+            "agreement": r, "consensus": c, "class_agreement": rc, "class_consensus": cc}

@@ -94,3 +94,18 @@ def test_ddp_gradients_keep_the_bucket_layout_by_default(tmp_path, tiny_npz):
                    "1", "--stop-after-steps", "2", "--no-progress", "--out", tmp_path / "r")
     assert "Grad strides do not match" not in out.stderr
     assert json.loads((tmp_path / "r" / "config.json").read_text())["channels_last"] is True
+
+
+def test_a_selection_method_two_ranks_choose_and_train_as_one_process(tmp_path, capsys, tiny_npz):
+    """Importance sampling with a threshold low enough to sample by importance from the second step: every rank
+    scores the gathered global batch, draws the same rows, trains on its share of them with their weights, and
+    the executor's normalisation over ranks gives the single process's update."""
+    args = ("train", "--data", f"npz:{tiny_npz}", "--policy", "importance", "--tau-threshold", "1.0001",
+            "--label-noise", "pair:0.3", "--stop-after-steps", "4", *EXACT)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert run_cli(capsys, *args, "--out", single)[0] == 0
+    torchrun(*args, "--out", ddp)
+    keys = ("kept", "importance_on", "mislabeled_batch", "mislabeled_trained", "trained_samples")
+    assert [[r[k] for k in keys] for r in rows(ddp, "step")] == [[r[k] for k in keys] for r in rows(single, "step")]
+    assert any(r["importance_on"] for r in rows(single, "step"))
+    assert_same_weights(single, ddp)

@@ -326,8 +326,8 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, capsys):
-    """Twelve interruptions at seeded random moments, by SIGTERM, SIGINT and kill -9, three of them inside a
-    checkpoint write; after each, the run resumes, and in the end every row equals an uninterrupted run's."""
+    """Eight interruptions at seeded random moments, by SIGTERM, SIGINT and kill -9, two of them inside a
+    checkpoint write (eight, not twelve: each costs a process start, and the suite has a 15-minute budget); after each, the run resumes, and in the end every row equals an uninterrupted run's."""
     import random
 
     args = ("--epochs", "12", "--train-samples", "60", "--batch-size", "12", *FAST)  # 5 steps an epoch
@@ -337,7 +337,7 @@ def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, cap
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(KILL_IN_CHECKPOINT)
     rng = random.Random(1234)
-    faults = ["term", "int", "kill", "ckpt"] * 3
+    faults = ["term", "int", "kill", "ckpt"] * 2
     rng.shuffle(faults)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     landed = 0
@@ -366,7 +366,7 @@ def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, cap
         # included: they are cut on resume and computed again identically).
         so_far = without_timing([r for r in records.read_metrics(run) if r["kind"] == "step"])
         assert so_far == reference["step"][: len(so_far)]
-    assert landed >= 10
+    assert landed >= 6
     assert run_cli(capsys, "train", "--out", run, *args, "--autoresume")[0] == 0
     for kind in ("step", "epoch"):
         assert without_timing(rows(run, kind)) == reference[kind]

@@ -1,6 +1,5 @@
 """The policies' ideas as components of a researcher's own loop: EDBASelector, choose_split, AdaBatchSchedule and
 DynamicBatchSampler, the examples that use them, and the errors a Python user expects."""
-import difflib
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cli_helpers import REPO
+from cli_helpers import REPO, example_diff
 from dynbatch.ops import select_subset
 from dynbatch.methods import AdaBatchSchedule, DynamicBatchSampler, EDBAOptions, EDBASelector, EDBAState
 
@@ -139,19 +138,9 @@ def test_sampler_follows_the_adabatch_schedule_by_epoch():
 
 
 # ---- the examples --------------------------------------------------------------------------------------------------
-def _code_diff() -> list[str]:
-    """Changed lines between the plain loop and the EDBA loop, docstrings aside."""
-    def code(name):
-        text = (REPO / "examples" / name).read_text()
-        return text[text.index('"""', 3) + 3:].splitlines()
-
-    return [line for line in difflib.unified_diff(code("plain_loop.py"), code("edba_loop.py"), lineterm="", n=0)
-            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-
-
 @pytest.mark.slow
 def test_examples_run_and_differ_by_at_most_fifteen_lines():
-    changed = _code_diff()
+    changed = example_diff("edba_loop.py")
     assert 0 < len(changed) <= 15, changed
     readme = (REPO / "README.md").read_text()
     for line in changed:  # the README shows this very difference

@@ -1,8 +1,9 @@
 """Host-device synchronisations inside training steps, counted on CPU, where a GPU would feel them: every read of
 a number from a tensor (``item``/``float``/``int``/``bool``, ``tolist``, ``numpy``), ``nonzero`` and boolean-mask
 indexing (whose output size the host must learn). Steps of the fixed and adabatch policies ask the device for
-nothing; their rows are read in blocks of ``FLUSH_EVERY`` steps, so at most 0.1 reads per step amortised. EDBA and
-split read their choice once per step (one packed copy), and nothing else."""
+nothing; their rows are read in blocks of ``FLUSH_EVERY`` steps, so at most 0.1 reads per step amortised, with
+label noise too (the mislabeled counts join the block). EDBA, split and the selection methods read their choice
+once per step (one packed copy), and nothing else."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -75,16 +76,28 @@ def per_block(steps: int) -> int:
     return -(-steps // FLUSH_EVERY)  # full blocks of FLUSH_EVERY steps, then the epoch's rest
 
 
-@pytest.mark.parametrize("policy, options, samples, batch, reads, per_step", [
-    ("fixed", {}, 240, 4, per_block, 0.1),  # nothing per step: one read per block of rows
-    ("adabatch", {"resize_every": 1}, 240, 4, per_block, 0.1),
-    ("edba", {"subsets": 256}, 120, 10, lambda steps: steps + per_block(steps), 1.1),  # its choice, once per step
-    ("split", {"splits": "1,2"}, 120, 8, lambda steps: steps + per_block(steps), 1.1),
+def once_per_step(steps: int) -> int:
+    return steps + per_block(steps)
+
+
+NOISE = {"label_noise": "symmetric:0.3"}
+
+
+@pytest.mark.parametrize("policy, options, samples, batch, reads, per_step, extra", [
+    ("fixed", {}, 240, 4, per_block, 0.1, {}),  # nothing per step: one read per block of rows
+    ("fixed", {}, 240, 4, per_block, 0.1, NOISE),
+    ("adabatch", {"resize_every": 1}, 240, 4, per_block, 0.1, {}),
+    ("edba", {"subsets": 256}, 120, 10, once_per_step, 1.1, NOISE),  # its choice, once per step
+    ("split", {"splits": "1,2"}, 120, 8, once_per_step, 1.1, {}),
+    ("importance", {"tau_threshold": 1.0001}, 240, 8, once_per_step, 1.1, NOISE),
+    ("selective-backprop", {}, 120, 8, once_per_step, 1.1, NOISE),
+    ("small-loss", {}, 120, 8, once_per_step, 1.1, NOISE),
+    ("consensus", {"by_class": True}, 120, 8, once_per_step, 1.1, NOISE),
 ])
-def test_reads_per_step(tmp_path, counted, policy, options, samples, batch, reads, per_step):
+def test_reads_per_step(tmp_path, counted, policy, options, samples, batch, reads, per_step, extra):
     counter, wrap = counted
     cfg = TrainConfig(policy=policy, policy_options=options, train_samples=samples, batch_size=batch, epochs=1,
-                      progress=False, util_interval=5.0)
+                      progress=False, util_interval=5.0, **extra)
     t = Trainer.new(cfg, tmp_path / "run", log=lambda m: None)
     wrap(t)
     t.run()

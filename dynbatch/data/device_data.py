@@ -27,6 +27,7 @@ class DeviceSplit:
         self.x = xt.to(device)
         self.y = torch.from_numpy(np.ascontiguousarray(y)).to(device)
         self.y_clean: torch.Tensor | None = None  # the true labels, where y holds noisy ones (label noise)
+        self.mislabeled: torch.Tensor | None = None  # bool (N,): y != y_clean, with label noise
         self.device = device
         # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift.
         std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -87,11 +88,12 @@ class DeviceData:
         """With label noise: the training split's true labels (``train.y_clean``, on the device) and the measured
         noise rate (``train_label_noise``), the fraction of its labels that differ from them."""
         clean = self.source.y_train_clean
-        self.train.y_clean = None
+        self.train.y_clean = self.train.mislabeled = None
         self.train_label_noise = None
         if clean is not None:
             clean = clean if train_indices is None else clean[train_indices]
             self.train.y_clean = torch.from_numpy(np.ascontiguousarray(clean)).to(self.device)
+            self.train.mislabeled = self.train.y_clean != self.train.y
             noisy = self.source.y_train if train_indices is None else self.source.y_train[train_indices]
             self.train_label_noise = float(np.mean(clean != noisy)) if len(clean) else 0.0
 

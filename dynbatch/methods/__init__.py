@@ -6,6 +6,12 @@ help, validation), its state and pure functions, the component for your own loop
 - ``split``: online batch-size selection (:func:`choose_split`).
 - ``edba``: EDBA (:class:`EDBASelector`, :class:`EDBAState`, :func:`advance`).
 - ``adabatch``: AdaBatch (:class:`AdaBatchSchedule`).
+- ``importance``: importance sampling (:class:`ImportanceSampler`).
+- ``selective_backprop``: Selective Backprop (:class:`SelectiveBackprop`).
+- ``small_loss``: small-loss selection (:class:`SmallLoss`).
+- ``consensus``: gradient-consensus selection (:class:`ConsensusFilter`).
+
+The four selection methods share ``scored`` (:class:`BatchScorer`, the scoring forward, and the adapter).
 
 Adding a method is adding its module and its name to ``_MODULES``. Imports run one way: CLI -> train -> methods ->
 ops -> kernels.
@@ -17,7 +23,7 @@ from importlib import import_module
 from dynbatch.errors import UserError
 from dynbatch.methods.base import ForwardStep, GradientStep, Plan, Policy, ReuseStep, StepContext, TrainStep
 
-_MODULES = ("fixed", "split", "edba", "adabatch")
+_MODULES = ("fixed", "split", "edba", "adabatch", "importance", "selective_backprop", "small_loss", "consensus")
 
 
 def _policies() -> dict[str, type[Policy]]:
@@ -43,6 +49,11 @@ _EXPORTS = {
     "EDBASelector": "edba", "EDBAOptions": "edba", "EDBAState": "edba", "advance": "edba",
     "choose_split": "split", "SplitOptions": "split",
     "AdaBatchSchedule": "adabatch", "AdaBatchOptions": "adabatch",
+    "ImportanceSampler": "importance", "ImportanceOptions": "importance",
+    "SelectiveBackprop": "selective_backprop", "SelectiveBackpropOptions": "selective_backprop",
+    "SmallLoss": "small_loss", "SmallLossOptions": "small_loss",
+    "ConsensusFilter": "consensus", "ConsensusOptions": "consensus",
+    "BatchScorer": "scored",
 }
 
 

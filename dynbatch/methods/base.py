@@ -9,13 +9,14 @@ state in ``state_dict()`` so a resumed run continues exactly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from dynbatch.errors import UserError
 from dynbatch.options import from_mapping
 
 
@@ -24,13 +25,18 @@ class ForwardStep:
     """One optimizer step from a fresh forward and backward at the current weights: x (B, C, H, W), y (B,).
 
     ``sample_weight`` (B,) weighs each sample's loss; a rank with nothing to train on under DDP sends one sample at
-    weight 0, so that every rank still runs the one synchronising backward DDP expects.
+    weight 0, so that every rank still runs the one synchronising backward DDP expects. The step's loss is the
+    weighted sum over the weights' sum, or with ``mean_over_count`` over the number of samples (importance weights,
+    whose expectation is 1: the unbiased estimate). ``rows``: the step's samples as rows of the batch the policy
+    was given (indices or a slice; None: this rank's whole share), read only to count mislabeled samples.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     lr_scale: float = 1.0  # this step's learning rate is the scheduled rate times lr_scale
     sample_weight: torch.Tensor | None = None
+    rows: torch.Tensor | slice | None = None
+    mean_over_count: bool = False
 
 
 @dataclass(slots=True)
@@ -43,6 +49,8 @@ class ReuseStep:
     y: torch.Tensor
     lr_scale: float = 1.0
     sample_weight: torch.Tensor | None = None
+    rows: torch.Tensor | slice | None = None  # as ForwardStep's
+    mean_over_count: bool = False
 
 
 @dataclass(slots=True)
@@ -56,6 +64,7 @@ class GradientStep:
     correct: torch.Tensor
     samples: int
     lr_scale: float = 1.0
+    rows: torch.Tensor | slice | None = None  # as ForwardStep's
 
 
 TrainStep = ForwardStep | ReuseStep | GradientStep
@@ -90,6 +99,9 @@ class StepContext:
     label_smoothing: float = 0.0
     dist: Any = None  # dynbatch.distributed.Dist; None means a single process
     module: nn.Module | None = None  # None: ``model`` unwrapped (its ``.module`` under DDP)
+    # bool (B,) on the device: which samples of this step's (global) batch carry a corrupted label; set by the
+    # trainer when the run has label noise, for the rows' mislabeled fractions. Policies must not read it to choose.
+    mislabeled: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.dist is None:
@@ -183,3 +195,51 @@ def preserved_buffers(model: nn.Module):
         yield
     finally:
         snapshot.restore()
+
+
+def chosen_rows(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices (size,) of the True entries of ``mask`` (B,), ascending, without a host sync (``x[mask]`` must learn
+    the count from the device; here the caller already knows it)."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:size]
+
+
+def capture_last_layer(model: nn.Module, head: nn.Linear, x: torch.Tensor, *, keep_graph: bool = False,
+                       autocast: Callable[[], Any] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, C), the head's input features (B, D)) of one forward of ``model`` on ``x``."""
+    captured = {}
+    hook = head.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", inp[0]))
+    try:
+        with torch.set_grad_enabled(keep_graph), autocast():
+            logits = model(x)
+    finally:
+        hook.remove()
+    if "h" not in captured:
+        raise UserError(f"the head {type(head).__name__} was not called in the model's forward; pass the "
+                        "nn.Linear that produces the logits as head=")
+    return logits, captured["h"]
+
+
+class LastLayerForward:
+    """A forward of ``model`` that captures the input of its head (the ``nn.Linear`` producing the logits: given, or
+    the model's final one), in train mode, building no graph and moving no buffer unless ``keep_graph``: how
+    every selection method looks at a batch before choosing from it. ``model`` may be bound later (a policy gets
+    its model at the first step)."""
+
+    def __init__(self, model: nn.Module | None = None, *, head: nn.Linear | None = None):
+        self.model = model
+        self._head = head
+
+    @property
+    def head(self) -> nn.Linear:
+        """The layer whose per-sample gradients are scored: given, or the model's final ``nn.Linear``."""
+        if self._head is None:
+            from dynbatch.models import final_linear
+
+            self._head = final_linear(self.model)
+        return self._head
+
+    def forward(self, x: torch.Tensor, *, keep_graph: bool = False, autocast=nullcontext):
+        """(logits (B, C), features (B, D)) of a selection forward on x (B, ...); without ``keep_graph`` no
+        buffer moves."""
+        with nullcontext() if keep_graph else preserved_buffers(self.model):
+            return capture_last_layer(self.model, self.head, x, keep_graph=keep_graph, autocast=autocast)

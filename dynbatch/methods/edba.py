@@ -53,13 +53,14 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from dynbatch.errors import RunFailure, UserError
-from dynbatch.methods.base import ForwardStep, Plan, Policy, ReuseStep, StepContext, preserved_buffers
+from dynbatch.errors import RunFailure
+from dynbatch.methods.base import (ForwardStep, LastLayerForward, Plan, Policy, ReuseStep, StepContext,
+                                   capture_last_layer, chosen_rows)
 from dynbatch.options import OptionError, check_fields, from_mapping, non_negative, one_of, option, positive, within
 from dynbatch.ops import MAX_SUBSETS, Selection, select_subset
 
@@ -125,12 +126,6 @@ class Chosen:
     index: int
 
 
-def chosen_rows(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices (size,) of the True entries of ``mask`` (B,), ascending, without a host sync (``x[mask]`` must learn
-    the count from the device; here the caller already knows it)."""
-    return torch.argsort((~mask).to(torch.uint8), stable=True)[:size]
-
-
 def next_batch_size(state: EDBAState, loss: float, opts: EDBAOptions, share: float | None = None) -> int:
     """The batch-size rule ``opts.bs_rule`` of the module docstring, from this step's batch loss (EMA not yet
     updated) or the chosen subset's share of the batch (``share``, 0..1)."""
@@ -164,23 +159,7 @@ def advance(state: EDBAState, loss: float, grad_norm: float, opts: EDBAOptions,
     return EDBAState(nxt, b * state.loss_ema + (1 - b) * loss, b * state.grad_ema + (1 - b) * grad_norm)
 
 
-def capture_last_layer(model: nn.Module, head: nn.Linear, x: torch.Tensor, *, keep_graph: bool = False,
-                       autocast: Callable[[], Any] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, C), the head's input features (B, D)) of one forward of ``model`` on ``x``."""
-    captured = {}
-    hook = head.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", inp[0]))
-    try:
-        with torch.set_grad_enabled(keep_graph), autocast():
-            logits = model(x)
-    finally:
-        hook.remove()
-    if "h" not in captured:
-        raise UserError(f"the head {type(head).__name__} was not called in the model's forward; pass the "
-                        "nn.Linear that produces the logits as head=")
-    return logits, captured["h"]
-
-
-class EDBASelector:
+class EDBASelector(LastLayerForward):
     """EDBA inside your own loop::
 
         selector = EDBASelector(model)                      # finds the final nn.Linear (or pass head=)
@@ -198,33 +177,17 @@ class EDBASelector:
     def __init__(self, model: nn.Module | None = None, *, head: nn.Linear | None = None, batch_size: int = 100,
                  seed: int = 0, options: EDBAOptions | dict | None = None, **overrides):
         base = dataclasses.asdict(options) if isinstance(options, EDBAOptions) else dict(options or {})
+        super().__init__(model, head=head)
         self.options = from_mapping(EDBAOptions, {**base, **overrides})
-        self.model = model  # may be bound later (a policy gets its model at the first step)
-        self._head = head
         self.seed = seed
         o = self.options
         self.state = EDBAState(min(max(batch_size, o.bs_min), o.bs_max))
         self.last: Chosen | None = None  # the last selection's numbers, on the host
 
     @property
-    def head(self) -> nn.Linear:
-        """The layer whose per-sample gradients are scored: given, or the model's final ``nn.Linear``."""
-        if self._head is None:
-            from dynbatch.models import final_linear
-
-            self._head = final_linear(self.model)
-        return self._head
-
-    @property
     def batch_size(self) -> int:
         """The batch size EDBA asks for next."""
         return self.state.batch_size
-
-    def forward(self, x: torch.Tensor, *, keep_graph: bool = False, autocast=nullcontext):
-        """(logits, features) of a selection forward; without ``keep_graph`` no buffer moves."""
-        guard = nullcontext() if keep_graph else preserved_buffers(self.model)
-        with guard:
-            return capture_last_layer(self.model, self.head, x, keep_graph=keep_graph, autocast=autocast)
 
     def select(self, x: torch.Tensor, y: torch.Tensor, *, step: int, label_smoothing: float = 0.0,
                autocast=nullcontext) -> Selection:
@@ -325,10 +288,11 @@ class EDBAPolicy(Policy):
             rows = chosen_rows(mask, int(mask.sum()))
         else:
             rows = chosen_rows(sel.mask, c.size)  # the size is known from the one read: no sync to index
+        in_batch = rows + d.share(y.shape[0]).start if d.enabled else rows  # rows of the global batch
         if o.reuse_forward:
-            step = ReuseStep(losses[rows], logits[rows].detach(), yl[rows], sample_weight=weight)
+            step = ReuseStep(losses[rows], logits[rows].detach(), yl[rows], sample_weight=weight, rows=in_batch)
         else:
-            step = ForwardStep(xl[rows], yl[rows], sample_weight=weight)
+            step = ForwardStep(xl[rows], yl[rows], sample_weight=weight, rows=in_batch)
         return Plan([step], record)
 
     def state_dict(self):

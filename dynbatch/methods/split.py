@@ -221,19 +221,20 @@ class SplitPolicy(Policy):
         rows = [chunk_rows(x.shape[0], k, j, d) for j in range(k)]
         chunks = [(x[r], y[r]) for r in rows]
         if o.split_update == "original":
-            return self._original_plan(chunks, x.shape[0] // k, ctx, record)
-        steps = [ForwardStep(xs, ys, lr_scale=1.0 / k) for xs, ys in chunks]
+            return self._original_plan(chunks, rows, x.shape[0] // k, ctx, record)
+        steps = [ForwardStep(xs, ys, lr_scale=1.0 / k, rows=r) for (xs, ys), r in zip(chunks, rows)]
         if reuse:
-            steps[0] = ReuseStep(kept["losses"][k][0], kept["logits"][k], chunks[0][1], lr_scale=1.0 / k)
+            steps[0] = ReuseStep(kept["losses"][k][0], kept["logits"][k], chunks[0][1], lr_scale=1.0 / k,
+                                 rows=rows[0])
         return Plan(steps, record)
 
-    def _original_plan(self, chunks, chunk_size: int, ctx: StepContext, record) -> Plan:
+    def _original_plan(self, chunks, rows, chunk_size: int, ctx: StepContext, record) -> Plan:
         params = list(ctx.module.parameters())
         k = len(chunks)
         clip = self.options.split_clip
         acc = [torch.zeros_like(p) for p in params]
         steps = []
-        for xs, ys in chunks:  # every gradient at the pre-step weights, as the stored graphs were
+        for (xs, ys), r in zip(chunks, rows):  # every gradient at the pre-step weights, as the stored graphs were
             with ctx.autocast():
                 logits = ctx.module(xs)
                 losses = ctx.loss_fn(logits.float(), ys)
@@ -247,5 +248,5 @@ class SplitPolicy(Policy):
             # Each step carries its own chunk's statistics (on the device; the trainer reads them with the block).
             steps.append(GradientStep([a.clone() for a in acc], losses.detach().sum(),
                                       (logits.detach().argmax(1) == ys).sum(dtype=torch.float32), len(ys),
-                                      lr_scale=1.0 / k))
+                                      lr_scale=1.0 / k, rows=r))
         return Plan(steps, record)

@@ -153,11 +153,65 @@ def per_sample_grad_norms(logits, targets, features, *, bias=True, label_smoothi
                                                                              label_smoothing)))
 
 
+SCORES = _reference.SCORES + _reference.CLASS_SCORES
+
+
+class Scores:
+    """Each sample's scores against its batch, on the device: ``table`` fp32 (K, B), one row per name in
+    ``names`` (:data:`SCORES`, the class rows only when asked for), each row also an attribute::
+
+        s = sample_scores(logits, y, features, by_class=True)
+        s.loss, s.residual_norm, s.grad_norm, s.agreement, s.consensus, s.class_agreement, s.class_consensus
+
+    - ``loss``: cross-entropy against the (smoothed) target;
+    - ``residual_norm``: ||e_i||, e_i = softmax(z_i) - t_i (EL2N; Katharopoulos & Fleuret's upper bound);
+    - ``grad_norm``: ||g_i|| = ||e_i|| ||a_i||, the last layer's per-sample gradient norm, a_i = [h_i, 1];
+    - ``agreement``: r_i = <g_i, G>, G the batch's summed last-layer gradient;
+    - ``consensus``: cos(g_i, G - g_i), in [-1, 1]; 0 for a zero gradient or a sample alone;
+    - ``class_*``: the same against G_k, the sum over the samples of i's own class.
+    """
+
+    __slots__ = ("table", "names")
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.names = SCORES[:table.shape[0]]
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in SCORES:
+            if name not in self.names:
+                raise UserError(f"{name} needs the class scores; call sample_scores(..., by_class=True)")
+            return self.table[self.names.index(name)]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.table))
+
+
+def sample_scores(logits, targets, features, *, bias=True, label_smoothing=0.0, by_class=False,
+                  backend="auto") -> Scores:
+    """Each sample's last-layer scores against its batch (see :class:`Scores`), in one pass over the head: the
+    residuals, one C x (D + bias) product, one bilinear pass (and with ``by_class`` a class-masked one); fp32
+    accumulation whatever the inputs' dtype; nothing of size B x C(D + 1) is allocated."""
+    _check(logits, targets, features)
+    return Scores(_run(backend, library.ARGS["sample_scores"](
+        **_head(logits, targets, features, bias, label_smoothing), by_class=bool(by_class))))
+
+
 def random_subsets(num_subsets, batch_size, *, seed, mode="bernoulli", p=0.5, device=None) -> torch.Tensor:
     """The masks (N, B) bool that every backend draws for ``seed``: row n is subset n."""
     _mode_threshold(mode, p)
     rows = torch.arange(num_subsets, dtype=torch.int64, device=device)
     return _reference.subset_masks(seed, rows, batch_size, mode, p)
+
+
+def seeded_uniform(seed: int, n: int, *, device=None) -> torch.Tensor:
+    """n draws in [0, 1), fp32 (n,), a function of (seed, i) alone: the same on every device and after a resume
+    (the subset generator's mixer, 24 bits a draw)."""
+    key = _reference.row_keys(seed, torch.zeros(1, dtype=torch.int64, device=device))
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    bits = _reference.mix32((key + i * _reference.GOLDEN) & _reference.M32) >> (32 - _reference.THRESHOLD_BITS)
+    return bits.to(torch.float32) / float(1 << _reference.THRESHOLD_BITS)
 
 
 def _gram(route: str, logits, features, bias) -> bool:

@@ -32,6 +32,7 @@ SCHEMAS = {
     "per_sample_grad_norms": f"({HEAD}) -> Tensor",
     "subset_sq_sums": f"({HEAD}, Tensor? masks, {SUBSETS}) -> (Tensor, Tensor)",
     "select_subset": f"({HEAD}, Tensor trend, {SUBSETS}, bool sum_metric, float eps) -> (Tensor, Tensor)",
+    "sample_scores": f"({HEAD}, bool by_class) -> Tensor",
 }
 
 _LIB = torch.library.Library("dynbatch", "DEF")
@@ -79,6 +80,12 @@ def _select_reference(a):
     return _reference().select(a.logits, a.targets, a.features, a.trend, num_subsets=a.num_subsets, seed=a.seed,
                                mode_id=a.mode, thr=a.threshold, route="gram" if a.gram else "direct", bias=a.bias,
                                label_smoothing=a.label_smoothing, eps=a.eps, metric="sum" if a.sum_metric else "mean")
+
+
+def _scores_reference(a):
+    """fp32 (K, B): rows ``reference.SCORES`` (+ ``CLASS_SCORES`` with ``by_class``)."""
+    return _reference().sample_scores(a.logits, a.targets, a.features, bias=a.bias, label_smoothing=a.label_smoothing,
+                                      by_class=a.by_class)
 
 
 # ---- Triton: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1, through the public API's backend="triton") ---
@@ -130,6 +137,13 @@ def _select_triton(a):
     return select_direct(e, feats, a.trend, **kw)
 
 
+def _scores_triton(a):
+    from dynbatch_kernels.sample_scores import sample_scores
+
+    return sample_scores(a.logits, a.targets, a.features, bias=a.bias, label_smoothing=a.label_smoothing,
+                         by_class=a.by_class)
+
+
 def _by_name(name: str, fn):
     """``fn`` (one argument: the op's arguments by name) as an implementation taking them positionally."""
     args_type = ARGS[name]
@@ -140,7 +154,8 @@ IMPLEMENTATIONS = {  # op -> (reference, Triton), each taking the op's arguments
     name: (_by_name(name, ref), _by_name(name, triton)) for name, ref, triton in (
         ("per_sample_grad_norms", _norms_reference, _norms_triton),
         ("subset_sq_sums", _sq_sums_reference, _sq_sums_triton),
-        ("select_subset", _select_reference, _select_triton))}
+        ("select_subset", _select_reference, _select_triton),
+        ("sample_scores", _scores_reference, _scores_triton))}
 for _name, (_ref, _triton) in IMPLEMENTATIONS.items():
     _LIB.impl(_name, _ref, "CompositeExplicitAutograd")
     _LIB.impl(_name, _triton, "CUDA")
@@ -173,8 +188,14 @@ def _select_fake(a):
     return a.logits.new_empty(5, dtype=torch.float64), a.logits.new_empty(a.logits.shape[0], dtype=torch.bool)
 
 
+def _scores_fake(a):
+    _check_head(a)
+    rows = len(_reference().SCORES) + len(_reference().CLASS_SCORES) * a.by_class
+    return a.logits.new_empty(rows, a.logits.shape[0], dtype=torch.float32)
+
+
 for _name, _fake in (("per_sample_grad_norms", _norms_fake), ("subset_sq_sums", _sq_sums_fake),
-                     ("select_subset", _select_fake)):
+                     ("select_subset", _select_fake), ("sample_scores", _scores_fake)):
     torch.library.register_fake(f"dynbatch::{_name}", _by_name(_name, _fake))
 
 

@@ -34,9 +34,10 @@ from dynbatch.train.optim import step_unless
 
 @dataclass(slots=True)
 class StepOutcome:
-    """What one plan did. ``parts`` are four 0-d float32 device tensors, summed over this rank's steps: loss sum,
-    correct predictions, trained samples (sample weights summed) and skipped (non-finite) updates; read by the
-    trainer with its block, never here (and stacked there too: one stack per block, not one per step)."""
+    """What one plan did. ``parts`` are 0-d float32 device tensors, summed over this rank's steps: loss sum,
+    correct predictions, trained samples (sample weights summed) and skipped (non-finite) updates, and when the
+    context marks mislabeled samples, how many the rank's share of the batch held and how many were trained on;
+    read by the trainer with its block, never here (and stacked there too: one stack per block, not per step)."""
 
     parts: tuple[torch.Tensor, ...] = ()
     oom_retries: int = 0
@@ -45,7 +46,7 @@ class StepOutcome:
 
     @property
     def stats(self) -> torch.Tensor:
-        """``parts`` as one float32 (4,) tensor."""
+        """``parts`` as one float32 (4,) or (6,) tensor."""
         return torch.stack(self.parts)
 
 
@@ -70,12 +71,18 @@ class PlanExecutor:
         self._seeds: dict[tuple, torch.Tensor] = {}  # backward seeds: (n,) filled with a host factor
         self._lr: float | None = None
 
-    def _normaliser(self, n: int, weight: torch.Tensor | None, device) -> tuple[torch.Tensor | float, torch.Tensor]:
-        """(factor, samples): the step's mean loss is sum(weighted losses) * factor; ``samples`` (0-d float32) is
-        this rank's count for the statistics. One process without weights: a host constant, no device work."""
-        if weight is None and not self.dist.enabled:
+    def _normaliser(self, n: int, weight: torch.Tensor | None, device,
+                    by_count: bool = False) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """(factor, samples): the step's mean loss is sum(weighted losses) * factor, the weights' sum normalising
+        or, ``by_count``, the number of samples with a positive weight; ``samples`` (0-d float32) is this rank's
+        count for the statistics. One process normalising by a count: a host constant, no device work (a weight
+        of 0 exists only as DDP's filler sample)."""
+        if (weight is None or by_count) and not self.dist.enabled:
             return 1.0 / max(n, 1), self._count(n, device)
-        local = weight.sum() if weight is not None else self._count(n, device)
+        if weight is None:
+            local = self._count(n, device)
+        else:
+            local = (weight > 0).sum(dtype=torch.float32) if by_count else weight.sum()
         total = self.dist.all_reduce_sum(local.float().reshape(1))[0] if self.dist.enabled else local.float()
         return self.dist.world / total.clamp_min(1e-12), local.float()
 
@@ -106,7 +113,7 @@ class PlanExecutor:
         """The backward of losses a policy computed with a graph; (loss sum, correct, samples), 0-d float32."""
         w = step.sample_weight
         losses = step.losses if w is None else step.losses * w
-        factor, samples = self._normaliser(losses.numel(), w, losses.device)
+        factor, samples = self._normaliser(losses.numel(), w, losses.device, step.mean_over_count)
         total = self._backward(losses, factor)
         hit = step.logits.argmax(1) == step.y
         if w is not None:
@@ -118,7 +125,7 @@ class PlanExecutor:
         correct, samples) as 0-d float32 device tensors."""
         w, n = step.sample_weight, step.x.shape[0]
         mb = self.micro_batch or n
-        factor, samples = self._normaliser(n, w, step.x.device)
+        factor, samples = self._normaliser(n, w, step.x.device, step.mean_over_count)
         total = correct = None
         for start in range(0, n, mb):
             xs, ys = (step.x, step.y) if mb >= n else (step.x[start:start + mb], step.y[start:start + mb])
@@ -184,10 +191,19 @@ class PlanExecutor:
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._unit)
         return found
 
+    def _mislabeled(self, flags: torch.Tensor, step) -> torch.Tensor:
+        """How many of ``step``'s samples (with a positive weight) are marked in ``flags`` (the batch's, (B,)
+        bool), 0-d float32 on the device."""
+        hit = flags[step.rows if step.rows is not None else self.dist.share(flags.shape[0])]
+        w = getattr(step, "sample_weight", None)
+        return (hit if w is None else hit & (w > 0)).sum(dtype=torch.float32)
+
     def run(self, plan: Plan, ctx: StepContext, base_lr: float) -> StepOutcome:
         outcome = StepOutcome()
         snapshot = BufferSnapshot(self.model) if self.restore_buffers_on_skip else None
         sums = skipped = None
+        flags = ctx.mislabeled
+        mislabeled = []
         for step in plan.steps:
             if isinstance(step, GradientStep):
                 for p, g in zip(self.params, step.grads):
@@ -205,7 +221,12 @@ class PlanExecutor:
             step_unless(self.optimizer, found)
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
             skipped = found if skipped is None else skipped + found
+            if flags is not None:
+                mislabeled.append(self._mislabeled(flags, step))
         outcome.parts = (*sums, skipped)
+        if flags is not None:
+            in_batch = flags[self.dist.share(flags.shape[0])].sum(dtype=torch.float32)
+            outcome.parts += (in_batch, mislabeled[0] if len(mislabeled) == 1 else torch.stack(mislabeled).sum())
         if snapshot is not None:
             snapshot.restore(where=skipped > 0)
         outcome.micro_batch = self.micro_batch

@@ -1,8 +1,8 @@
 """Where a run's rows go: ``metrics.jsonl`` and the loggers, step rows held on the device until a block is
 flushed, the progress bar, step clocks, and the guard against non-finite steps.
 
-A step's statistics (loss sum, correct, trained samples, skipped updates: four 0-d device tensors) stay on the
-device; every ``FLUSH_EVERY`` steps (and at an epoch's end, before any checkpoint) one read brings the whole block
+A step's statistics (loss sum, correct, trained samples, skipped updates, and under label noise the mislabeled
+samples in the batch and among those trained on: 0-d device tensors) stay on the device; every ``FLUSH_EVERY`` steps (and at an epoch's end, before any checkpoint) one read brings the whole block
 to the host, so a step itself asks the device for nothing.
 """
 from __future__ import annotations
@@ -83,9 +83,9 @@ class MetricsSink:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        values = torch.stack([t for p in pending for t in p.stats]).view(-1, 4).tolist()
+        values = torch.stack([t for p in pending for t in p.stats]).view(len(pending), -1).tolist()
         row = None
-        for p, (loss_sum, correct, trained, skipped) in zip(pending, values):
+        for p, (loss_sum, correct, trained, skipped, *mislabeled) in zip(pending, values):
             correct, trained, skipped = int(correct), int(round(trained)), int(skipped)
             step_s = self.clock.seconds(p.t0, p.t1)
             row = {"step": p.step, "epoch": p.epoch, "batch_size": p.batch_size,
@@ -94,6 +94,9 @@ class MetricsSink:
                    "samples_seen": p.samples_seen, "wall_s": p.wall_s, "step_s": step_s, **p.record}
             if skipped:
                 row["nonfinite_skipped"] = skipped
+            if mislabeled:  # label precision: the share of corrupted labels drawn, and among those trained on
+                row["mislabeled_batch"] = mislabeled[0] / max(p.batch_size, 1)
+                row["mislabeled_trained"] = mislabeled[1] / max(trained, 1)
             self.record("step", row)
             yield row, loss_sum, correct, skipped, step_s
             if self.bar is not None:

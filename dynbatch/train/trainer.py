@@ -154,6 +154,8 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.ctx.step, self.ctx.epoch = p.step, p.epoch
+        if self.data.train.mislabeled is not None:  # label noise: which drawn samples carry a corrupted label
+            self.ctx.mislabeled = self.data.train.mislabeled[idx.to(self.device, non_blocking=True)]
         plan = self.policy.plan(x, y, self.ctx)
         outcome = self.executor.run(plan, self.ctx, lr)
         stats = self.dist.all_reduce_sum(outcome.stats).unbind() if self.dist.enabled else outcome.parts
