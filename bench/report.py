@@ -107,6 +107,46 @@ def step_table(rows) -> list[str]:
     return out + [""]
 
 
+SCORE_IMPLS = ("naive", "functorch", "opacus", "backpack", "torch", "auto")
+
+
+def scores_table(rows) -> list[str]:
+    sc = [r for r in rows if r.get("suite") == "scores"]
+    if not sc:
+        return []
+    t = defaultdict(dict)
+    mem = defaultdict(dict)
+    mm = {}
+    for r in sc:
+        if r["impl"] == "mm":
+            mm[(r["B"], r["C"], r["D"])] = r["median_s"]
+            continue
+        key = (r["B"], r["C"], r["D"], r["by_class"])
+        if "missing" not in r:
+            t[key][r["impl"]] = r["median_s"]
+            mem[key][r["impl"]] = r.get("memory_bytes")
+    present = [i for i in SCORE_IMPLS if any(i in v for v in t.values())]
+    missing = sorted({r["impl"] for r in sc if "missing" in r})
+    out = ["### Scores: per-sample loss, norms, agreement and consensus against the batch (median ms)", "",
+           "`auto`/`torch`: `sample_scores` (the registered op / the torch reference), every score in one call; the "
+           "others compute the gradient scores from materialised per-sample gradients. `class`: with the "
+           "class-conditional scores. Ratios: functorch over `auto` (target ≥ 10× at B = 256, C = 10, D = 64) and "
+           "`auto` over one `torch.mm` of the head's shape (target ≤ 3× at B = 1024, C = 100, D = 512). Memory: "
+           "peak resident growth of one call (MB)." + (f" Not installed: {', '.join(missing)}." if missing else ""),
+           "",
+           "| B | C | D | scores | " + " | ".join(present) + " | mm | functorch / auto | auto / mm | MB functorch | "
+           "MB auto |", "|" + "---|" * (len(present) + 9)]
+    for key in sorted(t):
+        v, m = t[key], mem[key]
+        floor = mm.get(key[:3])
+        mb = lambda x: "–" if x is None else f"{x / 1e6:.1f}"  # noqa: E731
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {'class' if key[3] else 'batch'} | "
+                   + " | ".join(fmt_ms(v.get(p)) for p in present) + f" | {fmt_ms(floor)} | "
+                   + f"{ratio(v.get('functorch'), v.get('auto'))} | {ratio(v.get('auto'), floor)} | "
+                   + f"{mb(m.get('functorch'))} | {mb(m.get('auto'))} |")
+    return out + [""]
+
+
 def fixed_cost_lines(rows) -> list[str]:
     fc = {r["impl"]: r["median_s"] for r in rows if r.get("suite") == "selection_fixed"}
     if not fc:
@@ -213,7 +253,7 @@ def main(argv=None) -> int:
     if a.command:
         lines.append(f"- produced by: `{a.command}`")
     lines.append("")
-    lines += (selection_table(rows) + fixed_cost_lines(rows) + step_table(rows) + overhead_table(rows) + precision_table(rows)
+    lines += (selection_table(rows) + fixed_cost_lines(rows) + scores_table(rows) + step_table(rows) + overhead_table(rows) + precision_table(rows)
               + pipeline_table(rows))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bench.png")

@@ -1,6 +1,7 @@
 """Reproduce the published experiments on the real CIFAR-10 subset, then write tables and figures.
 
-    python bench/reproduce.py edba|split|adabatch|all [--out bench/results/repro] [--budget full|smoke] [--throughput]
+    python bench/reproduce.py edba|split|adabatch|noisy|all [--out bench/results/repro] [--budget full|smoke]
+        [--only GLOB] [--throughput]
 
 Resumable: a finished run is skipped, an interrupted one resumed (``dynbatch train --resume``), so the same
 command picks up where it stopped. ``--budget smoke`` runs a tiny version of every run to check the pipeline.
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: bench.* (the noisy study's report) imports from the checkout
+    sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 
 # The papers' optimizer for EDBA and its baseline: SGD lr 0.001, Nesterov momentum 0.9, weight decay 1e-5, batch 100.
@@ -127,7 +130,51 @@ def adabatch_runs(budget: str):
                                  "--seed", str(seed), *common], {**meta, "method": "fixed"}
 
 
-EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs}
+# The noisy-label study (#30): PreResNet-20 on all 5,085 images, the split experiment's optimizer at batch 128,
+# evaluated every epoch (the noisy baseline peaks and then memorises: final and best accuracy both reported).
+# NOISY_EPOCHS is the pilot's budget (see noisy/REPORT.md); SCORE_AT the epochs at which the fixed baseline's
+# training samples are scored (question 1), each a stop at that epoch's end, ``dynbatch score``, and a resume.
+NOISY_EPOCHS, SCORE_AT, STEPS_PER_EPOCH = 30, (2, 5, 10, 20), 40  # ceil(5,085 / 128) steps an epoch
+NOISES = {"clean": "", "sym40": "symmetric:0.4", "pair45": "pair:0.45"}
+NOISY_OPT = ["--model", "preresnet20", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule",
+             "cosine", "--batch-size", "128", "--amp", "none", "--channels-last", "off", "--eval-every", "1"]
+CONTROLLED = ("selective-backprop", "small-loss", "consensus", "consensus-class")  # keeping methods: + a control
+
+
+def noisy_methods(noise: str) -> dict[str, list[str]]:
+    """Each method's arguments on top of NOISY_OPT at ``noise`` (a NOISES value)."""
+    rate = noise.split(":")[1] if noise else "0.2"  # Co-teaching sets the forget rate to the noise rate
+    methods = {
+        "fixed": ["--policy", "fixed"],
+        "edba-paper": ["--policy", "edba", *EDBA_OPT],  # its paper's optimizer (lr 0.001, batch 100, constant)
+        "edba-tuned": ["--policy", "edba", "--batch-size", "100"],  # the tuned optimizer of the 100-sample reading
+        "importance": ["--policy", "importance"],
+        "selective-backprop": ["--policy", "selective-backprop"],
+        "small-loss": ["--policy", "small-loss", "--forget-rate", rate],
+        "consensus": ["--policy", "consensus"],
+        "consensus-class": ["--policy", "consensus", "--by-class"],
+    }
+    methods.update({f"{m}-control": [*methods[m], "--selection-control"] for m in CONTROLLED})
+    return methods
+
+
+def noisy_runs(budget: str):
+    smoke = budget == "smoke"
+    epochs = 1 if smoke else NOISY_EPOCHS
+    # Seeds outermost, then noise: a partial session finishes whole cells (every method of a seed) first.
+    for seed in range(1 if smoke else 3):
+        for key, noise in NOISES.items():
+            for method, margs in noisy_methods(noise).items():
+                args = [*NOISY_OPT, *margs, "--epochs", str(epochs), "--seed", str(seed)]
+                if noise:
+                    args += ["--label-noise", noise]
+                # later flags win in argparse: EDBA_OPT's batch, lr and schedule override NOISY_OPT's
+                score_at = () if smoke or method != "fixed" or not noise else SCORE_AT
+                yield f"{key}-{method}-s{seed}", args, {"noise": key, "method": method, "seed": seed,
+                                                        "epochs": epochs, "score_at": score_at}
+
+
+EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs, "noisy": noisy_runs}
 
 
 def rows_of(run: Path, kind: str) -> list[dict]:
@@ -159,18 +206,52 @@ def execute(name: str, out: Path, budget: str, only: str) -> list[tuple[Path, di
             print(f"[{name}] {run_name}: done")
             thin(run)
         else:
-            # --autoresume starts a new folder or continues the run in it; settings must match the folder's.
             print(f"[{name}] {run_name}: {'resuming' if (run / 'checkpoint.pt').is_file() else 'starting'}",
                   flush=True)
-            rc = subprocess.run([sys.executable, "-m", "dynbatch", "train", "--no-progress", "--util-interval", "5",
-                                 "--data", f"npz:{DATA}", "--out", str(run), "--autoresume", *args], cwd=REPO,
-                                stdout=subprocess.DEVNULL).returncode
+            rc = _train_scoring(run, args, meta.get("score_at", ()))
             if rc:  # e.g. another invocation is training this run (its lock): go on with the others
                 print(f"[{name}] {run_name}: not finished (dynbatch exit {rc}); rerun to continue it", flush=True)
             elif finished(run, epochs):
                 thin(run)
         runs.append((run, meta))
     return runs
+
+
+def _train(run: Path, args: list[str], *extra: str) -> int:
+    # --autoresume starts a new folder or continues the run in it; settings must match the folder's.
+    return subprocess.run([sys.executable, "-m", "dynbatch", "train", "--no-progress", "--util-interval", "5",
+                           "--data", f"npz:{DATA}", "--out", str(run), "--autoresume", *args, *extra], cwd=REPO,
+                          stdout=subprocess.DEVNULL).returncode
+
+
+def checkpoint_step(run: Path) -> int:
+    """The step the run's checkpoint was written at (0 before the first)."""
+    import torch
+
+    if not (run / "checkpoint.pt").is_file():
+        return 0
+    return int(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["progress"]["step"])
+
+
+def _train_scoring(run: Path, args: list[str], score_at: tuple[int, ...]) -> int:
+    """Train ``run``, stopping at the end of each epoch of ``score_at`` to score its training samples there."""
+    for epoch in score_at:
+        step = epoch * STEPS_PER_EPOCH
+        if (run / "scores" / f"step-{step}.json").is_file():
+            continue
+        now = checkpoint_step(run)
+        if now > step:  # resumed past it (a checkpoint written later): that score cannot be made any more
+            print(f"  {run.name}: past epoch {epoch} already; its scores are missing", flush=True)
+            continue
+        if now < step:
+            rc = _train(run, args, "--stop-after-steps", str(step - now))
+            if rc or checkpoint_step(run) != step:
+                return rc or 1
+        rc = subprocess.run([sys.executable, "-m", "dynbatch", "score", str(run)], cwd=REPO,
+                            stdout=subprocess.DEVNULL).returncode
+        if rc:
+            return rc
+    return _train(run, args)
 
 
 def mean_std(xs: list[float]) -> str:
@@ -591,7 +672,14 @@ def measure_throughput(out: Path, steps: int = 3) -> None:
     (out / "throughput.json").write_text(json.dumps({"threads": torch.get_num_threads(), "samples_per_s": rates}))
 
 
-REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch}
+def report_noisy(runs, out: Path) -> list[str]:
+    """The noisy-label study's tables (filled in as its runs finish)."""
+    from bench.noisy_report import report
+
+    return report(runs, out)
+
+
+REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch, "noisy": report_noisy}
 
 
 def main(argv=None) -> int:

@@ -68,3 +68,22 @@ def functorch_subset_grad_norms(features, targets, weight, bias, masks, label_sm
     """``torch.func`` per-sample gradients, then the vectorised subset reduction."""
     g = functorch_per_sample_grads(features, targets, weight, bias, label_smoothing)
     return subset_mean_norms_matmul(g, masks)
+
+
+def scores_from_grads(grads: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                      by_class: bool = False) -> dict[str, torch.Tensor]:
+    """The gradient scores of ``dynbatch.ops.sample_scores`` from materialised per-sample gradients (B, P): what a
+    user of a per-sample-gradient library computes. ``grad_norm``, ``agreement`` r_i = <g_i, G>, ``consensus``
+    cos(g_i, G - g_i) (and per class, with one G_k per label, gathered back per sample); fp32 (B,) each."""
+    from dynbatch_kernels.reference import consensus
+
+    norms = grads.norm(dim=1)
+    total = grads.sum(0)
+    r = grads @ total
+    out = {"grad_norm": norms, "agreement": r, "consensus": consensus(r, norms, total.square().sum())}
+    if by_class:
+        y = targets.long()
+        per_class = torch.zeros(num_classes, grads.shape[1], device=grads.device).index_add_(0, y, grads)
+        rc = (grads * per_class[y]).sum(1)
+        out.update(class_agreement=rc, class_consensus=consensus(rc, norms, per_class.square().sum(1)[y]))
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dynbatch.errors import UserError
 
-SUITES = ("selection", "step", "overhead", "precision", "pipeline")
+SUITES = ("selection", "scores", "step", "overhead", "precision", "pipeline")
 
 
 def _bench_dir() -> Path:

@@ -134,6 +134,7 @@ def test_each_method_trains_with_label_noise_and_resumes_exactly(tmp_path, capsy
     (("--policy", "consensus", "--consensus-keep", "0"), "--consensus-keep must be in (0, 1]"),
     (("--policy", "importance", "--presample", "0.5"), "--presample must be in [1, 64]"),
     (("--policy", "selective-backprop", "--sb-beta", "0"), "--sb-beta must be positive"),
+    (("--policy", "fixed", "--selection-control"), "--selection-control needs a selection policy"),
 ])
 def test_bad_method_options_are_one_line(tmp_path, capsys, argv, needle):
     rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", *argv)
@@ -181,3 +182,17 @@ def test_score_writes_every_sample_and_the_noise_aurocs(tmp_path, capsys, tiny_n
     assert (arrays["label"] != arrays["clean_label"]).tolist() == arrays["mislabeled"].tolist()
     assert run_cli(capsys, "train", "--resume", run, "--epochs", "2")[0] == 0  # the run is left resumable
     assert_one_line_error(*run_cli(capsys, "score", tmp_path / "none")[::2], "holds no checkpoint.pt")
+
+
+def test_the_random_control_trains_on_as_many_samples_as_the_method_chose(tmp_path, capsys, tiny_npz):
+    method, control = tmp_path / "method", tmp_path / "control"
+    args = ("--forget-rate", "0.5", "--ramp-epochs", "1")
+    assert run_cli(capsys, *_args(tiny_npz, method, "small-loss", *args))[0] == 0
+    assert run_cli(capsys, *_args(tiny_npz, control, "small-loss", *args, "--selection-control"))[0] == 0
+    m, c = rows(method, "step"), rows(control, "step")
+    assert [r["trained_samples"] for r in m] == [r["trained_samples"] for r in c]
+    assert [r["mislabeled_trained"] for r in m] != [r["mislabeled_trained"] for r in c]
+    epoch = rows(method, "epoch")[-1]  # the epoch's label precision, from its steps
+    assert epoch["mislabeled_trained"] == pytest.approx(
+        sum(r["mislabeled_trained"] * r["trained_samples"] for r in m if r["epoch"] == 1)
+        / sum(r["trained_samples"] for r in m if r["epoch"] == 1))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dynbatch.methods.base import ForwardStep, LastLayerForward, Plan, Policy, StepContext, chosen_rows
-from dynbatch.ops import Scores, sample_scores
+from dynbatch.ops import Scores, sample_scores, seeded_uniform
 
 
 class BatchScorer(LastLayerForward):
@@ -71,10 +71,19 @@ def choice_stats(kept, mean_score, threshold, *extra) -> torch.Tensor:
                         for v in (kept, mean_score, threshold, *extra)])
 
 
+def random_rows(batch: int, count: int, *, seed: int, device=None) -> torch.Tensor:
+    """``count`` distinct rows of a batch of ``batch``, int64, uniformly at random from ``seed`` alone."""
+    return torch.argsort(seeded_uniform(seed ^ _CONTROL_SALT, batch, device=device))[:count]
+
+
+_CONTROL_SALT = 0xC0_17_01  # the control's draws, apart from the methods' own
+
+
 class SelectionPolicy(Policy):
     """The trainer adapter of a selection method: subclasses set ``options_type`` and implement :meth:`choose`
     (and :meth:`note`, to update host state from the read); the scoring forward, the DDP gathering, the read and
-    the step are here."""
+    the step are here. With the trainer's ``selection_control`` the step trains on as many random rows as the
+    method chose, unweighted (the method still runs, so its state and records are the real run's)."""
 
     by_class = False  # whether choose() needs the class scores
 
@@ -105,11 +114,12 @@ class SelectionPolicy(Policy):
                   **self.note(values, ctx), "selection_s": time.perf_counter() - t0}
         rows = choice.rows if choice.rows is not None else chosen_rows(choice.mask, kept)
         weight = choice.weight
+        if self.config is not None and self.config.selection_control:
+            rows, weight = random_rows(y.shape[0], kept, seed=(ctx.seed << 32) + ctx.step, device=y.device), None
         if d.enabled:  # this rank's share of the chosen rows (every rank holds the global batch)
             share = d.share(kept)
             rows, weight = rows[share], None if weight is None else weight[share]
             if rows.numel() == 0:  # none for this rank: one sample at weight 0 keeps DDP in step
                 rows, weight = torch.zeros(1, dtype=torch.long, device=x.device), torch.zeros(1, device=x.device)
-        step = ForwardStep(x[rows], y[rows], sample_weight=weight, rows=rows,
-                           mean_over_count=choice.weight is not None)
+        step = ForwardStep(x[rows], y[rows], sample_weight=weight, rows=rows, mean_over_count=weight is not None)
         return Plan([step], record)

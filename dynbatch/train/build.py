@@ -19,6 +19,7 @@ from dynbatch.distributed import Dist
 from dynbatch.errors import UserError
 from dynbatch.info import package_versions
 from dynbatch.methods import Policy, StepContext, policy_class
+from dynbatch.methods.scored import SelectionPolicy
 from dynbatch.models import build_model
 from dynbatch.train import precision as precisions
 from dynbatch.train.config import TrainConfig
@@ -133,6 +134,9 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> RunParts:
     cfg.validate()
     policy_cls = policy_class(cfg.policy)
     policy_cls.validate(cfg.policy_options)
+    if cfg.selection_control and not issubclass(policy_cls, SelectionPolicy):
+        raise UserError(f"--selection-control needs a selection policy, not {cfg.policy}; use it with --policy "
+                        "importance, selective-backprop, small-loss or consensus")
     device, dist = _place(cfg)
     data, redraw = _data(cfg, device)
     model, step_model, precision = _model(cfg, data, device, dist, log)

@@ -108,6 +108,9 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "in [0, 1)", check=within("[0, 1)", lambda v: 0 <= v < 1, "e.g. 0.1"),
                                     group=_M)
     seed: int = option(0, "seeds the model, subset, sampler and augmentation", check=_seed_check, group=_M)
+    selection_control: bool = option(False, "selection policies (importance, selective-backprop, small-loss, "
+                                     "consensus): train on random samples, as many as the policy chose (the control "
+                                     "that tells choosing from training on fewer)", group=_M)
     device: str = option("auto", "auto, cpu, cuda, cuda:N", group=_X)
     amp: str = option("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16, none",
                       check=one_of("auto", "bf16", "none", hint="auto picks bf16 where it is fast"), group=_X)

@@ -20,7 +20,9 @@ CHECKPOINT_KEYS = ("version", "model", "optimizer", "policy", "sampler", "aug_ge
 
 
 def _new_epoch_sums() -> dict[str, Any]:
-    return {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0}
+    # mislabeled_*: corrupted labels among the samples drawn and among those trained on (runs with label noise)
+    return {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0, "drawn": 0, "mislabeled_drawn": 0.0,
+            "mislabeled_trained": 0.0}
 
 
 @dataclass

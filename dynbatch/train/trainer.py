@@ -179,6 +179,11 @@ class Trainer:
             a["n"] += row["trained_samples"]
             a["time"] += step_s
             a["steps"] += 1
+            if "mislabeled_batch" in row:  # counts back from the row's shares (exact: both are ratios of counts)
+                a["drawn"] = a.get("drawn", 0) + row["batch_size"]
+                a["mislabeled_drawn"] = a.get("mislabeled_drawn", 0.0) + row["mislabeled_batch"] * row["batch_size"]
+                a["mislabeled_trained"] = (a.get("mislabeled_trained", 0.0)
+                                           + row["mislabeled_trained"] * max(row["trained_samples"], 1))
             if skipped or p.nonfinite_streak:
                 self.guard.check(p, skipped, row["lr"], loss_sum, row["step"], row["epoch"], self._checkpoint_note())
 
@@ -194,6 +199,9 @@ class Trainer:
                **monitor.epoch_summary(self.dist)}
         if self.redraw is not None:
             row["distinct_train_images"] = self.redraw.distinct
+        if a.get("drawn"):  # label precision over the epoch
+            row["mislabeled_batch"] = a["mislabeled_drawn"] / a["drawn"]
+            row["mislabeled_trained"] = a["mislabeled_trained"] / max(a["n"], 1)
         self.sink.record("epoch", row)
         self.last_epoch = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")}
         self.sink.clear_bar()
