@@ -6,7 +6,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from bench.reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, rows_of
+from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, rows_of
 
 
 def _evaluated(run: Path) -> list[dict]:

@@ -80,6 +80,9 @@ def _add_train(sub) -> tuple[argparse.ArgumentParser, TrainOptions]:
     for title in ("data", "model and optimisation", "execution"):
         opts.group(p, title).add_options(TrainConfig, title)
     g = opts.group(p, "config file")
+    g.add_argument("--recipe", help=f"a named recipe ({', '.join(recipe_names())}) or a recipe file: options "
+                   "set together (model, optimizer, schedule, augmentation, evaluation); --config and flags "
+                   "override it; config.json records the expanded settings")
     g.add_argument("--config", help="YAML or JSON file of options by name (lr: 0.1, policy: edba, ...); flags on "
                    "the command line override it; a run's config.json re-runs that run")
     g = opts.group(p, "run folder")
@@ -128,6 +131,22 @@ def train_config(**given: Any):
     return _config_from(given, opts)
 
 
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.json"))
+
+
+def recipe_path(name: str) -> str:
+    """The file of the named recipe, or ``name`` itself when it is a file."""
+    if (RECIPES / f"{name}.json").is_file():
+        return str(RECIPES / f"{name}.json")
+    if Path(name).is_file():
+        return name
+    raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())}, or give a recipe file")
+
+
 def load_config_file(path: str, opts: TrainOptions) -> dict[str, Any]:
     """Option values from a YAML or JSON file (a run's ``config.json`` included), checked like command-line
     values; the file's keys are option names (``train_samples`` or ``train-samples``)."""
@@ -151,7 +170,7 @@ def load_config_file(path: str, opts: TrainOptions) -> dict[str, Any]:
         data = data["config"]
     if not isinstance(data, dict):
         raise UserError(f"--config {p} holds a {type(data).__name__}, not a mapping; {fix}")
-    flat = {k: v for k, v in data.items() if k != "policy_options"}
+    flat = {k: v for k, v in data.items() if k != "policy_options" and not str(k).startswith("_")}  # _: comments
     flat.update(data.get("policy_options") or {})
     out = {}
     for key, value in flat.items():
@@ -174,7 +193,7 @@ def _config_value(dest: str, value: Any, parse, path: Path) -> Any:
         return value
     if isinstance(value, (bool, dict)):
         raise bad
-    if dest == "milestones" and isinstance(value, (list, tuple)):
+    if dest in ("milestones", "triangle") and isinstance(value, (list, tuple)):
         if not value:
             return ()  # no milestones: the step schedule's own (50%, 75% of the budget)
         value = ",".join(map(str, value))
@@ -201,8 +220,11 @@ def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
     from dynbatch.train.trainer import Trainer
 
     given = _given(args)
-    if "config" in given and not given.get("resume"):
-        given = {**load_config_file(given.pop("config"), opts), **given}  # flags override the file
+    if not given.get("resume"):  # flags override the config file, which overrides the recipe
+        base = load_config_file(recipe_path(given["recipe"]), opts) if "recipe" in given else {}
+        if "config" in given:
+            base.update(load_config_file(given.pop("config"), opts))
+        given = {**base, **given}
     if given.get("resume") and (given.get("out") or given.get("autoresume")):
         raise UserError("give either --resume DIR or --out DIR [--autoresume], not both; drop one of them")
     if given.get("autoresume") and not given.get("out"):

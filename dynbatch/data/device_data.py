@@ -17,14 +17,21 @@ class DeviceSplit:
     x: uint8 (N, H + 2p, W + 2p, C), zero padded by p = ``padding``; y: int64 (N,).
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, padding: int, flip: bool):
+    def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, padding: int, flip: bool,
+                 pad_mode: str = "zero", flip_mode: str = "random", seed: int = 0):
         self.n, self.h, self.w, self.c = x.shape
         self.padding = padding
         self.flip = flip
         xt = torch.from_numpy(np.ascontiguousarray(x))
         if padding:
-            xt = torch.nn.functional.pad(xt, (0, 0, padding, padding, padding, padding))
+            # (N, H, W, C): reflect pads through a float view, exact for uint8 values
+            xt = (torch.nn.functional.pad(xt.permute(0, 3, 1, 2).float(), (padding,) * 4, mode="reflect")
+                  .round().to(torch.uint8).permute(0, 2, 3, 1).contiguous() if pad_mode == "reflect"
+                  else torch.nn.functional.pad(xt, (0, 0, padding, padding, padding, padding)))
         self.x = xt.to(device)
+        # alternate flips (airbench's): each image's own flip, drawn once, inverted every other epoch
+        self.flip_base = ((torch.rand(self.n, generator=torch.Generator().manual_seed(seed)) < 0.5).to(device)
+                          if flip and flip_mode == "alternate" else None)
         self.y = torch.from_numpy(np.ascontiguousarray(y)).to(device)
         self.y_clean: torch.Tensor | None = None  # the true labels, where y holds noisy ones (label noise)
         self.mislabeled: torch.Tensor | None = None  # bool (N,): y != y_clean, with label noise
@@ -47,11 +54,13 @@ class DeviceSplit:
     def _normalise(self, x_nhwc: torch.Tensor) -> torch.Tensor:
         return x_nhwc.permute(0, 3, 1, 2).float() * self.scale + self.shift
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None,
+              epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) float32 normalised, labels (B,) for indices ``idx``.
 
         With a ``generator`` (CPU), each image gets a random crop within the padding and, where the data set allows,
-        a horizontal flip; without one, the centre crop (evaluation).
+        a horizontal flip (random, or alternate: the image's own flip, inverted on odd ``epoch``s); without one,
+        the centre crop (evaluation).
         """
         idx = idx.to(self.device, non_blocking=True)
         p = self.padding
@@ -62,11 +71,18 @@ class DeviceSplit:
             # Offsets and flips are drawn on the CPU generator so CPU and CUDA runs see the same augmentation.
             dy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
             dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-            flip = torch.rand(b, generator=generator) < 0.5 if self.flip else torch.zeros(b, dtype=torch.bool)
+            alternate = self.flip_base is not None
+            if alternate:  # the images' own flips live on the device: indexed there, never read
+                flip = torch.zeros(b, dtype=torch.bool)
+            else:
+                flip = torch.rand(b, generator=generator) < 0.5 if self.flip else torch.zeros(b, dtype=torch.bool)
             cols = torch.arange(self.w)
             cols = torch.where(flip[:, None], self.w - 1 - cols, cols) + dx[:, None]  # flip folded into the gather
             rows = torch.arange(self.h) + dy[:, None]
             rows, cols = self._to_device(rows), self._to_device(cols)
+            if alternate:
+                flip = (self.flip_base[idx] ^ bool(epoch % 2))[:, None]
+                cols = torch.where(flip, 2 * self._to_device(dx)[:, None] + self.w - 1 - cols, cols)
             x = self.x[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
         return self._normalise(x), self.y[idx]
 
@@ -74,13 +90,16 @@ class DeviceSplit:
 class DeviceData:
     """Train and test splits of a :class:`DataSource` on one device."""
 
-    def __init__(self, src: DataSource, device: torch.device, train_indices: np.ndarray | None = None):
+    def __init__(self, src: DataSource, device: torch.device, train_indices: np.ndarray | None = None,
+                 augment_seed: int = 0):
         x_tr, y_tr = src.x_train, src.y_train
         if train_indices is not None:
             x_tr, y_tr = x_tr[train_indices], y_tr[train_indices]
         self.source = src
         self.device = device
-        self.train = DeviceSplit(x_tr, y_tr, src.mean, src.std, device, src.crop_padding, src.flip)
+        self.train = DeviceSplit(x_tr, y_tr, src.mean, src.std, device, src.crop_padding, src.flip, src.pad_mode,
+                                 src.flip_mode, seed=augment_seed)
+        self.augment_seed = augment_seed
         self.test = DeviceSplit(src.x_test, src.y_test, src.mean, src.std, device, 0, False)
         self._set_clean_labels(train_indices)
 
@@ -101,5 +120,6 @@ class DeviceData:
         """Train on these rows of the source's training split from now on (``--redraw-subset``)."""
         src = self.source
         self.train = DeviceSplit(src.x_train[train_indices], src.y_train[train_indices], src.mean, src.std,
-                                 self.device, src.crop_padding, src.flip)
+                                 self.device, src.crop_padding, src.flip, src.pad_mode, src.flip_mode,
+                                 seed=self.augment_seed)
         self._set_clean_labels(train_indices)

@@ -32,7 +32,8 @@ class DataSource:
     """A whole data set in host memory.
 
     x_*: uint8 (N, H, W, C); y_*: int64 (N,); mean/std: per channel, for images scaled to [0, 1].
-    crop_padding: pixels of zero padding for the random-crop augmentation; flip: whether horizontal flips are valid.
+    crop_padding: pixels of padding for the random-crop (translation) augmentation, ``pad_mode`` zero or reflect;
+    flip: whether horizontal flips are valid, ``flip_mode`` how they are drawn (random, alternate).
     """
 
     name: str
@@ -45,6 +46,8 @@ class DataSource:
     std: tuple[float, ...]
     crop_padding: int = 4
     flip: bool = True
+    pad_mode: str = "zero"
+    flip_mode: str = "random"
     y_train_clean: np.ndarray | None = None  # the true training labels when y_train was corrupted (label noise)
 
     @property

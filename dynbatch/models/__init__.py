@@ -6,6 +6,7 @@ from functools import partial
 from torch import nn
 
 from dynbatch.errors import UserError
+from dynbatch.models.airbench import AirbenchNet
 from dynbatch.models.alexnet import AlexNetCifar, TorchvisionAlexNet
 from dynbatch.models.preresnet import PreResNet
 from dynbatch.models.resnet import ResNet18
@@ -21,6 +22,7 @@ MODELS = {
     "alexnet_cifar": AlexNetCifar,
     "resnet18": ResNet18,
     "vgg16_bn": VGG16BN,
+    "airbench": AirbenchNet,
 }
 
 

@@ -21,9 +21,11 @@ from dynbatch.info import package_versions
 from dynbatch.methods import Policy, StepContext, policy_class
 from dynbatch.methods.scored import SelectionPolicy
 from dynbatch.models import build_model
+from dynbatch.models.init import dirac_init, first_conv, set_batchnorm, whiten_conv
 from dynbatch.train import precision as precisions
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.executor import PlanExecutor
+from dynbatch.train.lookahead import Lookahead
 from dynbatch.train.optim import build_optimizer
 from dynbatch.train.redraw import SubsetRedraw
 
@@ -49,6 +51,7 @@ class RunParts:
     ctx: StepContext
     sampler: VariableBatchSampler
     aug_gen: torch.Generator
+    lookahead: Lookahead | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,8 +84,13 @@ def _place(cfg: TrainConfig) -> tuple[torch.device, Dist]:
 
 def _data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceData, SubsetRedraw | None]:
     src = load_dataset(cfg.data, cfg.data_dir, cfg.num_classes, cfg.image_size)
+    if cfg.translate is not None:
+        src.crop_padding = cfg.translate
+    src.pad_mode, src.flip_mode = cfg.pad_mode, cfg.flip
+    if not cfg.augment or cfg.flip == "none":
+        src.flip = False
     if not cfg.augment:
-        src.crop_padding, src.flip = 0, False
+        src.crop_padding = 0
     train_samples = cfg.train_samples
     if cfg.train_fraction is not None:
         train_samples = max(1, round(cfg.train_fraction * len(src.y_train)))
@@ -92,7 +100,7 @@ def _data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceData, SubsetRed
     if noise is not None:  # after the subsets are drawn from the true labels: the same images as a clean run
         src.y_train_clean = src.y_train
         src.y_train = corrupt_labels(src.y_train, noise, src.num_classes, cfg.seed)
-    return DeviceData(src, device, subset), redraw
+    return DeviceData(src, device, subset, augment_seed=cfg.seed + 3), redraw
 
 
 def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -108,11 +116,26 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(model, **kw)
 
 
+WHITEN_IMAGES = 5000  # training images whose patches set the whitening layer (airbench's count)
+
+
+def _initialise(cfg: TrainConfig, model: torch.nn.Module, data: DeviceData) -> None:
+    """The initialisation options, on the freshly built model (a resumed run then loads its checkpoint over it)."""
+    if cfg.init == "dirac":
+        dirac_init(model)
+    set_batchnorm(model, momentum=cfg.bn_momentum, eps=cfg.bn_eps, train_weight=cfg.bn_weight)
+    if cfg.whiten:
+        conv = first_conv(model)
+        images, _ = data.train.batch(torch.arange(min(WHITEN_IMAGES, len(data.train)), device=data.device))
+        whiten_conv(conv, images)
+
+
 def _model(cfg: TrainConfig, data: DeviceData, device: torch.device, dist: Dist, log):
     """(plain module, the wrapper that trains, precision)."""
     torch.manual_seed(cfg.seed)
     src = data.source
     model = build_model(cfg.model, src.num_classes, src.image_shape[0]).to(device)
+    _initialise(cfg, model, data)
     precision = precisions.resolve(cfg.amp, cfg.channels_last, device, model)
     if precision.bf16 and device.type == "cpu" and not precisions.cpu_has_native_bf16():
         log("note: --amp bf16 on a CPU without native bf16 (avx512_bf16 or amx_bf16) is emulated and much slower "
@@ -140,8 +163,9 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> RunParts:
     device, dist = _place(cfg)
     data, redraw = _data(cfg, device)
     model, step_model, precision = _model(cfg, data, device, dist, log)
-    optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
-                                weight_decay=cfg.weight_decay)
+    lr, weight_decay = cfg.torch_hyperparameters()
+    optimizer = build_optimizer(cfg.optimizer, model, lr=lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+                                weight_decay=weight_decay, bias_lr_scale=cfg.bias_lr_scale)
     policy = policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
     policy.check_world_size(dist.world)
     executor = PlanExecutor(step_model, optimizer, cfg.micro_batch, dist=dist,
@@ -153,7 +177,10 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> RunParts:
                     precision=precision, channels_last=precision.channels_last, optimizer=optimizer, policy=policy,
                     executor=executor, loss_fn=loss_fn, ctx=ctx,
                     sampler=VariableBatchSampler(len(data.train), cfg.seed + 1, device),
-                    aug_gen=torch.Generator().manual_seed(cfg.seed + 2))
+                    aug_gen=torch.Generator().manual_seed(cfg.seed + 2),
+                    lookahead=Lookahead(model, every=cfg.lookahead, decay=cfg.lookahead_decay,
+                                        power=cfg.lookahead_power, start=cfg.lookahead_start)
+                    if cfg.lookahead else None)
 
 
 def part_names() -> list[str]:

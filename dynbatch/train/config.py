@@ -17,7 +17,7 @@ from dynbatch.options import (OptionError, at_least, check_fields, finite_float,
                               positive, within)
 from dynbatch.train.loggers import parse_loggers
 from dynbatch.train.optim import OPTIMIZERS
-from dynbatch.train.schedules import SCHEDULES
+from dynbatch.train.schedules import SCHEDULES, TRIANGLE
 
 # Used where neither the user nor the policy's paper says otherwise.
 OPTIMIZER_DEFAULTS = {"lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4}
@@ -41,6 +41,22 @@ def _milestones_check(name, v):
 def _seed_check(name, v):
     if not 0 <= v <= MAX_SEED:
         raise OptionError(f"{{{name}}} must be in 0..{MAX_SEED} (got {v}); pick a seed in that range")
+
+
+def _triple(s: str) -> tuple[float, ...]:
+    try:
+        values = tuple(finite_float(v) for v in s.split(","))
+    except argparse.ArgumentTypeError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{s!r} is not three comma-separated numbers like 0.2,0.23,0.07")
+    return values
+
+
+def _triangle_check(name, v):
+    if len(v) != 3 or not (v[0] >= 0 and 0 < v[1] < 1 and v[2] >= 0):
+        raise OptionError(f"{{{name}}} must be start,peak,end with start, end >= 0 and 0 < peak < 1 (got "
+                          f"{','.join(map(str, v))}); e.g. 0.2,0.23,0.07")
 
 
 def _label_noise_check(name, v):
@@ -76,6 +92,14 @@ class TrainConfig:
                                           check=within("(0, 1]", lambda v: 0 < v <= 1, "e.g. 0.1 for 10%"), group=_D)
     augment: bool = option(True, "train without random crops and flips (augmentation is on otherwise)",
                            flag="--no-augment", group=_D)
+    translate: int | None = option(None, "random translation of up to N pixels (a crop of the padded image; "
+                                   "default: the data set's, 4 for CIFAR)", check=non_negative("e.g. 2 or 4"),
+                                   group=_D)
+    pad_mode: str = option("zero", "padding for the translation: zero or reflect",
+                           check=one_of("zero", "reflect", hint="zero is the default"), group=_D)
+    flip: str = option("random", "horizontal flips: random (each image, each epoch), alternate (a random "
+                       "image's flip, then all flipped every other epoch: airbench's) or none",
+                       check=one_of("random", "alternate", "none", hint="random is the default"), group=_D)
     label_noise: str = option("", "label noise on the training split, seeded by --seed (test labels stay clean): "
                               "symmetric:R (uniform over the other classes), pair:R (c -> c+1) or asymmetric:R "
                               "(CIFAR-10's truck->automobile, bird->airplane, cat<->dog, deer->horse), R in [0, 1)",
@@ -105,6 +129,38 @@ class TrainConfig:
                                            "of the budget)", parse=_milestones, check=_milestones_check, group=_M)
     gamma: float = option(0.1, "step-schedule factor, in (0, 1]", check=within(
         "(0, 1]", lambda v: 0 < v <= 1, "it multiplies the learning rate at each milestone, e.g. 0.1"), group=_M)
+    triangle: tuple[float, ...] = option(TRIANGLE, "triangle schedule: start,peak,end (start and end as fractions of "
+                                         "the peak lr, peak as a fraction of the budget)", parse=_triple,
+                                         check=_triangle_check, group=_M)
+    hyp_form: str = option("torch", "torch (--lr and --weight-decay as torch's optimizers take them) or decoupled "
+                           "(airbench's: per 1024 examples, the lr normalised by Nesterov momentum's gain, the "
+                           "weight decay independent of the lr; converted for --batch-size)",
+                           check=one_of("torch", "decoupled", hint="torch is the default"), group=_M)
+    bias_lr_scale: float = option(1.0, "learning-rate multiplier for the BatchNorm biases (their decay per step "
+                                  "unchanged; airbench: 64)", check=positive("e.g. 64"), group=_M)
+    lookahead: int | None = option(None, "every K steps pull the weights (and BatchNorm statistics) toward their "
+                                   "slow average and copy it back (airbench's lookahead; default off)",
+                                   check=at_least(1, "give the steps between pulls, e.g. 5, or leave it out"),
+                                   group=_M)
+    lookahead_decay: float = option(0.95, "lookahead: the slow average keeps decay^K x progress^power of itself",
+                                    check=within("(0, 1]", lambda v: 0 < v <= 1, "e.g. 0.95"), group=_M)
+    lookahead_power: float = option(3.0, "lookahead: exponent of the training progress in the decay",
+                                    check=non_negative("e.g. 3"), group=_M)
+    lookahead_start: float = option(3.0, "lookahead: epochs before it starts", check=non_negative("e.g. 3"),
+                                    group=_M)
+    init: str = option("default", "weight initialisation: default (the model's) or dirac (every convolution with "
+                       "as many outputs as inputs or more starts as the identity on its first inputs)",
+                       check=one_of("default", "dirac", hint="default is the model's own"), group=_M)
+    bn_momentum: float | None = option(None, "BatchNorm running-statistics momentum, torch's convention (the new "
+                                       "batch's weight; airbench: 0.4)", check=within(
+                                           "(0, 1]", lambda v: 0 < v <= 1, "e.g. 0.1"), group=_M)
+    bn_eps: float | None = option(None, "BatchNorm epsilon", check=positive("e.g. 1e-5"), group=_M)
+    bn_weight: bool = option(True, "freeze BatchNorm weights at 1 (train only their biases)",
+                             flag="--freeze-bn-weight", group=_M)
+    whiten: bool = option(False, "initialise the first convolution by whitening the training images' patches "
+                          "and freeze its weights (its output channels: twice its inputs x kernel area)", group=_M)
+    whiten_bias_epochs: int = option(3, "with --whiten: epochs the whitening layer's bias trains before it is "
+                                     "frozen", check=non_negative("e.g. 3"), group=_M)
     label_smoothing: float = option(0.0, "in [0, 1)", check=within("[0, 1)", lambda v: 0 <= v < 1, "e.g. 0.1"),
                                     group=_M)
     seed: int = option(0, "seeds the model, subset, sampler and augmentation", check=_seed_check, group=_M)
@@ -123,6 +179,9 @@ class TrainConfig:
     eval_batch: int = option(1000, "test images evaluated at once", check=positive(), group=_X)
     eval_every: int = option(1, "epochs between test evaluations (the last epoch is always evaluated)",
                              check=positive(), group=_X)
+    tta: int = option(0, "test-time augmentation of the last epoch's evaluation, reported as test_acc_tta beside "
+                      "test_acc: 0 none, 1 mirror, 2 mirror and 1-pixel translations",
+                      check=within("0..2", lambda v: v in (0, 1, 2), "e.g. 2 (airbench's)"), group=_X)
     util_interval: float = option(0.5, "seconds between utilisation samples", check=positive("e.g. 0.5"), group=_X)
     log: str = option("", "loggers beside metrics.jsonl, comma separated: tensorboard (events in <out>/tensorboard; "
                       "nothing logged twice on resume)", check=_loggers_check, group=_X)
@@ -175,6 +234,17 @@ class TrainConfig:
             raise OptionError("{redraw_subset} redraws a {train_samples} (or {train_fraction}) subset; give one, "
                               "or drop {redraw_subset}")
 
+    def torch_hyperparameters(self) -> tuple[float, float]:
+        """(lr, weight decay) as torch's optimizers take them for a mean loss over ``batch_size`` samples. In the
+        decoupled form (airbench's), ``lr`` and ``weight_decay`` are per 1024 examples of a summed loss, the lr
+        divided by Nesterov momentum's gain 1 + 1/(1 - momentum); the decay per step, lr x weight decay, is then
+        weight_decay x batch / (1024 x gain), independent of the lr."""
+        if self.hyp_form == "torch":
+            return self.lr, self.weight_decay
+        gain = 1024 * (1 + 1 / (1 - (self.momentum or 0.0)))
+        lr = self.lr * self.batch_size / gain
+        return lr, self.weight_decay * self.batch_size / gain / lr
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -188,10 +258,11 @@ class TrainConfig:
                 isinstance(v, k) and not (k in (int, float) and isinstance(v, bool)) for k in kinds)
             if not ok or (isinstance(v, float) and not math.isfinite(v)):
                 raise UserError(f"config.json: {name} = {v!r} is not a valid value; restore the run's config.json")
-        if "milestones" in known:
-            if not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in known["milestones"]):
-                raise UserError("config.json: milestones must be numbers; restore the run's config.json")
-            known["milestones"] = tuple(known["milestones"])
+        for name in ("milestones", "triangle"):
+            if name in known:
+                if not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in known[name]):
+                    raise UserError(f"config.json: {name} must be numbers; restore the run's config.json")
+                known[name] = tuple(known[name])
         return cls(**known)
 
 

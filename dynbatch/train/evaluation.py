@@ -7,11 +7,30 @@ import torch
 import torch.nn.functional as F
 
 
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits (B, C) of ``model`` on x (B, C, H, W) averaged over test-time views: level 0 the image, 1 the image
+    and its mirror, 2 that mean (weight 1/2) and the mean of the mirrored pairs translated by one pixel up-left
+    and down-right with reflect padding (1/4 each): airbench's views."""
+    def mirrored(v):
+        return 0.5 * (model(v) + model(v.flip(-1)))
+
+    if level == 0:
+        return model(x)
+    logits = mirrored(x)
+    if level == 1:
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:h + 2, 2:w + 2]))
+    return 0.5 * logits + 0.5 * shifted
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, step_model: torch.nn.Module, split, batch: int, channels_last: bool,
-             autocast: Callable) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``step_model`` on ``split`` (a ``DeviceSplit``) in batches of ``batch``; ``model``
-    (the plain module inside it) is put in eval mode for the pass and back in train mode after."""
+             autocast: Callable, tta: int = 0) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``step_model`` on ``split`` (a ``DeviceSplit``) in batches of ``batch``, with
+    test-time augmentation of level ``tta`` (:func:`tta_logits`); ``model`` (the plain module inside it) is put
+    in eval mode for the pass and back in train mode after."""
     model.eval()
     device = split.x.device
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: read once, at the end
@@ -20,7 +39,7 @@ def evaluate(model: torch.nn.Module, step_model: torch.nn.Module, split, batch: 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = step_model(x).float()
+            logits = tta_logits(step_model, x, tta).float()
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
     model.train()
     loss, correct = sums.tolist()

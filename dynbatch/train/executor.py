@@ -216,7 +216,7 @@ class PlanExecutor:
             lr = base_lr * step.lr_scale
             if lr != self._lr:  # the fused step reads the group's lr; rewritten only when it changes
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_factor", 1.0)
                 self._lr = lr
             step_unless(self.optimizer, found)
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))

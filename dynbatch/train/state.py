@@ -60,6 +60,7 @@ def capture(run, wall_s: float, cuda_rng: list[torch.Tensor] | None) -> dict[str
         "metrics_offset": run.metrics_offset,
         "world_size": run.dist.world,
         "redraw": run.redraw.state_dict() if run.redraw is not None else None,
+        "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
     }
 
 
@@ -85,6 +86,8 @@ def restore(run, s: dict[str, Any]) -> None:
         if run.redraw is not None:
             run.redraw.load_state_dict(s["redraw"])
             run.data.use_train_subset(run.redraw.indices)
+        if run.lookahead is not None:
+            run.lookahead.load_state_dict(s["lookahead"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{run.out}/checkpoint.pt does not fit the run's config.json ({first[:160]}); restore the "

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from dynbatch.distributed import Dist
+from dynbatch.models.init import first_conv
 from dynbatch.monitor import UtilisationMonitor
 from dynbatch.train import loggers, records, state
 from dynbatch.train.build import build_run, describe, part_names
@@ -83,6 +84,7 @@ class Trainer:
     def load_state(self, checkpoint: dict[str, Any]) -> None:
         state.restore(self, checkpoint)
         self.checkpoint_step = self.step
+        self._epoch_freezing()
 
     def checkpoint(self) -> None:
         self._flush()  # the checkpoint counts every row and sum of the steps it contains
@@ -142,6 +144,13 @@ class Trainer:
             if indices is not None:
                 self.data.use_train_subset(indices)
         self.policy.on_epoch_start(self.epoch)
+        self._epoch_freezing()
+
+    def _epoch_freezing(self) -> None:
+        """What trains in this epoch (at its start, and on a resume mid-epoch): the whitening layer's bias for the
+        first ``whiten_bias_epochs`` only."""
+        if self.cfg.whiten:
+            first_conv(self.model).bias.requires_grad_(self.epoch < self.cfg.whiten_bias_epochs)
 
     def _train_step(self) -> None:
         """One step, queued: its statistics stay on the device until the block is flushed, so the step itself asks
@@ -150,7 +159,7 @@ class Trainer:
         lr = self._lr(p.epoch + self.sampler.pos / self.sampler.n)
         asked = self.policy.batch_size()
         idx = self.sampler.next(asked)
-        x, y = self.data.train.batch(idx, self.aug_gen)  # --no-augment zeroed padding and flips
+        x, y = self.data.train.batch(idx, self.aug_gen, p.epoch)  # --no-augment zeroed padding and flips
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.ctx.step, self.ctx.epoch = p.step, p.epoch
@@ -160,6 +169,9 @@ class Trainer:
         outcome = self.executor.run(plan, self.ctx, lr)
         stats = self.dist.all_reduce_sum(outcome.stats).unbind() if self.dist.enabled else outcome.parts
         p.samples_seen += idx.numel()
+        if self.lookahead is not None:
+            epoch = p.epoch + self.sampler.pos / self.sampler.n
+            self.lookahead.after_step(p.step + 1, epoch, epoch / self.cfg.epochs)
         if outcome.oom_retries:
             plan.record.update(oom_retries=outcome.oom_retries, micro_batch=outcome.micro_batch, events=outcome.events)
             for e in outcome.events:
@@ -189,8 +201,11 @@ class Trainer:
 
     def _end_epoch(self, monitor: UtilisationMonitor) -> None:
         self._flush()
+        if self.lookahead is not None:
+            self.lookahead.end_epoch()
         p, a = self.progress, self.progress.epoch_acc
-        evaluate = p.epoch + 1 == self.cfg.epochs or (p.epoch + 1) % self.cfg.eval_every == 0
+        last = p.epoch + 1 == self.cfg.epochs
+        evaluate = last or (p.epoch + 1) % self.cfg.eval_every == 0
         test_loss, test_acc = self.evaluate() if evaluate else (None, None)
         row = {"epoch": p.epoch, "step": p.step, "train_loss": a["loss_sum"] / max(a["n"], 1),
                "train_acc": a["correct"] / max(a["n"], 1), "test_loss": test_loss, "test_acc": test_acc,
@@ -199,6 +214,8 @@ class Trainer:
                **monitor.epoch_summary(self.dist)}
         if self.redraw is not None:
             row["distinct_train_images"] = self.redraw.distinct
+        if last and self.cfg.tta:
+            row["test_acc_tta"] = self.evaluate(tta=self.cfg.tta)[1]
         if a.get("drawn"):  # label precision over the epoch
             row["mislabeled_batch"] = a["mislabeled_drawn"] / a["drawn"]
             row["mislabeled_trained"] = a["mislabeled_trained"] / max(a["n"], 1)
@@ -213,10 +230,11 @@ class Trainer:
         self.sampler.new_epoch()
         self.checkpoint()
 
-    def evaluate(self) -> tuple[float, float]:
-        """(mean loss, accuracy) on the test split, centre crops, eval mode."""
+    def evaluate(self, tta: int = 0) -> tuple[float, float]:
+        """(mean loss, accuracy) on the test split, centre crops (with test-time augmentation of level ``tta``),
+        eval mode."""
         return evaluate(self.model, self.step_model, self.data.test, self.cfg.eval_batch, self.channels_last,
-                        self.precision.autocast)
+                        self.precision.autocast, tta)
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -224,8 +242,9 @@ class Trainer:
 
     def _lr(self, progress: float) -> float:
         cfg = self.cfg
-        lr = scheduled_lr(progress, base_lr=cfg.lr, schedule=cfg.schedule, epochs=cfg.epochs,
-                          warmup_epochs=cfg.warmup_epochs, milestones=cfg.milestones, gamma=cfg.gamma)
+        lr = scheduled_lr(progress, base_lr=cfg.torch_hyperparameters()[0], schedule=cfg.schedule, epochs=cfg.epochs,
+                          warmup_epochs=cfg.warmup_epochs, milestones=cfg.milestones, gamma=cfg.gamma,
+                          triangle=cfg.triangle)
         return lr * self.policy.lr_factor(progress)
 
     def _on_signal(self, signum, frame) -> None:
