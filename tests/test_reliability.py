@@ -267,6 +267,18 @@ def test_autoresume_starts_continues_and_refuses_other_settings(tmp_path, capsys
     assert_one_line_error(rc, err, "other settings (lr: 0.05 there, 0.01 now)")
 
 
+def test_autoresume_continues_a_run_written_before_a_setting_existed(tmp_path, capsys):
+    """A setting added to dynbatch after a run started compares as its default: the run still continues."""
+    run = tmp_path / "r"
+    cmd = ("train", "--out", run, "--epochs", "2", *TINY, "--autoresume")
+    assert run_cli(capsys, *cmd, "--stop-after-steps", "4")[0] == 0
+    saved = json.loads((run / "config.json").read_text())
+    del saved["config"]["pad_mode"], saved["config"]["lookahead"]  # as an older dynbatch wrote it
+    (run / "config.json").write_text(json.dumps(saved))
+    rc, out, _ = run_cli(capsys, *cmd)
+    assert rc == 0 and "resuming" in out
+
+
 def _torchrun(*argv, max_restarts=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={max_restarts}", "-m", "dynbatch", *map(str, argv)]

@@ -194,7 +194,8 @@ def read_config(run: Path) -> dict[str, Any]:
 
 def require_same_config(run: Path, cfg, ignore: set[str]) -> None:
     """--autoresume: the folder's run must have the settings ``cfg`` (a resolved TrainConfig) describes."""
-    saved = read_config(run)["config"]
+    # Through the config type: a setting added after the run was written compares as its default.
+    saved = json.loads(json.dumps(type(cfg).from_dict(read_config(run)["config"]).to_dict(), default=str))
     new = json.loads(json.dumps(cfg.to_dict(), default=str))  # the same normal form config.json holds
     keys = sorted(k for k in set(saved) | set(new) if k not in ignore and saved.get(k) != new.get(k))
     if keys:

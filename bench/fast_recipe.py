@@ -1,0 +1,111 @@
+"""The engine's ``--recipe airbench94`` against the plain reference script (``bench/airbench_plain.py``: the same
+recipe, no engine code), side by side on one machine: same data, seeds, epochs, batch size and thread count, runs
+alternating so that both see the same load. Reports final test accuracy (and with test-time augmentation),
+training wall time (evaluation excluded) and the time to reach fixed accuracies.
+
+    python bench/fast_recipe.py [--seeds 0,1,2] [--epochs 10] [--batch-size 128] [--out bench/results/fast-recipe]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
+LEVELS = (0.65, 0.70, 0.75)
+
+
+def engine_run(out: Path, seed: int, epochs: int, batch: int, env: dict) -> dict:
+    run = out / f"engine-s{seed}"
+    if not (run / "metrics.jsonl").is_file():
+        subprocess.run([sys.executable, "-m", "dynbatch", "train", "--recipe", "airbench94", "--data", f"npz:{DATA}",
+                        "--batch-size", str(batch), "--epochs", str(epochs), "--seed", str(seed), "--out", str(run),
+                        "--overwrite", "--no-progress", "--util-interval", "5"], cwd=REPO, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs_rows = [r for r in rows if r["kind"] == "epoch"]
+    t, log = 0.0, []
+    for r in epochs_rows:
+        t += r["epoch_s"]
+        log.append({"epoch": r["epoch"] + 1, "train_s": t, "test_acc": r["test_acc"]})
+    return {"epochs": log, "test_acc_tta": epochs_rows[-1].get("test_acc_tta")}
+
+
+def plain_run(out: Path, seed: int, epochs: int, batch: int, env: dict) -> dict:
+    path = out / f"plain-s{seed}.json"
+    if not path.is_file():
+        subprocess.run([sys.executable, str(REPO / "bench" / "airbench_plain.py"), "--data", str(DATA),
+                        "--batch-size", str(batch), "--epochs", str(epochs), "--seed", str(seed), "--json", str(path)],
+                       cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(path.read_text())
+
+
+def time_to(log: list[dict], level: float) -> float | None:
+    return next((r["train_s"] for r in log if r["test_acc"] >= level), None)
+
+
+def summary(results: dict[str, list[dict]]) -> list[str]:
+    def cell(values, fmt="{:.1f}"):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        m = statistics.fmean(values)
+        return fmt.format(m) + (f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else "")
+
+    lines = ["| run | seeds | final test acc % | with TTA % | training s | "
+             + " | ".join(f"s to {int(100 * v)} %" for v in LEVELS) + " |", "|---|---|---|---|---|" + "---|" * len(LEVELS)]
+    for name, runs in results.items():
+        lines.append(f"| {name} | {len(runs)} | {cell([100 * r['epochs'][-1]['test_acc'] for r in runs])} | "
+                     f"{cell([100 * r['test_acc_tta'] for r in runs if r['test_acc_tta'] is not None])} | "
+                     f"{cell([r['epochs'][-1]['train_s'] for r in runs], '{:.0f}')} | "
+                     + " | ".join(cell([time_to(r["epochs"], v) for r in runs], "{:.0f}") for v in LEVELS) + " |")
+    e, p = results["engine"], results["plain"]
+    ratio = statistics.fmean(r["epochs"][-1]["train_s"] for r in e) / statistics.fmean(
+        r["epochs"][-1]["train_s"] for r in p)
+    gap = 100 * (statistics.fmean(r["epochs"][-1]["test_acc"] for r in e)
+                 - statistics.fmean(r["epochs"][-1]["test_acc"] for r in p))
+    lines += ["", f"Engine / plain training time: **{ratio:.2f}×**; final accuracy difference (engine − plain): "
+              f"**{gap:+.1f} points** (target: ≤ 1.0× and within ±1 point)."]
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "fast-recipe"))
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
+    results = {"engine": [], "plain": []}
+    t0 = time.time()
+    for seed in map(int, a.seeds.split(",")):  # alternating: both see the same machine load
+        results["plain"].append(plain_run(out, seed, a.epochs, a.batch_size, env))
+        results["engine"].append(engine_run(out, seed, a.epochs, a.batch_size, env))
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = ["# The fast recipe: the engine against a plain script of the same recipe", "",
+             f"Machine: {cpu}, {a.threads} threads, no GPU. Data: the CIFAR-10 subset (5,085 train / 1,017 test). "
+             f"`--recipe airbench94 --batch-size {a.batch_size} --epochs {a.epochs}`; "
+             f"command: `python bench/fast_recipe.py --seeds {a.seeds}` ({time.time() - t0:.0f} s).", ""]
+    lines += summary(results)
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
