@@ -81,16 +81,22 @@ class SelectionCase:
         return self.n * self.b * (self.b if route == "gram" else self.c * (self.d + 1))
 
 
+def linear_head(case) -> torch.nn.Linear:
+    """An ``nn.Linear`` holding ``case``'s head (weight (C, D), bias (C,)), for the per-sample-gradient peers."""
+    head = torch.nn.Linear(case.d, case.c).to(DEVICE)
+    with torch.no_grad():
+        head.weight.copy_(case.weight)
+        head.bias.copy_(case.bias)
+    return head
+
+
 def opacus_subset_norms(case: SelectionCase):
     """Opacus ``GradSampleModule`` per-sample gradients, then the vectorised subset reduction."""
     from opacus import GradSampleModule
 
     from dynbatch.baselines import subset_mean_norms_matmul
 
-    head = torch.nn.Linear(case.d, case.c).to(DEVICE)
-    with torch.no_grad():
-        head.weight.copy_(case.weight)
-        head.bias.copy_(case.bias)
+    head = linear_head(case)
     gsm = GradSampleModule(head, loss_reduction="sum")
 
     def fn():
@@ -110,10 +116,7 @@ def backpack_subset_norms(case: SelectionCase):
 
     from dynbatch.baselines import subset_mean_norms_matmul
 
-    head = extend(torch.nn.Linear(case.d, case.c).to(DEVICE))
-    with torch.no_grad():
-        head.weight.copy_(case.weight)
-        head.bias.copy_(case.bias)
+    head = extend(linear_head(case))
     lossf = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
 
     def fn():

@@ -6,7 +6,27 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, rows_of
+from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, bootstrap_ci, rows_of
+
+# The rules, stated before the runs (issue #30).
+GAIN = 2.0  # points of clean test accuracy that count as a gain (at 40 % symmetric noise Co-teaching-style methods
+#             report far more on full CIFAR-10); a loss is any interval entirely below 0
+RULES = f"""## Rules (stated before the runs)
+
+- **Budget**: equal loader samples for every method (the same epochs); the epoch count is the pilot's, where the
+  noisy baseline has peaked and its last tenth of epochs moves less than 1 point (the reproduction report's rule).
+  Verdicts use the **final** epoch's accuracy; the best over epochs is reported beside it (it selects on the test
+  split).
+- **Question 2 (filtering)**: per seed, d = the run's mislabeled share among the samples trained on minus that among
+  the samples drawn, over all its epochs. A method **filters** noisy labels when the 95 % bootstrap interval of
+  the mean d over seeds lies entirely below 0; **does not filter** when it lies at or above 0; inconclusive
+  otherwise. EDBA's paper's hypothesis ("EDBA filters noisy samples") is reproduced or refuted by this rule.
+- **Question 3 (accuracy)**: the 95 % bootstrap interval of (method − fixed) and of (method − its random control)
+  in mean final accuracy. **Gain** when the interval lies entirely at or above +{GAIN:g} points; **loss** when it lies
+  entirely below 0; **no gain** when it lies below +{GAIN:g} but reaches 0 or above; inconclusive when it straddles
+  +{GAIN:g}.
+- Seeds: 3 per cell, 5 where an interval straddles a bound. A cell without all its seeds gets no verdict.
+"""
 
 
 def _evaluated(run: Path) -> list[dict]:
@@ -65,9 +85,84 @@ def signal_lines(groups: dict) -> list[str]:
     return lines + [""]
 
 
+def _finished(run: Path, meta: dict) -> bool:
+    ep = rows_of(run, "epoch")
+    return bool(ep) and ep[-1]["epoch"] + 1 >= meta["epochs"]
+
+
+def _filtering(run: Path) -> float | None:
+    """Mislabeled share trained on minus drawn, over the run's epochs (weighted by the samples of each)."""
+    ep = [r for r in rows_of(run, "epoch") if "mislabeled_batch" in r]
+    if not ep:
+        return None
+    trained = sum(r["mislabeled_trained"] * r["trained_samples"] for r in ep) / sum(r["trained_samples"] for r in ep)
+    drawn = statistics.fmean(r["mislabeled_batch"] for r in ep)  # every epoch draws the whole split once
+    return trained - drawn
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    return bootstrap_ci(values, [0.0] * len(values))
+
+
+def filtering_lines(done: dict) -> list[str]:
+    lines = ["## Question 2: does the method train on fewer mislabeled samples than it draws?", "",
+             "| noise | method | seeds | trained − drawn (points) | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
+    for (noise, method), runs in sorted(done.items()):
+        if noise == "clean":
+            continue
+        d = [v for v in (_filtering(r) for r, _ in runs) if v is not None]
+        if len(d) < 3:
+            lines.append(f"| {noise} | {method} | {len(d)} | – | – | not enough seeds yet |")
+            continue
+        lo, hi = _interval(d)
+        verdict = "filters" if hi < 0 else "does not filter" if lo >= 0 else "inconclusive"
+        lines.append(f"| {noise} | {method} | {len(d)} | {100 * statistics.fmean(d):+.1f} | "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {verdict} |")
+    return lines + [""]
+
+
+def _final(run: Path) -> float:
+    return _evaluated(run)[-1]["test_acc"]
+
+
+def accuracy_lines(done: dict) -> list[str]:
+    lines = ["## Question 3: clean test accuracy against fixed and against the random control", "",
+             "| noise | method | seeds | final acc % | best acc % | − fixed: 95 % interval | verdict | − control: 95 % "
+             "interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def verdict(lo, hi):
+        lo, hi = 100 * lo, 100 * hi
+        if lo >= GAIN:
+            return "gain"
+        if hi < 0:
+            return "loss"
+        return "no gain" if hi < GAIN else "inconclusive"
+
+    for (noise, method), runs in sorted(done.items()):
+        acc = [_final(r) for r, _ in runs]
+        best = [max(e["test_acc"] for e in _evaluated(r)) for r, _ in runs]
+        cells = []
+        for other in ("fixed", f"{method}-control"):
+            base = [_final(r) for r, _ in done.get((noise, other), [])]
+            if other == method or len(base) < 3 or len(acc) < 3:
+                cells += ["–", "–"]
+                continue
+            lo, hi = bootstrap_ci(acc, base)
+            cells += [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", verdict(lo, hi)]
+        lines.append(f"| {noise} | {method} | {len(acc)} | {100 * statistics.fmean(acc):.1f} | "
+                     f"{100 * statistics.fmean(best):.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(runs, out: Path) -> list[str]:
-    groups = defaultdict(list)
+    groups, done = defaultdict(list), defaultdict(list)
     for run, meta in runs:
         if rows_of(run, "epoch"):
             groups[(meta["noise"], meta["method"])].append((run, meta))
-    return pilot_lines(groups) + signal_lines(groups)
+            if _finished(run, meta):
+                done[(meta["noise"], meta["method"])].append((run, meta))
+    planned = len(runs)
+    finished = sum(len(v) for v in done.values())
+    status = [f"Runs finished: {finished} of {planned} planned (the others have no verdict yet).", ""]
+    return ([RULES, ""] + status + pilot_lines(groups) + signal_lines(groups) + filtering_lines(done)
+            + accuracy_lines(done))

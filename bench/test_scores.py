@@ -8,14 +8,14 @@ peak resident-set growth of one call (Linux), measured apart from the timing: pe
 B x C(D+1) floats, the fused op O(B(C + D) + CD).
 """
 import itertools
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import DEVICE, FULL, peer_missing, run
+from .common import DEVICE, FULL, linear_head, peer_missing, run
 from dynbatch import baselines
+from dynbatch.monitor.memory import peak_growth
 from dynbatch.ops import sample_scores
 
 BS, CS, DS = (128, 256, 1024), (10, 100), (64, 512)
@@ -45,10 +45,7 @@ def case_for(b, c, d) -> ScoreCase:
 
 
 def _peer_grads(case: ScoreCase, peer: str):
-    head = torch.nn.Linear(case.d, case.c).to(DEVICE)
-    with torch.no_grad():
-        head.weight.copy_(case.weight)
-        head.bias.copy_(case.bias)
+    head = linear_head(case)
     if peer == "opacus":
         from opacus import GradSampleModule
 
@@ -87,28 +84,6 @@ def implementation(case: ScoreCase, impl: str, by_class: bool):
     return lambda: baselines.scores_from_grads(grads(), case.targets, case.c, by_class)
 
 
-def peak_growth(fn) -> int | None:
-    """Bytes the peak resident set grew by during one call (CPU, Linux); None elsewhere."""
-    if DEVICE.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
-        if DEVICE.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base
-        return None
-
-    def hwm():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = hwm()
-    fn()
-    return hwm() - before
-
-
 IMPLS = ["naive", "functorch", "opacus", "backpack", "torch", "auto"]
 
 
@@ -130,7 +105,7 @@ def test_scores(benchmark, impl, by_class, b, c, d):
         value = got[name] if isinstance(got, dict) else getattr(got, name)
         scale = getattr(want, name).abs().max().clamp_min(1e-6)
         torch.testing.assert_close(value, getattr(want, name), rtol=1e-3, atol=1e-4 * float(scale))
-    run(benchmark, fn, budget_s=1.0, memory_bytes=peak_growth(fn), **extra)
+    run(benchmark, fn, budget_s=1.0, memory_bytes=peak_growth(fn, DEVICE), **extra)
 
 
 @pytest.mark.parametrize("b, c, d", SHAPES)

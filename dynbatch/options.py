@@ -87,6 +87,13 @@ def check_fields(obj) -> None:
             f.metadata["check"](f.name, getattr(obj, f.name))
 
 
+def with_overrides(options_type, options: Any, overrides: dict[str, Any]):
+    """An options instance from ``options`` (an instance, a mapping of some fields, or None) with ``overrides``
+    (keywords) on top; validated. How every own-loop component takes its options."""
+    base = dataclasses.asdict(options) if isinstance(options, options_type) else dict(options or {})
+    return from_mapping(options_type, {**base, **overrides})
+
+
 def from_mapping(options_type, values: Any):
     """An options instance from an instance, or from a mapping of some of its fields (the rest take defaults);
     validated."""

@@ -8,12 +8,11 @@ so input rounding is not error; every backend accumulates in fp32):
   (none of these cases). Under the interpreter Triton's dots are IEEE fp32; on a GPU they run in tf32 where torch
   allows it, which these bounds do not cover (the GPU check measures it).
 """
-import os
-
 import pytest
 import torch
 
 from dynbatch.errors import UserError
+from dynbatch.monitor.memory import CAN_RESET_PEAK, peak_growth
 from dynbatch.ops import SCORES, per_sample_grad_norms, sample_scores
 from selection_cases import TinyNet, autograd_per_sample_grads, autograd_scores, last_layer_inputs, random_case
 
@@ -103,21 +102,7 @@ def test_identical_samples_fully_agree_and_class_rows_need_asking():
         _ = sample_scores(logits, y, feats).class_consensus
 
 
-def _peak_rss_growth(fn) -> int:
-    """Bytes the process's peak resident set grows by while ``fn`` runs (Linux: the peak is reset first), which
-    sees native allocations that torch's profiler does not."""
-    def hwm() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = hwm()
-    fn()
-    return hwm() - before
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable peak RSS")
+@pytest.mark.skipif(not CAN_RESET_PEAK, reason="needs Linux's resettable peak RSS")
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_nothing_batch_by_classes_times_width_is_allocated(backend):
     """At B = 2048, C = 100, D = 511 the per-sample gradients would be 420 MB; the op's own buffers are O(B (C + D)
@@ -125,5 +110,5 @@ def test_nothing_batch_by_classes_times_width_is_allocated(backend):
     b, c, d = 2048, 100, 511
     logits, y, feats = random_case(b, c, d)
     sample_scores(logits[:8], y[:8], feats[:8], backend=backend)  # load the extension first
-    grown = _peak_rss_growth(lambda: sample_scores(logits, y, feats, by_class=True, backend=backend))
+    grown = peak_growth(lambda: sample_scores(logits, y, feats, by_class=True, backend=backend))
     assert grown < b * c * (d + 1) * 4 / 4, grown

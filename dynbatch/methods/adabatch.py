@@ -18,11 +18,10 @@ equivalent decay instead, ``lr_factor / resize_factor`` (0.375), keeping the sch
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from dynbatch.methods.base import ForwardStep, Plan, Policy, StepContext
-from dynbatch.options import OptionError, check_fields, from_mapping, option, positive
+from dynbatch.options import OptionError, check_fields, option, positive, with_overrides
 
 
 _WHOLE = "give a whole number of 1 or more"
@@ -52,8 +51,7 @@ class AdaBatchSchedule:
     """
 
     def __init__(self, batch_size: int, options: AdaBatchOptions | dict | None = None, **overrides):
-        base = dataclasses.asdict(options) if isinstance(options, AdaBatchOptions) else dict(options or {})
-        self.options = from_mapping(AdaBatchOptions, {**base, **overrides})
+        self.options = with_overrides(AdaBatchOptions, options, overrides)
         if batch_size > self.options.max_batch:
             raise OptionError(f"{{batch_size}} {batch_size} exceeds {{max_batch}} {self.options.max_batch}; raise "
                               "{max_batch} or lower {batch_size}")

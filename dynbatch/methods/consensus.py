@@ -20,13 +20,12 @@ Own-loop component
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from dynbatch.methods.scored import Choice, SelectionPolicy, choice_stats
-from dynbatch.options import OptionError, check_fields, from_mapping, option, within
+from dynbatch.options import OptionError, check_fields, option, with_overrides, within
 from dynbatch.ops import Scores
 
 
@@ -59,8 +58,7 @@ class ConsensusFilter:
     """Consensus selection inside your own loop (see the module docstring)."""
 
     def __init__(self, options: ConsensusOptions | dict | None = None, **overrides):
-        base = dataclasses.asdict(options) if isinstance(options, ConsensusOptions) else dict(options or {})
-        self.options = from_mapping(ConsensusOptions, {**base, **overrides})
+        self.options = with_overrides(ConsensusOptions, options, overrides)
 
     def score(self, scores: Scores) -> torch.Tensor:
         """The consensus this filter ranks by, fp32 (B,)."""

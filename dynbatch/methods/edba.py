@@ -48,7 +48,6 @@ one sample) within [``bs_min``, ``bs_max``].
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -61,7 +60,7 @@ from torch import nn
 from dynbatch.errors import RunFailure
 from dynbatch.methods.base import (ForwardStep, LastLayerForward, Plan, Policy, ReuseStep, StepContext,
                                    capture_last_layer, chosen_rows)
-from dynbatch.options import OptionError, check_fields, from_mapping, non_negative, one_of, option, positive, within
+from dynbatch.options import OptionError, check_fields, non_negative, one_of, option, positive, with_overrides, within
 from dynbatch.ops import MAX_SUBSETS, Selection, select_subset
 
 
@@ -176,9 +175,8 @@ class EDBASelector(LastLayerForward):
 
     def __init__(self, model: nn.Module | None = None, *, head: nn.Linear | None = None, batch_size: int = 100,
                  seed: int = 0, options: EDBAOptions | dict | None = None, **overrides):
-        base = dataclasses.asdict(options) if isinstance(options, EDBAOptions) else dict(options or {})
         super().__init__(model, head=head)
-        self.options = from_mapping(EDBAOptions, {**base, **overrides})
+        self.options = with_overrides(EDBAOptions, options, overrides)
         self.seed = seed
         o = self.options
         self.state = EDBAState(min(max(batch_size, o.bs_min), o.bs_max))

@@ -25,7 +25,6 @@ Own-loop component
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from dynbatch.methods.scored import Choice, SelectionPolicy, choice_stats
-from dynbatch.options import OptionError, check_fields, from_mapping, non_negative, one_of, option, within
+from dynbatch.options import OptionError, check_fields, non_negative, one_of, option, with_overrides, within
 from dynbatch.ops import seeded_uniform
 
 _SALT = 0x1A5A  # separates these draws from any other seeded stream of the run
@@ -81,8 +80,7 @@ class ImportanceSampler:
     """Importance sampling inside your own loop (see the module docstring); holds tau's moving average."""
 
     def __init__(self, train_batch: int, options: ImportanceOptions | dict | None = None, **overrides):
-        base = dataclasses.asdict(options) if isinstance(options, ImportanceOptions) else dict(options or {})
-        self.options = o = from_mapping(ImportanceOptions, {**base, **overrides})
+        self.options = o = with_overrides(ImportanceOptions, options, overrides)
         if train_batch < 1:
             raise OptionError(f"{{batch_size}} must be at least 1 (got {train_batch})")
         self.train_batch = train_batch

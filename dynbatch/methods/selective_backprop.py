@@ -20,14 +20,13 @@ Own-loop component
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dynbatch.methods.scored import Choice, SelectionPolicy, choice_stats
-from dynbatch.options import check_fields, from_mapping, option, positive
+from dynbatch.options import check_fields, option, positive, with_overrides
 from dynbatch.ops import seeded_uniform
 
 _SALT = 0x5B5B  # separates these draws from any other seeded stream of the run
@@ -63,8 +62,7 @@ class SelectiveBackprop:
     """Selective Backprop inside your own loop (see the module docstring); holds the loss history."""
 
     def __init__(self, options: SelectiveBackpropOptions | dict | None = None, **overrides):
-        base = dataclasses.asdict(options) if isinstance(options, SelectiveBackpropOptions) else dict(options or {})
-        self.options = from_mapping(SelectiveBackpropOptions, {**base, **overrides})
+        self.options = with_overrides(SelectiveBackpropOptions, options, overrides)
         self.history: torch.Tensor | None = None  # fp32 (up to sb_history,), the newest losses last
 
     def remember(self, losses: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,12 @@ Own-loop component
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from dynbatch.methods.scored import Choice, SelectionPolicy, choice_stats
-from dynbatch.options import check_fields, from_mapping, option, positive, within
+from dynbatch.options import check_fields, option, positive, with_overrides, within
 
 
 @dataclass
@@ -53,8 +52,7 @@ class SmallLoss:
     """Small-loss selection inside your own loop (see the module docstring)."""
 
     def __init__(self, options: SmallLossOptions | dict | None = None, **overrides):
-        base = dataclasses.asdict(options) if isinstance(options, SmallLossOptions) else dict(options or {})
-        self.options = from_mapping(SmallLossOptions, {**base, **overrides})
+        self.options = with_overrides(SmallLossOptions, options, overrides)
 
     def select(self, losses: torch.Tensor, epoch: float) -> torch.Tensor:
         """Rows int64 (k,) of the k lowest of ``losses`` (B,) at ``epoch``; no host read (k is known)."""
