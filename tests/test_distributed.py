@@ -65,13 +65,13 @@ def test_fixed_policy_two_ranks_equal_one_process(tmp_path, capsys, tiny_npz):
 def test_edba_two_ranks_choose_the_single_process_subsets_and_resume(tmp_path, capsys, tiny_npz):
     args = ("train", "--data", f"npz:{tiny_npz}", "--policy", "edba", "--subsets", "512", *EXACT)
     single, ddp, resumed = tmp_path / "single", tmp_path / "ddp", tmp_path / "resumed"
-    assert run_cli(capsys, *args, "--epochs", "2", "--out", single)[0] == 0
+    assert run_cli(capsys, *args, "--epochs", "1", "--out", single)[0] == 0
     # A disagreement between ranks raises inside the policy, so a clean exit means every rank chose alike.
-    torchrun(*args, "--epochs", "2", "--out", ddp)
+    torchrun(*args, "--epochs", "1", "--out", ddp)
     pick = lambda run: [(r["subset_index"], r["chosen_size"], r["batch_size"]) for r in rows(run, "step")]  # noqa: E731
     assert pick(ddp) == pick(single)
     assert_same_weights(single, ddp)
-    torchrun(*args, "--epochs", "2", "--out", resumed, "--stop-after-steps", "3")
+    torchrun(*args, "--epochs", "1", "--out", resumed, "--stop-after-steps", "3")
     torchrun("train", "--resume", resumed)
     for kind in ("step", "epoch"):
         assert without_timing(rows(resumed, kind)) == without_timing(rows(ddp, kind))

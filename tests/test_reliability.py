@@ -342,7 +342,7 @@ def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, cap
     checkpoint write (eight, not twelve: each costs a process start, and the suite has a 15-minute budget); after each, the run resumes, and in the end every row equals an uninterrupted run's."""
     import random
 
-    args = ("--epochs", "12", "--train-samples", "60", "--batch-size", "12", *FAST)  # 5 steps an epoch
+    args = ("--epochs", "8", "--train-samples", "60", "--batch-size", "12", *FAST)  # 5 steps an epoch
     clean, run = tmp_path / "clean", tmp_path / "faulty"
     assert run_cli(capsys, "train", "--out", clean, *args)[0] == 0
     reference = {k: without_timing(rows(clean, k)) for k in ("step", "epoch")}

@@ -2,7 +2,7 @@
 runs from the CLI with label noise (exact resume, the rows' label precision), and their one-line errors."""
 import contextlib
 import json
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -145,12 +145,14 @@ def test_bad_method_options_are_one_line(tmp_path, capsys, argv, needle):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["importance_loop.py", "selective_backprop_loop.py", "small_loss_loop.py",
                                   "consensus_loop.py"])
-def test_each_method_example_runs_and_differs_from_the_plain_loop_by_at_most_fifteen_lines(name):
+def test_each_method_example_runs_and_differs_from_the_plain_loop_by_at_most_fifteen_lines(name, capsys,
+                                                                                            monkeypatch):
     changed = example_diff(name)
     assert 0 < len(changed) <= 15, changed
-    p = subprocess.run([sys.executable, str(REPO / "examples" / name), "--steps", "3"], capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    assert p.returncode == 0 and "step 3: loss" in p.stdout, p.stderr[-2000:]
+    # In this process (the EDBA example's test runs them as scripts): a process start costs more than 3 steps.
+    monkeypatch.setattr(sys, "argv", [name, "--steps", "3"])
+    runpy.run_path(str(REPO / "examples" / name), run_name="__main__")
+    assert "step 3: loss" in capsys.readouterr().out
 
 
 def test_auroc_is_the_pairwise_probability():
