@@ -271,32 +271,11 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   at::mm_out(c, a, b);
 }
 
-// Row-major C (M x N) = X^T Y for row-major X (K x M) and Y (K x N): the batch's summed outer products.
-void gemm_t_rows(int64_t M, int64_t N, int64_t K, const float* X, const float* Y, float* C) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    std::fill(C, C + M * N, 0.f);
-    return;
-  }
-  if (sgemm_ != nullptr) {
-    // Column-major BLAS sees row-major C as C^T = Y^T X, i.e. Y (N x K, column-major) times X^T.
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const float one = 1.f, zero = 0.f;
-    const char ta = 'N', tb = 'T';
-    sgemm_(&ta, &tb, &m, &n, &k, &one, Y, &m, X, &n, &zero, C, &m);
-    return;
-  }
-  auto f32 = torch::dtype(torch::kFloat32);
-  auto x = torch::from_blob(const_cast<float*>(X), {K, M}, f32);
-  auto y = torch::from_blob(const_cast<float*>(Y), {K, N}, f32);
-  auto c = torch::from_blob(C, {M, N}, f32);
-  at::mm_out(c, x.t(), y);
-}
-
 // Softmax residual rows E = softmax(z) - smoothed one-hot (B x C) and per-sample norms ||e_i|| ||a_i|| (B), from
-// fp32 row-major logits z (B x C), int64 targets y (B) and fp32 features h (B x D).
+// fp32 row-major logits z (B x C), int64 targets y (B) and fp32 features h (B x D); where given, also each
+// sample's cross-entropy (lossp) and ||e_i|| (enp), from the same pass.
 void residual_rows(const float* zp, const int64_t* yp, const float* hp, int64_t B, int64_t C, int64_t D, bool bias,
-                   double smoothing, float* ep, float* np) {
+                   double smoothing, float* ep, float* np, float* lossp = nullptr, float* enp = nullptr) {
   const float off = static_cast<float>(smoothing / C), on = static_cast<float>(1.0 - smoothing);
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -304,10 +283,11 @@ void residual_rows(const float* zp, const int64_t* yp, const float* hp, int64_t 
       float* er = ep + b * C;
       float mx = -INFINITY;
       for (int64_t c = 0; c < C; ++c) mx = std::max(mx, zr[c]);
-      double s = 0;
+      double s = 0, zsum = 0;
       for (int64_t c = 0; c < C; ++c) {
         er[c] = std::exp(zr[c] - mx);
         s += er[c];
+        zsum += zr[c];
       }
       const float inv = static_cast<float>(1.0 / s);
       double e2 = 0;
@@ -318,6 +298,9 @@ void residual_rows(const float* zp, const int64_t* yp, const float* hp, int64_t 
       double a2 = bias ? 1.0 : 0.0;
       for (int64_t d = 0; d < D; ++d) a2 += static_cast<double>(hp[b * D + d]) * hp[b * D + d];
       if (np != nullptr) np[b] = static_cast<float>(std::sqrt(e2) * std::sqrt(a2));
+      if (lossp != nullptr)  // -sum_k t_k log p_k, t = (1 - smoothing) one-hot + smoothing / C
+        lossp[b] = static_cast<float>(mx + std::log(s) - (1 - smoothing) * zr[yp[b]] - smoothing / C * zsum);
+      if (enp != nullptr) enp[b] = static_cast<float>(std::sqrt(e2));
     }
   });
 }
@@ -604,19 +587,35 @@ float consensus_of(double r, double gn, double total_sq) {
   return static_cast<float>(std::min(1.0, std::max(-1.0, (r - g2) / den)));
 }
 
-// r_i = <e_i (x) a_i, G> = e_i^T G a_i for `rows` samples whose residuals (rows x C) and augmented features
-// (rows x DA) are contiguous, with G = their own E^T A; returns ||G||^2 = sum_i r_i. `p` is scratch (rows x DA),
-// `g` scratch (C x DA).
-double agreements(const float* e, const float* a, int64_t rows, int64_t C, int64_t DA, float* g, float* p,
-                  float* r) {
-  gemm_t_rows(C, DA, rows, e, a, g);  // G = E^T A: one C x DA product, never rows x C x DA
-  gemm_rows(rows, DA, C, e, C, g, DA, false, p, DA);  // P = E G
-  double total = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    r[i] = static_cast<float>(dot_lanes(p + i * DA, a + i * DA, DA));
-    total += r[i];
+// r_i = <e_i (x) a_i, G> = e_i^T G a_i for the rows of E (n x C) and H (n x D) (a_i = [h_i, 1] with bias), with G
+// = their own sum E^T A, never n x C x (D+1). As r_i = e_i . (A G^T)_i, the second product is H G_h^T (n x C),
+// the head's own shape (cheaper than E G, n x D), then a pass over n x C. The products run in ATen (its threads);
+// returns ||G||^2.
+double agreements_product(const torch::Tensor& e, const torch::Tensor& h, bool bias, float* r) {
+  const auto gt = at::mm(h.t(), e);                                     // G_h^T (D, C)
+  const auto q = at::mm(h, gt);                                         // (n, C)
+  double total = gt.square().sum().item<double>();
+  torch::Tensor gb;
+  if (bias) {
+    gb = e.sum(0);                                                      // (C,): G's bias column
+    total += gb.square().sum().item<double>();
   }
+  const int64_t n = e.size(0), C = e.size(1);
+  const float *qp = q.data_ptr<float>(), *ep = e.data_ptr<float>(), *gbp = bias ? gb.data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      r[i] = static_cast<float>(dot_lanes(qp + i * C, ep + i * C, C) + (bias ? dot_lanes(gbp, ep + i * C, C) : 0.0));
+  });
   return total;
+}
+
+// The same for a group small enough that its Gram is cheaper than G: r_i = sum_j (e_i . e_j)(a_i . a_j), with
+// ||G||^2 = sum_i r_i (cost n^2 (C + D) against 2 n C (D + 1)).
+double agreements_gram(const torch::Tensor& e, const torch::Tensor& h, bool bias, float* r) {
+  auto k = at::mm(e, e.t()) * (bias ? at::mm(h, h.t()) + 1 : at::mm(h, h.t()));
+  const auto rows = k.sum(1);
+  std::copy(rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel(), r);
+  return rows.sum().item<double>();
 }
 
 }  // namespace
@@ -626,54 +625,72 @@ double agreements(const float* e, const float* a, int64_t rows, int64_t C, int64
 torch::Tensor sample_scores(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& features,
                             bool bias, double smoothing, bool by_class) {
   Batch in(logits, targets, features);
-  const int64_t B = in.B, C = in.C, D = in.D, DA = D + (bias ? 1 : 0);
+  const int64_t B = in.B, C = in.C, D = in.D;
   auto out = torch::empty({by_class ? 7 : 5, B}, torch::dtype(torch::kFloat32));
   float* o = out.data_ptr<float>();
   float *loss = o, *en = o + B, *gn = o + 2 * B, *r = o + 3 * B, *c = o + 4 * B;
   const float* zp = in.z.data_ptr<float>();
   const int64_t* yp = in.y.data_ptr<int64_t>();
-  const float* hp = in.h.data_ptr<float>();
-  std::vector<float> e(static_cast<size_t>(B * C)), a(static_cast<size_t>(B * DA)), g(static_cast<size_t>(C * DA)),
-      p(static_cast<size_t>(B * DA));
-  residual_rows(zp, yp, hp, B, C, D, bias, smoothing, e.data(), gn);
-  for (int64_t i = 0; i < B; ++i) {
-    const float* zr = zp + i * C;
-    double mx = -INFINITY, s = 0, zsum = 0;
-    for (int64_t k = 0; k < C; ++k) mx = std::max(mx, static_cast<double>(zr[k]));
-    for (int64_t k = 0; k < C; ++k) s += std::exp(zr[k] - mx), zsum += zr[k];
-    // -sum_k t_k log p_k with t = (1 - smoothing) one-hot + smoothing / C
-    loss[i] = static_cast<float>(mx + std::log(s) - (1 - smoothing) * zr[yp[i]] - smoothing / C * zsum);
-    en[i] = static_cast<float>(std::sqrt(dot_lanes(e.data() + i * C, e.data() + i * C, C)));
-    std::copy(hp + i * D, hp + (i + 1) * D, a.data() + i * DA);
-    if (bias) a[i * DA + D] = 1.f;
-  }
-  const double total_sq = agreements(e.data(), a.data(), B, C, DA, g.data(), p.data(), r);
+  auto e = torch::empty({B, C}, torch::dtype(torch::kFloat32));
+  float* ep = e.data_ptr<float>();
+  residual_rows(zp, yp, in.h.data_ptr<float>(), B, C, D, bias, smoothing, ep, gn, loss, en);
+  const double total_sq = agreements_product(e, in.h, bias, r);
   for (int64_t i = 0; i < B; ++i) c[i] = consensus_of(r[i], gn[i], total_sq);
   if (!by_class) return out;
-  // One G per class present, over that class's rows gathered contiguously (a counting sort by class).
+  // Each class's rows gathered (a counting sort by class): padded to the largest class and batched over classes
+  // (a few ATen calls, whatever C) while the padding stays within 4 x B rows, else class by class.
   float *rc = o + 5 * B, *cc = o + 6 * B;
   std::vector<int64_t> start(C + 1, 0), order(B);
   for (int64_t i = 0; i < B; ++i) {
     TORCH_CHECK(yp[i] >= 0 && yp[i] < C, "targets must be class indices in [0, C)");
     ++start[yp[i] + 1];
   }
-  for (int64_t k = 0; k < C; ++k) start[k + 1] += start[k];
+  int64_t m = 0;
+  for (int64_t k = 0; k < C; ++k) m = std::max(m, start[k + 1]), start[k + 1] += start[k];
   std::vector<int64_t> next(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < B; ++i) order[next[yp[i]]++] = i;
-  std::vector<float> ek(static_cast<size_t>(B * C)), ak(static_cast<size_t>(B * DA)), rk(B);
+  std::vector<float> rk(B), class_sq(C, 0.f);
+  const int64_t DA = D + (bias ? 1 : 0);
+  if (C * m <= 4 * B) {
+    std::vector<int64_t> slot(B);  // sample i's row in the padded (C x m) layout
+    for (int64_t k = 0; k < C; ++k)
+      for (int64_t j = start[k]; j < start[k + 1]; ++j) slot[order[j]] = k * m + (j - start[k]);
+    const auto at_slot = torch::from_blob(slot.data(), {B}, torch::dtype(torch::kInt64));
+    const auto f32 = torch::dtype(torch::kFloat32);
+    const auto e3 = torch::zeros({C * m, C}, f32).index_copy_(0, at_slot, e).view({C, m, C});
+    const auto h3 = torch::zeros({C * m, D}, f32).index_copy_(0, at_slot, in.h).view({C, m, D});
+    torch::Tensor rows;
+    if (m * (C + DA) < 2 * C * DA) {  // the Gram of each class is cheaper than its G
+      auto hh = at::bmm(h3, h3.transpose(1, 2));
+      if (bias) {
+        const auto valid = torch::zeros({C * m}, f32).index_fill_(0, at_slot, 1.0f).view({C, m, 1});
+        hh = hh + at::bmm(valid, valid.transpose(1, 2));
+      }
+      rows = (at::bmm(e3, e3.transpose(1, 2)) * hh).sum(-1);
+    } else {
+      const auto gt = at::bmm(h3.transpose(1, 2), e3);                 // (C, D, C): each class's G_h^T
+      auto q = at::bmm(h3, gt);                                        // (C, m, C)
+      if (bias) q = q + e3.sum(1, /*keepdim=*/true);                   // + each class's bias column
+      rows = (q * e3).sum(-1);
+    }
+    const auto flat = rows.reshape({C * m}).index_select(0, at_slot).contiguous();
+    const auto sums = rows.sum(-1).contiguous();
+    std::copy(flat.data_ptr<float>(), flat.data_ptr<float>() + B, rc);
+    std::copy(sums.data_ptr<float>(), sums.data_ptr<float>() + C, class_sq.begin());
+    for (int64_t i = 0; i < B; ++i) cc[i] = consensus_of(rc[i], gn[i], class_sq[yp[i]]);
+    return out;
+  }
+  const auto idx = torch::from_blob(order.data(), {B}, torch::dtype(torch::kInt64));
+  const auto es = e.index_select(0, idx), hs = in.h.index_select(0, idx);
   for (int64_t k = 0; k < C; ++k) {
     const int64_t lo = start[k], n = start[k + 1] - lo;
     if (n == 0) continue;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = order[lo + j];
-      std::copy(e.data() + i * C, e.data() + (i + 1) * C, ek.data() + j * C);
-      std::copy(a.data() + i * DA, a.data() + (i + 1) * DA, ak.data() + j * DA);
-    }
-    const double class_sq = agreements(ek.data(), ak.data(), n, C, DA, g.data(), p.data(), rk.data());
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = order[lo + j];
-      rc[i] = rk[j];
-      cc[i] = consensus_of(rk[j], gn[i], class_sq);
+    const auto ek = es.narrow(0, lo, n), hk = hs.narrow(0, lo, n);
+    const double sq = n * (C + DA) < 2 * C * DA ? agreements_gram(ek, hk, bias, rk.data() + lo)
+                                                : agreements_product(ek, hk, bias, rk.data() + lo);
+    for (int64_t j = lo; j < lo + n; ++j) {
+      rc[order[j]] = rk[j];
+      cc[order[j]] = consensus_of(rk[j], gn[order[j]], sq);
     }
   }
   return out;

@@ -256,7 +256,7 @@ def sample_scores(logits, targets, features, *, bias=True, label_smoothing=0.0, 
     e_norm = e.norm(dim=1)
     g_norm = e_norm * a.norm(dim=1)
     g = e.T @ a  # (C, D'): never B x C x D'
-    r = ((e @ g) * a).sum(1)
+    r = ((a @ g.T) * e).sum(1)  # e_i . (G a_i): the second product has the head's shape
     rows = [sample_losses(logits, targets, label_smoothing), e_norm, g_norm, r, consensus(r, g_norm, g.square().sum())]
     if by_class:
         y = targets.long()

@@ -16,7 +16,8 @@ from dynbatch.monitor.memory import CAN_RESET_PEAK, peak_growth
 from dynbatch.ops import SCORES, per_sample_grad_norms, sample_scores
 from selection_cases import TinyNet, autograd_per_sample_grads, autograd_scores, last_layer_inputs, random_case
 
-SHAPES = [(37, 7, 19), (1, 7, 19), (2, 3, 1), (64, 10, 33)]
+# Classes few and large (64, 3, 33) take each class's G, many and small its Gram (the native kernel's two routes).
+SHAPES = [(37, 7, 19), (1, 7, 19), (2, 3, 1), (64, 10, 33), (64, 3, 33)]
 
 
 def _assert_scores(got, want: dict, names=SCORES):
@@ -51,6 +52,18 @@ def test_scores_match_autograd(backend, b, c, d, bias):
         assert got.class_consensus[0] == 0  # alone in its class
         if b == 1:
             assert got.consensus[0] == 0 and got.class_consensus[0] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("d", [4, 40])
+def test_a_dominant_class_is_scored_class_by_class(backend, d):
+    """One class with most of the batch: padding every class to its size would cost more than 4 x B rows, so the
+    native kernel scores class by class (by Gram or by G, as each class's size makes cheaper)."""
+    logits, y, feats = random_case(37, 7, d, seed=5)
+    y = torch.where(torch.arange(37) < 30, torch.zeros_like(y), y)
+    want = autograd_scores(logits, y, feats)
+    _assert_scores(sample_scores(logits, y, feats, by_class=True, backend=backend), want,
+                   ("class_agreement", "class_consensus"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
