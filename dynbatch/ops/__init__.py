@@ -297,7 +297,8 @@ def _selection_args(logits, targets, features, *, num_subsets, seed, loss, loss_
     _check(logits, targets, features)
     if not 1 <= num_subsets <= MAX_SUBSETS:
         raise UserError(f"num_subsets must be in 1..{MAX_SUBSETS} (got {num_subsets})")
-    mode_id, thr = _mode_threshold(mode, p)
+    # (a compiled graph traces the function itself: dynamo warns about tracing through a cache)
+    mode_id, thr = (_mode_threshold.__wrapped__ if torch.compiler.is_compiling() else _mode_threshold)(mode, p)
     if loss_ema is None or grad_ema is None:
         loss_ema = grad_ema = None
     return library.ARGS["select_subset"](
