@@ -71,16 +71,14 @@ class DeviceSplit:
             # Offsets and flips are drawn on the CPU generator so CPU and CUDA runs see the same augmentation.
             dy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
             dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-            alternate = self.flip_base is not None
-            if alternate:  # the images' own flips live on the device: indexed there, never read
-                flip = torch.zeros(b, dtype=torch.bool)
-            else:
-                flip = torch.rand(b, generator=generator) < 0.5 if self.flip else torch.zeros(b, dtype=torch.bool)
+            own = self.flip_base is not None  # alternate flips: the images' own, on the device (applied below)
+            drawn = self.flip and not own
+            flip = torch.rand(b, generator=generator) < 0.5 if drawn else torch.zeros(b, dtype=torch.bool)
             cols = torch.arange(self.w)
             cols = torch.where(flip[:, None], self.w - 1 - cols, cols) + dx[:, None]  # flip folded into the gather
             rows = torch.arange(self.h) + dy[:, None]
             rows, cols = self._to_device(rows), self._to_device(cols)
-            if alternate:
+            if own:
                 flip = (self.flip_base[idx] ^ bool(epoch % 2))[:, None]
                 cols = torch.where(flip, 2 * self._to_device(dx)[:, None] + self.w - 1 - cols, cols)
             x = self.x[idx[:, None, None], rows[:, :, None], cols[:, None, :]]

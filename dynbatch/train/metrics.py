@@ -2,7 +2,8 @@
 flushed, the progress bar, step clocks, and the guard against non-finite steps.
 
 A step's statistics (loss sum, correct, trained samples, skipped updates, and under label noise the mislabeled
-samples in the batch and among those trained on: 0-d device tensors) stay on the device; every ``FLUSH_EVERY`` steps (and at an epoch's end, before any checkpoint) one read brings the whole block
+samples in the batch and among those trained on: 0-d device tensors) stay on the device; every ``FLUSH_EVERY``
+steps (and at an epoch's end, before any checkpoint) one read brings the whole block
 to the host, so a step itself asks the device for nothing.
 """
 from __future__ import annotations

@@ -46,6 +46,7 @@ class Trainer:
         for name in part_names():  # cfg, device, dist, data, model, step_model, optimizer, policy, executor, ...
             setattr(self, name, getattr(parts, name))
         self.progress = state.Progress()
+        self._base_lr = self.cfg.torch_hyperparameters()[0]  # the schedule's peak in torch's form, once
         self.metrics_offset: int | None = None  # bytes of metrics.jsonl the newest checkpoint accounts for
         self.checkpoint_step: int | None = None  # the step the newest checkpoint.pt was written at
         self.sink = MetricsSink(records.NullWriter(), [], Clock(self.device))
@@ -242,7 +243,7 @@ class Trainer:
 
     def _lr(self, progress: float) -> float:
         cfg = self.cfg
-        lr = scheduled_lr(progress, base_lr=cfg.torch_hyperparameters()[0], schedule=cfg.schedule, epochs=cfg.epochs,
+        lr = scheduled_lr(progress, base_lr=self._base_lr, schedule=cfg.schedule, epochs=cfg.epochs,
                           warmup_epochs=cfg.warmup_epochs, milestones=cfg.milestones, gamma=cfg.gamma,
                           triangle=cfg.triangle)
         return lr * self.policy.lr_factor(progress)
