@@ -8,11 +8,14 @@ generator, unique DRAM bytes) and the targets' published dense peak rates, the e
 assuming operands re-read by every program (K, or the E and A tiles) stay in L2, which they do at these sizes
 (K is 4 MB at B = 1000). Real kernels reach some fraction of peak; read the figures as lower bounds.
 
-    python -m dynbatch_bench.gpu_estimate [--out bench/results/gpu-aot/estimate.md]
+    python -m dynbatch_bench.gpu_estimate [--out bench/results/gpu-aot/estimate.md] [--json FILE]
+
+On a CUDA machine the last column is that GPU's measurement (the GPU check runs it there).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -52,17 +55,18 @@ def estimate(gpu: str, w: dict, precision: str) -> float:
     return max(w["macs"] / r[precision], w["dram"] / r["hbm"]) + w["masks"] * GEN_OPS / r["int32"] + LAUNCHES * LAUNCH_S
 
 
-def cpu_ms(b: int, n: int, rounds: int) -> float:
-    """Median wall time of ``select_subset`` on this CPU (auto backend: the native extension), ms."""
+def measured_ms(b: int, n: int, rounds: int, device: str) -> float:
+    """Median wall time of ``select_subset`` on ``device`` (auto backend: the native extension on CPU, Triton on
+    CUDA), fp32 inputs, ms; each call ends with the read of its choice, as EDBA's step does."""
     import torch
 
     from dynbatch.ops import select_subset
 
     g = torch.Generator().manual_seed(0)
-    logits, feats = torch.randn(b, C, generator=g), torch.randn(b, D, generator=g)
-    y = torch.randint(0, C, (b,), generator=g)
+    logits, feats = torch.randn(b, C, generator=g).to(device), torch.randn(b, D, generator=g).to(device)
+    y = torch.randint(0, C, (b,), generator=g).to(device)
     kw = dict(num_subsets=n, seed=1, loss=1.0, loss_ema=1.1, grad_ema=0.5)
-    select_subset(logits, y, feats, **kw)
+    select_subset(logits, y, feats, **kw).index.item()  # compiles / loads the extension
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -75,30 +79,44 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/gpu-aot/estimate.md")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", help="also write the rows as JSON here")
     a = ap.parse_args(argv)
+    import torch
+
     from dynbatch_bench.common import machine
 
     m = machine()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    here = m.get("gpu", "this GPU") if device == "cuda" else "this CPU"
+    how = (f"`select_subset` measured on {m['gpu']} (Triton backend, fp32 inputs)" if device == "cuda" else
+           f"`select_subset` measured here ({m['cpu']}, {m['threads']} threads, native backend)")
     lines = [
-        "#### Expected cost of one selection on A100 and H100 (an estimate; no GPU ran it)", "",
+        "#### Expected cost of one selection on A100 and H100" + (f", beside {here}" if device == "cuda" else
+                                                                   " (an estimate; no GPU ran it)"), "",
         f"C = {C}, D = {D} (EDBA on CIFAR-10 with PreResNet-56). Estimate = max(multiply-adds / peak MAC rate, "
         "unique DRAM bytes / bandwidth) + subset-generator integer ops / INT32 rate + 2 launches of 5 µs; operands "
         "re-read by every program are assumed to stay in L2. fp32: IEEE on CUDA cores (what EDBA runs: it selects "
         "in fp32 on every rank); 16-bit: tf32 tensor cores on the Gram route, bf16 tensor cores on the direct route "
         "(the functional API with bf16 inputs). Peak rates are the data sheets' dense figures; a real kernel "
         "reaches a fraction of them, so these are lower bounds.", "",
-        f"CPU column: `select_subset` measured here ({m['cpu']}, {m['threads']} threads, native backend), median "
-        f"of {a.rounds}.", "",
+        f"Last column: {how}, median of {a.rounds}, each call ending with the read of its choice.", "",
         "| B | N | route | multiply-adds | generated mask elements | A100 fp32 | A100 16-bit | H100 fp32 | "
-        "H100 16-bit | this CPU (measured) |", "|" + "---|" * 10]
+        f"H100 16-bit | {here} (measured) |", "|" + "---|" * 10]
+    rows = []
     for b in (100, 1000):
         for n in (4096, 65536):
             w = work(b, n)
             low = "tf32" if w["route"] == "gram" else "bf16"
             est = [estimate(g, w, p) for g in GPUS for p in ("fp32", low)]
-            cpu = cpu_ms(b, n, a.rounds)
+            ms = measured_ms(b, n, a.rounds, device)
+            rows.append({"B": b, "N": n, **w, "estimate_s": dict(zip(("A100_fp32", "A100_16bit", "H100_fp32",
+                                                                        "H100_16bit"), est)),
+                         "measured_ms": ms, "measured_on": here})
             lines.append(f"| {b} | {n} | {w['route']} | {w['macs']:.3g} | {w['masks']:.3g} | "
-                         + " | ".join(f"{1e6 * t:,.0f} µs" for t in est) + f" | {cpu:,.1f} ms |")
+                         + " | ".join(f"{1e6 * t:,.0f} µs" for t in est) + f" | {ms:,.3g} ms |")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"machine": m, "rows": rows}, indent=1))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

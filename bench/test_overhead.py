@@ -1,5 +1,6 @@
 """Suite 4 (overhead): the trainer's host work per step against minimal hand-written loops (``minimal_loops``),
-same device-resident digits, same tiny model, batch 32, a block of 50 steps per round (one row flush each).
+same device-resident digits, same tiny model, batch 32, one thread, a block of 50 steps per round (one row flush
+each).
 
 ``fixed`` and ``adabatch`` are compared with the minimal fixed loop, ``edba`` (its batch pinned at 32) with the
 minimal EDBA loop, which calls ``select_subset`` itself. The two loops alternate block by block (the minimal one
@@ -25,8 +26,18 @@ CASES = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Host work is what this suite measures: on one thread, as a researcher's loop on a laptop core, and without
+    the second core's scheduling noise in the ratio."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("impl", list(CASES))
-def test_overhead(benchmark, impl, tmp_path):
+def test_overhead(benchmark, impl, tmp_path, one_thread):
     torch.manual_seed(0)
     policy, options = CASES[impl]
     t = trainer(policy, BATCH, tmp_path / "run", **options)

@@ -27,11 +27,16 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--out", help="folder for the results (default: bench/results/latest, or bench/results/gpu-aot "
                                  "with --gpu-aot)")
     p.add_argument("-k", dest="select", help="pytest -k expression to narrow the cases")
-    p.add_argument("--data", help="with --gpu-check: the data set of its training run (default cifar10)")
+    p.add_argument("--data", help="with --gpu-check: the local data of its training run (default "
+                                  "npz:bench/data/cifar10_subset.npz)")
     p.add_argument("--gpu-check", action="store_true",
-                   help="on a CUDA machine, from a clone: the Triton kernel tests compiled, the CUDA-only tests "
-                        "(split streams, sync debug mode), the selection and step benchmarks and a short CIFAR "
-                        "training with --compile; writes bench/results/gpu/report.md")
+                   help="on a CUDA machine without network, from a clone: the Triton kernel tests compiled, the "
+                        "CUDA-only tests (split streams, sync debug mode), the selection beside its paper estimate, "
+                        "the benchmarks and a short CIFAR training with --compile, within --budget-s; writes "
+                        "bench/results/gpu/report.md and check.json")
+    p.add_argument("--budget-s", type=float, help="with --gpu-check: its time budget in seconds (default 480); a "
+                                                  "smaller one trims the benchmark grid, then skips parts")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: print its plan, run nothing")
     p.add_argument("--gpu-aot", action="store_true",
                    help="compile every Triton kernel for sm_80 and sm_90 over the full shape sweep (no GPU needed) "
                         "and estimate selection times on A100/H100; writes bench/results/gpu-aot/")
@@ -48,65 +53,18 @@ def cmd_gpu_aot(out: Path) -> int:
     return rc or rc_est
 
 
-# What --gpu-check runs, in order: (title, pytest arguments relative to the clone). Every one of them passes on
-# CPU already (where the CUDA-only ones skip); on a GPU they run compiled.
-GPU_TESTS = (
-    ("Triton kernels, compiled", ["tests/test_kernels_triton.py", "tests/test_selection_ops.py"]),
-    ("split candidates on CUDA streams", ["tests/test_policy_split.py", "-k", "stream"]),
-    ("no host sync inside steps (sync debug mode)", ["tests/test_syncs.py"]),
-)
-
-
-def cmd_gpu_check(out: Path, data: str) -> int:
-    """The one-command check for the first machine with a GPU; refuses in one line without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError("--gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); run it on a GPU "
-                        "machine, or use --gpu-aot, which compiles the kernels for sm_80/sm_90 without one")
-    repo = _bench_dir().parent
-    if not (repo / "tests" / "test_kernels_triton.py").is_file():
-        raise UserError(f"--gpu-check runs the test suite, which is not installed with the wheel ({repo}); run it "
-                        "from a clone of dynbatch")
-    out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
-    lines = ["# GPU check", "", f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", ""]
-    failed = 0
-    for title, args in GPU_TESTS:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=repo, env=env,
-                           capture_output=True, text=True)
-        summary = (p.stdout.strip().splitlines() or ["(no output)"])[-1]
-        failed += p.returncode != 0
-        lines.append(f"- {title}: {'PASS' if p.returncode == 0 else 'FAIL'} ({summary})")
-        print(lines[-1], flush=True)
-    rc = subprocess.call([sys.executable, "-m", "dynbatch", "bench", "--suite", "selection,step,overhead,precision",
-                          "--out", str(out / "bench")], cwd=repo, env=env)
-    failed += rc != 0
-    lines.append(f"- benchmarks: {'PASS' if rc == 0 else 'FAIL'}, report in [bench/report.md](bench/report.md)")
-    run = out / "compile-run"
-    rc = subprocess.call([sys.executable, "-m", "dynbatch", "train", "--data", data, "--epochs", "2",
-                          "--train-samples", "5000", "--compile", "--no-progress", "--out", str(run), "--overwrite"],
-                         cwd=repo, env=env)
-    failed += rc != 0
-    last = ""
-    if rc == 0:
-        from dynbatch.train.records import read_metrics
-
-        ep = [r for r in read_metrics(run) if r["kind"] == "epoch"]
-        last = f": test accuracy {ep[-1]['test_acc']:.3f}, {ep[-1]['samples_per_s']:,.0f} img/s in the last epoch"
-    lines.append(f"- `dynbatch train --data {data} --compile` (2 epochs, 5,000 images): "
-                 f"{'PASS' if rc == 0 else 'FAIL'}{last}")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'report.md'}: {'all passed' if not failed else f'{failed} part(s) failed'}")
-    return 1 if failed else 0
-
-
 def cmd_bench(args) -> int:
     import importlib.util
 
     bench = _bench_dir()
     if args.gpu_check:
-        return cmd_gpu_check(Path(args.out or "bench/results/gpu").resolve(), args.data or "cifar10")
+        from dynbatch import gpu_check
+
+        budget = gpu_check.BUDGET_S if args.budget_s is None else args.budget_s
+        if not budget > 0:
+            raise UserError(f"--budget-s must be positive (got {args.budget_s}); e.g. 300")
+        return gpu_check.run_check(Path(args.out or "bench/results/gpu").resolve(), args.data or
+                                   gpu_check.DEFAULT_DATA, budget, bench.parent, dry_run=args.dry_run)
     if args.gpu_aot:
         return cmd_gpu_aot(Path(args.out or "bench/results/gpu-aot").resolve())
     if importlib.util.find_spec("pytest_benchmark") is None:

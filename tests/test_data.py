@@ -14,6 +14,20 @@ def test_digits_is_real_and_split_fixed():
     assert sorted(np.unique(src.y_test)) == list(range(10))
 
 
+def test_shipped_digits_are_scikit_learns_split():
+    """The packaged digits.npz holds exactly what scikit-learn's copy and the documented split give."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn.model_selection import train_test_split
+
+    d = datasets.load_digits()
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    x_tr, x_te, y_tr, y_te = train_test_split(x, d.target.astype(np.int64), test_size=360, stratify=d.target,
+                                              random_state=0)
+    src = load_dataset("digits")
+    for got, want in ((src.x_train, x_tr), (src.y_train, y_tr), (src.x_test, x_te), (src.y_test, y_te)):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
 def test_npz_roundtrip(tiny_npz):
     src = load_dataset(f"npz:{tiny_npz}")
     assert src.num_classes == 3 and src.image_shape == (3, 12, 12)

@@ -4,7 +4,9 @@ before (timing fields aside). ``tests/golden/rows.json`` was written by the code
 
     python tests/test_rows_unchanged.py --write
 
-Floats are compared at rtol 1e-4 (BLAS kernels may round differently on another CPU), everything else exactly.
+Floats are compared at rtol 1e-4 (BLAS kernels may round differently on another CPU), everything else exactly;
+EDBA's margin at rtol 2e-3: it is |(L - L_ema) / (G - G_ema) - 1|, whose cancellation turns the last bit of the batch
+loss L (a reduced cross-entropy since the host-cost work, 1e-7 from the golden per-sample sum) into ~1e-3.
 """
 import json
 import sys
@@ -42,9 +44,12 @@ def rows_for(policy: str, out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("util_")} for r in read_metrics(out)]
 
 
-def _close(a, b) -> bool:
+RTOL = {"margin": 2e-3}
+
+
+def _close(a, b, key: str = "") -> bool:
     if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=1e-4, abs=1e-7)
+        return a == pytest.approx(b, rel=RTOL.get(key, 1e-4), abs=1e-7)
     return a == b
 
 
@@ -56,7 +61,7 @@ def test_rows_equal_the_rows_before_the_hot_loop_rework(policy, tmp_path, monkey
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.keys() == w.keys(), (i, g.keys() ^ w.keys())
-        bad = {k: (g[k], w[k]) for k in g if not _close(g[k], w[k])}
+        bad = {k: (g[k], w[k]) for k in g if not _close(g[k], w[k], k)}
         assert not bad, f"row {i}: {bad}"
 
 

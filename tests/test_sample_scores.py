@@ -39,7 +39,7 @@ def _singleton_class(y: torch.Tensor, c: int) -> torch.Tensor:
     return y
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=pytest.mark.native)])
 @pytest.mark.parametrize("b, c, d", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_scores_match_autograd(backend, b, c, d, bias):
@@ -54,7 +54,7 @@ def test_scores_match_autograd(backend, b, c, d, bias):
             assert got.consensus[0] == 0 and got.class_consensus[0] == 0
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=pytest.mark.native)])
 @pytest.mark.parametrize("d", [4, 40])
 def test_a_dominant_class_is_scored_class_by_class(backend, d):
     """One class with most of the batch: padding every class to its size would cost more than 4 x B rows, so the
@@ -66,7 +66,7 @@ def test_a_dominant_class_is_scored_class_by_class(backend, d):
                    ("class_agreement", "class_consensus"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=pytest.mark.native)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
     logits, y, feats = random_case(37, 7, 19, seed=3, dtype=dtype)
@@ -116,7 +116,7 @@ def test_identical_samples_fully_agree_and_class_rows_need_asking():
 
 
 @pytest.mark.skipif(not CAN_RESET_PEAK, reason="needs Linux's resettable peak RSS")
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=pytest.mark.native), "torch"])
 def test_nothing_batch_by_classes_times_width_is_allocated(backend):
     """At B = 2048, C = 100, D = 511 the per-sample gradients would be 420 MB; the op's own buffers are O(B (C + D)
     + C D + B^2) (the reference's class Gram), ~40 MB."""

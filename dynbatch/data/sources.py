@@ -63,16 +63,17 @@ def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(float(v) for v in xf.mean(0)), tuple(float(v) for v in std)
 
 
-def _load_digits() -> DataSource:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+DIGITS = Path(__file__).with_name("digits.npz")
 
-    d = load_digits()
-    # Pixel values are 0..16; scale to the full uint8 range so every data set shares one pipeline.
-    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
-    y = d.target.astype(np.int64)
-    # A fixed stratified split (seed 0), so "the digits test set" means the same 360 images everywhere.
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=360, stratify=y, random_state=0)
+
+def _load_digits() -> DataSource:
+    """scikit-learn's handwritten digits (the UCI optdigits test set, 1,797 images of 8 x 8), pixels 0..16 scaled to
+    the full uint8 range so every data set shares one pipeline, split 1,437 / 360 as
+    ``train_test_split(test_size=360, stratify=y, random_state=0)`` splits them: the same 360 test images everywhere.
+    Shipped in the package (``digits.npz``, 48 kB; ``tests/test_data.py`` checks it against scikit-learn), so the
+    default data set needs neither scikit-learn nor a network (a bare GPU image has neither)."""
+    with np.load(DIGITS) as d:
+        x_tr, y_tr, x_te, y_te = d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
     mean, std = _channel_stats(x_tr)
     # Digits are small and not mirror-symmetric: one pixel of crop jitter, no flips.
     return DataSource("digits", x_tr, y_tr, x_te, y_te, 10, mean, std, crop_padding=1, flip=False)

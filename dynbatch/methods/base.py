@@ -168,10 +168,12 @@ class Policy(ABC):
 
 
 class BufferSnapshot:
-    """A copy of every buffer of ``model`` (BatchNorm running statistics, counters, ...), to put back later."""
+    """A copy of every buffer of ``model`` (BatchNorm running statistics, counters, ...), to put back later; or of
+    the given list of buffers (a caller that snapshots at every step lists them once)."""
 
-    def __init__(self, model: nn.Module):
-        self.saved = [(b, b.detach().clone()) for b in model.buffers()]
+    def __init__(self, model: nn.Module | list[torch.Tensor]):
+        buffers = model if isinstance(model, list) else model.buffers()
+        self.saved = [(b, b.detach().clone()) for b in buffers]
 
     def restore(self, where: torch.Tensor | None = None) -> None:
         """Put the copies back; with ``where`` (a 0-d bool device tensor, never read to the host) only if it is
@@ -184,8 +186,8 @@ class BufferSnapshot:
 
 
 @contextmanager
-def preserved_buffers(model: nn.Module):
-    """Restore every buffer on exit.
+def preserved_buffers(model: nn.Module | list[torch.Tensor]):
+    """Restore every buffer of ``model`` (or the listed ones) on exit.
 
     Keeping train-mode behaviour (batch statistics, dropout) while undoing the running-statistics update is what
     selection forwards need: their losses are those of a training forward, but they must not count as one.
@@ -228,6 +230,13 @@ class LastLayerForward:
     def __init__(self, model: nn.Module | None = None, *, head: nn.Linear | None = None):
         self.model = model
         self._head = head
+        self._buffers: tuple[nn.Module, list[torch.Tensor]] | None = None  # (model, its buffers), listed once
+
+    def _model_buffers(self) -> list[torch.Tensor]:
+        """The bound model's buffers, listed once per model: walking the module tree costs ~10 µs at every step."""
+        if self._buffers is None or self._buffers[0] is not self.model:
+            self._buffers = (self.model, list(self.model.buffers()))
+        return self._buffers[1]
 
     @property
     def head(self) -> nn.Linear:
@@ -241,5 +250,6 @@ class LastLayerForward:
     def forward(self, x: torch.Tensor, *, keep_graph: bool = False, autocast=nullcontext):
         """(logits (B, C), features (B, D)) of a selection forward on x (B, ...); without ``keep_graph`` no
         buffer moves."""
-        with nullcontext() if keep_graph else preserved_buffers(self.model):
+        buffers = None if keep_graph else self._model_buffers()
+        with preserved_buffers(buffers) if buffers else nullcontext():
             return capture_last_layer(self.model, self.head, x, keep_graph=keep_graph, autocast=autocast)

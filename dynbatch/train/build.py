@@ -130,8 +130,8 @@ def _initialise(cfg: TrainConfig, model: torch.nn.Module, data: DeviceData) -> N
         whiten_conv(conv, images)
 
 
-def _model(cfg: TrainConfig, data: DeviceData, device: torch.device, dist: Dist, log):
-    """(plain module, the wrapper that trains, precision)."""
+def _model(cfg: TrainConfig, data: DeviceData, device: torch.device, dist: Dist, log, recorded_bf16: bool | None):
+    """(plain module, the wrapper that trains, precision); ``recorded_bf16``: a resumed run's choice of ``auto``."""
     torch.manual_seed(cfg.seed)
     src = data.source
     model = build_model(cfg.model, src.num_classes, src.image_shape[0]).to(device)
@@ -143,6 +143,8 @@ def _model(cfg: TrainConfig, data: DeviceData, device: torch.device, dist: Dist,
     # Before any wrapper (DDP builds its gradient buckets from the parameters' layout as it finds them).
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.amp == "auto" and precisions.bf16_is_native(device):
+        precision = _auto_amp(cfg, precision, model, data, dist, log, recorded_bf16)
     model.train()  # once: the steps do not switch modes (evaluation switches back itself)
     wrapped = model
     if dist.enabled:
@@ -152,8 +154,27 @@ def _model(cfg: TrainConfig, data: DeviceData, device: torch.device, dist: Dist,
     return model, torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped, precision
 
 
-def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> RunParts:
-    """The parts of a run of ``cfg`` (resolved and validated here)."""
+def _auto_amp(cfg: TrainConfig, precision, model, data: DeviceData, dist: Dist, log, recorded_bf16: bool | None):
+    """``--amp auto`` where bf16 is native: a resumed run's recorded choice (its arithmetic must not change midway),
+    else the main rank's cached verdict or probe on a batch of the run's size, the same on every rank."""
+    if recorded_bf16 is not None:
+        return precisions.Precision(precision.device_type, recorded_bf16, precision.channels_last,
+                                    {"recorded": "the run's own choice, kept on resume"})
+    decided = None
+    if dist.is_main:
+        x, y = data.train.batch(torch.arange(min(cfg.batch_size, len(data.train)), device=data.device))
+        if precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        decided = precisions.choose_amp(precision, model, x, y, cfg.model, data.device)
+        probe = decided.decided_by["probe"]
+        log(f"--amp auto: {'bf16 autocast' if decided.bf16 else 'fp32'} (a step takes {probe['fp32_ms']:.3g} ms in "
+            f"fp32, {probe['bf16_ms']:.3g} ms in bf16{', cached' if decided.decided_by['cached'] else ''})")
+    return dist.gather_objects(decided)[0]
+
+
+def build_run(cfg: TrainConfig, log: Callable[[str], None], recorded_bf16: bool | None = None) -> RunParts:
+    """The parts of a run of ``cfg`` (resolved and validated here); ``recorded_bf16``: a resumed run's choice of
+    ``--amp auto``."""
     cfg.validate()
     policy_cls = policy_class(cfg.policy)
     policy_cls.validate(cfg.policy_options)
@@ -162,7 +183,7 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> RunParts:
                         "importance, selective-backprop, small-loss or consensus")
     device, dist = _place(cfg)
     data, redraw = _data(cfg, device)
-    model, step_model, precision = _model(cfg, data, device, dist, log)
+    model, step_model, precision = _model(cfg, data, device, dist, log, recorded_bf16)
     lr, weight_decay = cfg.torch_hyperparameters()
     optimizer = build_optimizer(cfg.optimizer, model, lr=lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
                                 weight_decay=weight_decay, bias_lr_scale=cfg.bias_lr_scale)
@@ -202,6 +223,7 @@ def describe(parts, given: dict[str, Any]) -> dict[str, Any]:
         "label_noise": {"asked": parts.cfg.label_noise, "measured": parts.data.train_label_noise}
         if parts.cfg.label_noise else None,
         "precision": parts.precision.name, "amp_bf16": parts.precision.bf16, "channels_last": parts.channels_last,
+        "amp_decided_by": parts.precision.decided_by,
         "world_size": parts.dist.world,
         "command": sys.argv,
     }

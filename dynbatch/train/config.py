@@ -168,7 +168,8 @@ class TrainConfig:
                                      "consensus): train on random samples, as many as the policy chose (the control "
                                      "that tells choosing from training on fewer)", group=_M)
     device: str = option("auto", "auto, cpu, cuda, cuda:N", group=_X)
-    amp: str = option("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16, none",
+    amp: str = option("auto", "auto (bf16 autocast where bf16 is native and a timed probe finds it faster for "
+                              "this model and batch, else fp32), bf16, none",
                       check=one_of("auto", "bf16", "none", hint="auto picks bf16 where it is fast"), group=_X)
     channels_last: str = option("auto", "auto (on for convolutional models), on, off",
                                 check=one_of("auto", "on", "off", hint="auto is the default"), group=_X)

@@ -23,7 +23,9 @@ def resume(trainer_cls, run: Path, epochs: int | None, stop_after_steps: int | N
         cfg = TrainConfig.from_dict(saved["config"])
         checkpoint = records.load_checkpoint(run / "checkpoint.pt", state.CHECKPOINT_KEYS)
         cfg.stop_after_steps = stop_after_steps
-        t = trainer_cls(cfg, run, given=saved.get("given") if isinstance(saved.get("given"), dict) else {}, **kw)
+        recorded_bf16 = saved.get("amp_bf16") if isinstance(saved.get("amp_bf16"), bool) else None
+        t = trainer_cls(cfg, run, given=saved.get("given") if isinstance(saved.get("given"), dict) else {},
+                        recorded_bf16=recorded_bf16, **kw)
         t._lock = lock
         saved_world = checkpoint.get("world_size", 1)
         if saved_world != t.dist.world:

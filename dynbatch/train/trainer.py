@@ -38,11 +38,11 @@ class Trainer:
     touched, so bad input never leaves a partial run behind."""
 
     def __init__(self, cfg: TrainConfig, out: Path, log: Callable[[str], None] = print,
-                 given: dict[str, Any] | None = None):
+                 given: dict[str, Any] | None = None, recorded_bf16: bool | None = None):
         self.given = dict(given or {})  # what the user gave, apart from the resolved settings: config.json re-runs
         self.out, self._lock = Path(out), None
         self.log = log if Dist.rank_from_env() == 0 else (lambda msg: None)
-        parts = build_run(cfg.resolved(), self.log)
+        parts = build_run(cfg.resolved(), self.log, recorded_bf16)
         for name in part_names():  # cfg, device, dist, data, model, step_model, optimizer, policy, executor, ...
             setattr(self, name, getattr(parts, name))
         self.progress = state.Progress()
