@@ -295,8 +295,8 @@ void residual_rows(const float* zp, const int64_t* yp, const float* hp, int64_t 
         er[c] = er[c] * inv - off - (c == yp[b] ? on : 0.f);
         e2 += static_cast<double>(er[c]) * er[c];
       }
-      double a2 = bias ? 1.0 : 0.0;
-      for (int64_t d = 0; d < D; ++d) a2 += static_cast<double>(hp[b * D + d]) * hp[b * D + d];
+      // In float lanes (a serial double sum here cost more than the head's product at D = 512).
+      const double a2 = (bias ? 1.0 : 0.0) + dot_lanes(hp + b * D, hp + b * D, D);
       if (np != nullptr) np[b] = static_cast<float>(std::sqrt(e2) * std::sqrt(a2));
       if (lossp != nullptr)  // -sum_k t_k log p_k, t = (1 - smoothing) one-hot + smoothing / C
         lossp[b] = static_cast<float>(mx + std::log(s) - (1 - smoothing) * zr[yp[b]] - smoothing / C * zsum);
@@ -618,6 +618,107 @@ double agreements_gram(const torch::Tensor& e, const torch::Tensor& h, bool bias
   return rows.sum().item<double>();
 }
 
+// Class-conditional agreements by one fused pass over each class's pairs, for classes small enough that ATen's
+// per-call cost would exceed their work: r_i = sum_{j in i's class} (e_i . e_j)(a_i . a_j), the pair terms summed
+// once for both rows, nothing stored but r; classes run in parallel and write only their own rows. ``order`` lists
+// the rows class by class (class k at order[start[k] .. start[k+1])). Sets rc[i] (by row) and class_sq[k] =
+// ||G_k||^2 = sum of class k's r_i.
+void class_agreements_fused(const float* ep, const float* hp, int64_t C, int64_t D, bool bias,
+                            const std::vector<int64_t>& start, const std::vector<int64_t>& order, float* rc,
+                            double* class_sq) {
+  at::parallel_for(0, C, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<double> acc;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t lo = start[k], n = start[k + 1] - lo;
+      acc.assign(n, 0.0);
+      for (int64_t a = 0; a < n; ++a) {
+        const int64_t i = order[lo + a];
+        for (int64_t b = a; b < n; ++b) {
+          const int64_t j = order[lo + b];
+          const double kij = dot_lanes(ep + i * C, ep + j * C, C) * (dot_lanes(hp + i * D, hp + j * D, D) + bias);
+          acc[a] += kij;
+          if (b != a) acc[b] += kij;
+        }
+      }
+      double total = 0;
+      for (int64_t a = 0; a < n; ++a) rc[order[lo + a]] = static_cast<float>(acc[a]), total += acc[a];
+      class_sq[k] = total;
+    }
+  });
+}
+
+// Whether the fused pass is the cheaper way to the class agreements: its multiply-adds (each pair once, n(n+1)/2
+// per class of n, C + D + 1 each) against the per-class products' (2 C (D+1) per row) at half its efficiency per
+// multiply-add (no GEMM blocking), or small enough outright that the products' ~10 ATen calls would cost more.
+bool fused_classes_cheaper(const std::vector<int64_t>& start, int64_t C, int64_t DA, int64_t B) {
+  constexpr double kFusedOutright = 1e6;  // multiply-adds: ~10 ATen calls' fixed cost on one core
+  double fused = 0;
+  for (int64_t k = 0; k < C; ++k) {
+    const double n = static_cast<double>(start[k + 1] - start[k]);
+    fused += 0.5 * n * (n + 1) * static_cast<double>(C + DA);
+  }
+  return fused <= kFusedOutright || 2 * fused <= 2.0 * C * DA * B;
+}
+
+// Each class's G, the classes padded to the largest (m rows) and batched: a few ATen calls whatever C.
+void class_agreements_padded(const torch::Tensor& e, const torch::Tensor& h, bool bias,
+                             const std::vector<int64_t>& start, const std::vector<int64_t>& order, int64_t m,
+                             float* rc, double* class_sq) {
+  const int64_t B = e.size(0), C = e.size(1), D = h.size(1);
+  std::vector<int64_t> slot(B);  // sample i's row in the padded (C x m) layout
+  for (int64_t k = 0; k < C; ++k)
+    for (int64_t j = start[k]; j < start[k + 1]; ++j) slot[order[j]] = k * m + (j - start[k]);
+  const auto at_slot = torch::from_blob(slot.data(), {B}, torch::dtype(torch::kInt64));
+  const auto f32 = torch::dtype(torch::kFloat32);
+  const auto e3 = torch::zeros({C * m, C}, f32).index_copy_(0, at_slot, e).view({C, m, C});
+  const auto h3 = torch::zeros({C * m, D}, f32).index_copy_(0, at_slot, h).view({C, m, D});
+  const auto gt = at::bmm(h3.transpose(1, 2), e3);                     // (C, D, C): each class's G_h^T
+  auto q = at::bmm(h3, gt);                                            // (C, m, C)
+  if (bias) q = q + e3.sum(1, /*keepdim=*/true);                       // + each class's bias column
+  const auto rows = (q * e3).sum(-1);
+  const auto flat = rows.reshape({C * m}).index_select(0, at_slot).contiguous();
+  const auto sums = rows.sum(-1).contiguous();
+  std::copy(flat.data_ptr<float>(), flat.data_ptr<float>() + B, rc);
+  std::copy(sums.data_ptr<float>(), sums.data_ptr<float>() + C, class_sq);
+}
+
+// Class-conditional agreement and consensus (rc, cc: B each) of the rows of e (B, C) and h (B, D) with labels yp
+// and gradient norms gn. The rows are gathered class by class (a counting sort). Small classes: one fused pass over
+// their pairs; else each class's G, padded and batched while the padding stays within 4 x B rows, else class by
+// class (by Gram or by G, as each class's size makes cheaper).
+void class_scores(const torch::Tensor& e, const torch::Tensor& h, const int64_t* yp, const float* gn, bool bias,
+                  float* rc, float* cc) {
+  const int64_t B = e.size(0), C = e.size(1), D = h.size(1), DA = D + (bias ? 1 : 0);
+  std::vector<int64_t> start(C + 1, 0), order(B);
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK(yp[i] >= 0 && yp[i] < C, "targets must be class indices in [0, C)");
+    ++start[yp[i] + 1];
+  }
+  int64_t m = 0;
+  for (int64_t k = 0; k < C; ++k) m = std::max(m, start[k + 1]), start[k + 1] += start[k];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < B; ++i) order[next[yp[i]]++] = i;
+  std::vector<double> class_sq(C, 0.0);
+  if (fused_classes_cheaper(start, C, DA, B)) {
+    class_agreements_fused(e.data_ptr<float>(), h.data_ptr<float>(), C, D, bias, start, order, rc, class_sq.data());
+  } else if (C * m <= 4 * B) {
+    class_agreements_padded(e, h, bias, start, order, m, rc, class_sq.data());
+  } else {
+    const auto idx = torch::from_blob(order.data(), {B}, torch::dtype(torch::kInt64));
+    const auto es = e.index_select(0, idx), hs = h.index_select(0, idx);
+    std::vector<float> rk(B);
+    for (int64_t k = 0; k < C; ++k) {
+      const int64_t lo = start[k], n = start[k + 1] - lo;
+      if (n == 0) continue;
+      const auto ek = es.narrow(0, lo, n), hk = hs.narrow(0, lo, n);
+      class_sq[k] = n * (C + DA) < 2 * C * DA ? agreements_gram(ek, hk, bias, rk.data() + lo)
+                                              : agreements_product(ek, hk, bias, rk.data() + lo);
+      for (int64_t j = lo; j < lo + n; ++j) rc[order[j]] = rk[j];
+    }
+  }
+  for (int64_t i = 0; i < B; ++i) cc[i] = consensus_of(rc[i], gn[i], class_sq[yp[i]]);
+}
+
 }  // namespace
 
 // Each sample's scores, fp32 (K, B): loss, ||e_i||, ||g_i||, agreement r_i and consensus c_i against the batch,
@@ -637,62 +738,7 @@ torch::Tensor sample_scores(const torch::Tensor& logits, const torch::Tensor& ta
   const double total_sq = agreements_product(e, in.h, bias, r);
   for (int64_t i = 0; i < B; ++i) c[i] = consensus_of(r[i], gn[i], total_sq);
   if (!by_class) return out;
-  // Each class's rows gathered (a counting sort by class): padded to the largest class and batched over classes
-  // (a few ATen calls, whatever C) while the padding stays within 4 x B rows, else class by class.
-  float *rc = o + 5 * B, *cc = o + 6 * B;
-  std::vector<int64_t> start(C + 1, 0), order(B);
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK(yp[i] >= 0 && yp[i] < C, "targets must be class indices in [0, C)");
-    ++start[yp[i] + 1];
-  }
-  int64_t m = 0;
-  for (int64_t k = 0; k < C; ++k) m = std::max(m, start[k + 1]), start[k + 1] += start[k];
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < B; ++i) order[next[yp[i]]++] = i;
-  std::vector<float> rk(B), class_sq(C, 0.f);
-  const int64_t DA = D + (bias ? 1 : 0);
-  if (C * m <= 4 * B) {
-    std::vector<int64_t> slot(B);  // sample i's row in the padded (C x m) layout
-    for (int64_t k = 0; k < C; ++k)
-      for (int64_t j = start[k]; j < start[k + 1]; ++j) slot[order[j]] = k * m + (j - start[k]);
-    const auto at_slot = torch::from_blob(slot.data(), {B}, torch::dtype(torch::kInt64));
-    const auto f32 = torch::dtype(torch::kFloat32);
-    const auto e3 = torch::zeros({C * m, C}, f32).index_copy_(0, at_slot, e).view({C, m, C});
-    const auto h3 = torch::zeros({C * m, D}, f32).index_copy_(0, at_slot, in.h).view({C, m, D});
-    torch::Tensor rows;
-    if (m * (C + DA) < 2 * C * DA) {  // the Gram of each class is cheaper than its G
-      auto hh = at::bmm(h3, h3.transpose(1, 2));
-      if (bias) {
-        const auto valid = torch::zeros({C * m}, f32).index_fill_(0, at_slot, 1.0f).view({C, m, 1});
-        hh = hh + at::bmm(valid, valid.transpose(1, 2));
-      }
-      rows = (at::bmm(e3, e3.transpose(1, 2)) * hh).sum(-1);
-    } else {
-      const auto gt = at::bmm(h3.transpose(1, 2), e3);                 // (C, D, C): each class's G_h^T
-      auto q = at::bmm(h3, gt);                                        // (C, m, C)
-      if (bias) q = q + e3.sum(1, /*keepdim=*/true);                   // + each class's bias column
-      rows = (q * e3).sum(-1);
-    }
-    const auto flat = rows.reshape({C * m}).index_select(0, at_slot).contiguous();
-    const auto sums = rows.sum(-1).contiguous();
-    std::copy(flat.data_ptr<float>(), flat.data_ptr<float>() + B, rc);
-    std::copy(sums.data_ptr<float>(), sums.data_ptr<float>() + C, class_sq.begin());
-    for (int64_t i = 0; i < B; ++i) cc[i] = consensus_of(rc[i], gn[i], class_sq[yp[i]]);
-    return out;
-  }
-  const auto idx = torch::from_blob(order.data(), {B}, torch::dtype(torch::kInt64));
-  const auto es = e.index_select(0, idx), hs = in.h.index_select(0, idx);
-  for (int64_t k = 0; k < C; ++k) {
-    const int64_t lo = start[k], n = start[k + 1] - lo;
-    if (n == 0) continue;
-    const auto ek = es.narrow(0, lo, n), hk = hs.narrow(0, lo, n);
-    const double sq = n * (C + DA) < 2 * C * DA ? agreements_gram(ek, hk, bias, rk.data() + lo)
-                                                : agreements_product(ek, hk, bias, rk.data() + lo);
-    for (int64_t j = lo; j < lo + n; ++j) {
-      rc[order[j]] = rk[j];
-      cc[order[j]] = consensus_of(rk[j], gn[order[j]], sq);
-    }
-  }
+  class_scores(e, in.h, yp, gn, bias, o + 5 * B, o + 6 * B);
   return out;
 }
 

@@ -16,7 +16,8 @@ from dynbatch.monitor.memory import CAN_RESET_PEAK, peak_growth
 from dynbatch.ops import SCORES, per_sample_grad_norms, sample_scores
 from selection_cases import TinyNet, autograd_per_sample_grads, autograd_scores, last_layer_inputs, random_case
 
-# Classes few and large (64, 3, 33) take each class's G, many and small its Gram (the native kernel's two routes).
+# Shapes this small take the native kernel's fused pass over each class's pairs; its other class routes have their
+# own tests below (a dominant class; classes too large for the fused pass).
 SHAPES = [(37, 7, 19), (1, 7, 19), (2, 3, 1), (64, 10, 33), (64, 3, 33)]
 
 
@@ -55,14 +56,25 @@ def test_scores_match_autograd(backend, b, c, d, bias):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=pytest.mark.native)])
-@pytest.mark.parametrize("d", [4, 40])
-def test_a_dominant_class_is_scored_class_by_class(backend, d):
-    """One class with most of the batch: padding every class to its size would cost more than 4 x B rows, so the
-    native kernel scores class by class (by Gram or by G, as each class's size makes cheaper)."""
-    logits, y, feats = random_case(37, 7, d, seed=5)
-    y = torch.where(torch.arange(37) < 30, torch.zeros_like(y), y)
+def test_a_dominant_class_is_scored_class_by_class(backend):
+    """350 of 400 samples in one class: too many pairs for the fused pass, and padding every class to its size
+    would cost more than 4 x B rows, so the native kernel scores class by class (the large class by its G, the
+    small ones by their Gram)."""
+    logits, y, feats = random_case(400, 7, 40, seed=5)
+    y = torch.where(torch.arange(400) < 350, torch.zeros_like(y), y)
     want = autograd_scores(logits, y, feats)
     _assert_scores(sample_scores(logits, y, feats, by_class=True, backend=backend), want,
+                   ("class_agreement", "class_consensus"))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=pytest.mark.native)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_classes_are_scored_by_their_g_batched(backend, bias):
+    """Three classes of ~100 (B = 300, D = 200): their pairs cost more than their G, which the native kernel forms
+    for all classes at once, padded to the largest."""
+    logits, y, feats = random_case(300, 3, 200, seed=8)
+    want = autograd_scores(logits, y, feats, bias)
+    _assert_scores(sample_scores(logits, y, feats, bias=bias, by_class=True, backend=backend), want,
                    ("class_agreement", "class_consensus"))
 
 
