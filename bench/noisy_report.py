@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, bootstrap_ci, rows_of
@@ -104,28 +104,29 @@ def _interval(values: list[float]) -> tuple[float, float]:
     return bootstrap_ci(values, [0.0] * len(values))
 
 
-def filtering_lines(done: dict) -> list[str]:
+def filtering_lines(done: dict, planned: Counter) -> list[str]:
     lines = ["## Question 2: does the method train on fewer mislabeled samples than it draws?", "",
              "| noise | method | seeds | trained − drawn (points) | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
     for (noise, method), runs in sorted(done.items()):
-        if noise == "clean":
+        if noise == "clean" or method == "fixed":  # fixed trains on all it draws: d = 0 up to float rounding
             continue
         d = [v for v in (_filtering(r) for r, _ in runs) if v is not None]
-        if len(d) < 3:
-            lines.append(f"| {noise} | {method} | {len(d)} | – | – | not enough seeds yet |")
+        want = planned[(noise, method)]
+        if len(d) < want:
+            lines.append(f"| {noise} | {method} | {len(d)} of {want} | – | – | not enough seeds yet |")
             continue
         lo, hi = _interval(d)
         verdict = "filters" if hi < 0 else "does not filter" if lo >= 0 else "inconclusive"
         lines.append(f"| {noise} | {method} | {len(d)} | {100 * statistics.fmean(d):+.1f} | "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {verdict} |")
-    return lines + [""]
+    return lines + ["", "`fixed` trains on every sample it draws, so it has no row here.", ""]
 
 
 def _final(run: Path) -> float:
     return _evaluated(run)[-1]["test_acc"]
 
 
-def accuracy_lines(done: dict) -> list[str]:
+def accuracy_lines(done: dict, planned: Counter) -> list[str]:
     lines = ["## Question 3: clean test accuracy against fixed and against the random control", "",
              "| noise | method | seeds | final acc % | best acc % | − fixed: 95 % interval | verdict | − control: 95 % "
              "interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
@@ -144,12 +145,13 @@ def accuracy_lines(done: dict) -> list[str]:
         cells = []
         for other in ("fixed", f"{method}-control"):
             base = [_final(r) for r, _ in done.get((noise, other), [])]
-            if other == method or len(base) < 3 or len(acc) < 3:
+            if other == method or len(base) < planned[(noise, other)] or len(acc) < planned[(noise, method)]:
                 cells += ["–", "–"]
                 continue
             lo, hi = bootstrap_ci(acc, base)
             cells += [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", verdict(lo, hi)]
-        lines.append(f"| {noise} | {method} | {len(acc)} | {100 * statistics.fmean(acc):.1f} | "
+        n = f"{len(acc)}" if len(acc) >= planned[(noise, method)] else f"{len(acc)} of {planned[(noise, method)]}"
+        lines.append(f"| {noise} | {method} | {n} | {100 * statistics.fmean(acc):.1f} | "
                      f"{100 * statistics.fmean(best):.1f} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -161,8 +163,8 @@ def report(runs, out: Path) -> list[str]:
             groups[(meta["noise"], meta["method"])].append((run, meta))
             if _finished(run, meta):
                 done[(meta["noise"], meta["method"])].append((run, meta))
-    planned = len(runs)
+    seeds = Counter((meta["noise"], meta["method"]) for _, meta in runs)  # planned seeds per cell
     finished = sum(len(v) for v in done.values())
-    status = [f"Runs finished: {finished} of {planned} planned (the others have no verdict yet).", ""]
-    return ([RULES, ""] + status + pilot_lines(groups) + signal_lines(groups) + filtering_lines(done)
-            + accuracy_lines(done))
+    status = [f"Runs finished: {finished} of {len(runs)} planned (the others have no verdict yet).", ""]
+    return ([RULES, ""] + status + pilot_lines(groups) + signal_lines(groups) + filtering_lines(done, seeds)
+            + accuracy_lines(done, seeds))
