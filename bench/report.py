@@ -196,8 +196,9 @@ def precision_table(rows) -> list[str]:
         v = mine.get("probe", {}).get("verdict")
         if v:
             out.append(f"| {model} | probe verdict | {'bf16' if v['bf16'] else 'fp32'} | fp32 "
-                       f"{fmt_ms(v['fp32_ms'] / 1e3)}, bf16 {fmt_ms(v['bf16_ms'] / 1e3)} ({v['steps']} steps each; the probe took "
-                       f"{fmt_ms(mine['probe']['median_s'])}) | {v['fp32_ms'] / v['bf16_ms']:.2f}× bf16 |")
+                       f"{fmt_ms(v['fp32_ms'] / 1e3)}, bf16 {fmt_ms(v['bf16_ms'] / 1e3)} ({v['steps']} steps each; "
+                       f"the probe took {fmt_ms(mine['probe']['median_s'])}) | "
+                       f"{v['fp32_ms'] / v['bf16_ms']:.2f}× bf16 |")
     return out + [""]
 
 

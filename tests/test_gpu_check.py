@@ -68,8 +68,8 @@ BLOCK_NETWORK = """
 def test_check_runs_every_part_without_network(tmp_path, tiny_npz, monkeypatch):
     """The check's loop with CUDA faked and three parts: one that reaches for the network (the blocker makes it
     fail, proving the blocker live in the subprocesses), one that overruns its timeout, and the real training
-    part's command on a tiny npz (without --compile, which needs a GPU to be quick, on all 96 images). The first two must not stop the
-    third, and the report must record all three."""
+    part's command on a tiny npz (without --compile, which needs a GPU to be quick, on all 96 images). The first
+    two must not stop the third, and the report must record all three."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(textwrap.dedent(BLOCK_NETWORK))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))

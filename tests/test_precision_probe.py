@@ -101,8 +101,8 @@ def test_run_records_the_probe_and_resume_keeps_the_choice(tmp_path, monkeypatch
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32_ms": 3.0, "bf16_ms": 5.0, "steps": 3,
                                                              "bf16": False})
-    cfg = TrainConfig(data="digits", model="dynbatch_bench.minimal_loops:tiny_mlp", train_samples=64, batch_size=32, epochs=2, progress=False,
-                      util_interval=5.0, stop_after_steps=2)
+    cfg = TrainConfig(data="digits", model="dynbatch_bench.minimal_loops:tiny_mlp", train_samples=64, batch_size=32,
+                      epochs=2, progress=False, util_interval=5.0, stop_after_steps=2)
     Trainer.new(cfg, tmp_path / "run", log=lambda m: None).run()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["amp_bf16"] is False and saved["amp_decided_by"]["probe"]["bf16_ms"] == 5.0

@@ -28,13 +28,18 @@ from torch import nn
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (Linux ``avx512_bf16`` or ``amx_bf16`` flags)."""
+def _cpuinfo(field: str) -> str:
+    """The value of ``field`` in Linux's /proc/cpuinfo (first CPU), or "" where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(field)), "")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (Linux ``avx512_bf16`` or ``amx_bf16`` flags)."""
+    flags = _cpuinfo("flags").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -141,11 +146,7 @@ def probe_key(device: torch.device, model_name: str, x: torch.Tensor) -> str:
 
 
 def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "cpu"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "cpu")
+    return _cpuinfo("model name") or "cpu"
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
