@@ -20,6 +20,7 @@
 #include <limits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -152,11 +153,13 @@ int32_t bytes_to_bits_scalar(const uint8_t* m, int batch, uint64_t* words, float
   return count;
 }
 
-bool has_avx2() {
+// AVX2 and FMA (every AVX2 CPU has both; the draws need only the first, the class pairs' dot4 both).
+bool has_avx2_fma() {
   static const bool yes = [] {
     __builtin_cpu_init();  // may run before the CPU model is initialised by the runtime's own constructors
-    // DYNBATCH_NATIVE_SCALAR: the portable draw, so that a test can check it on an AVX2 machine.
-    return __builtin_cpu_supports("avx2") != 0 && std::getenv("DYNBATCH_NATIVE_SCALAR") == nullptr;
+    // DYNBATCH_NATIVE_SCALAR: the portable loops, so that a test can check them on an AVX2 machine.
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0 &&
+           std::getenv("DYNBATCH_NATIVE_SCALAR") == nullptr;
   }();
   return yes;
 }
@@ -181,11 +184,11 @@ struct MaskSource {
     const int b = static_cast<int>(batch);
     if (mode == 0) {
       const uint8_t* m = masks + n * batch;
-      return has_avx2() ? bytes_to_bits_avx2(m, b, words, o) : bytes_to_bits_scalar(m, b, words, o);
+      return has_avx2_fma() ? bytes_to_bits_avx2(m, b, words, o) : bytes_to_bits_scalar(m, b, words, o);
     }
     const uint32_t key = mix32(mix32(seed) + static_cast<uint32_t>(n));
     const uint32_t t = mode == 1 ? thr : (mix32(key ^ kRateSalt) >> 8);
-    return has_avx2() ? draw_bits_avx2(key, t, b, words, o) : draw_bits_scalar(key, t, b, words, o);
+    return has_avx2_fma() ? draw_bits_avx2(key, t, b, words, o) : draw_bits_scalar(key, t, b, words, o);
   }
 };
 
@@ -271,6 +274,56 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   at::mm_out(c, a, b);
 }
 
+// exp(x) for x <= 0, float, no libm call, so that a loop of it vectorises (libm's expf kept the softmax pass at
+// ~5 ns an element, 0.6 x the head's product at B = 1024, C = 100): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two
+// parts, exact n ln2_hi), exp(r) by Cephes expf's degree-7 polynomial (~1 ulp), 2^n written into the exponent bits.
+// Below kExpFloor it returns 0 where expf would return a subnormal: a softmax term that small is 0 at fp32 anyway.
+constexpr float kExpFloor = -87.0f;
+inline float exp_nonpositive(float x) {
+  const float xc = x < kExpFloor ? kExpFloor : x;  // NaN passes through
+  const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest by the 1.5 * 2^23 shift
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale * (x < kExpFloor ? 0.f : 1.f);  // a blend (see native.py's flags)
+}
+
+// One row's softmax residual er = softmax(zr) - off - on [c == y] (C), in float lanes; returns its max logit, the
+// sum of exp(z - max) and the sum of z (for the loss) and ||er||^2.
+struct RowSums {
+  float mx;
+  double s, zsum, e2;
+};
+RowSums softmax_residual(const float* zr, int64_t y, int64_t C, float off, float on, float* er) {
+  float lane[kLanes];
+  std::fill(lane, lane + kLanes, -INFINITY);
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = std::max(lane[l], zr[c + l]);
+  float mx = *std::max_element(lane, lane + kLanes);
+  for (; c < C; ++c) mx = std::max(mx, zr[c]);
+  for (c = 0; c < C; ++c) er[c] = exp_nonpositive(zr[c] - mx);
+  RowSums out{mx, 0.0, 0.0, 0.0};
+  float es[kLanes] = {0.f}, zs[kLanes] = {0.f};
+  for (c = 0; c + kLanes <= C; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) es[l] += er[c + l], zs[l] += zr[c + l];
+  for (int l = 0; l < kLanes; ++l) out.s += es[l], out.zsum += zs[l];
+  for (; c < C; ++c) out.s += er[c], out.zsum += zr[c];
+  const float inv = static_cast<float>(1.0 / out.s);
+  for (c = 0; c < C; ++c) er[c] = er[c] * inv - off;
+  if (y >= 0 && y < C) er[y] -= on;  // out-of-range targets are refused by the caller; never write past the row
+  out.e2 = dot_lanes(er, er, C);
+  return out;
+}
+
 // Softmax residual rows E = softmax(z) - smoothed one-hot (B x C) and per-sample norms ||e_i|| ||a_i|| (B), from
 // fp32 row-major logits z (B x C), int64 targets y (B) and fp32 features h (B x D); where given, also each
 // sample's cross-entropy (lossp) and ||e_i|| (enp), from the same pass.
@@ -280,27 +333,15 @@ void residual_rows(const float* zp, const int64_t* yp, const float* hp, int64_t 
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* zr = zp + b * C;
-      float* er = ep + b * C;
-      float mx = -INFINITY;
-      for (int64_t c = 0; c < C; ++c) mx = std::max(mx, zr[c]);
-      double s = 0, zsum = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        er[c] = std::exp(zr[c] - mx);
-        s += er[c];
-        zsum += zr[c];
-      }
-      const float inv = static_cast<float>(1.0 / s);
-      double e2 = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        er[c] = er[c] * inv - off - (c == yp[b] ? on : 0.f);
-        e2 += static_cast<double>(er[c]) * er[c];
-      }
+      const RowSums row = softmax_residual(zr, yp[b], C, off, on, ep + b * C);
       // In float lanes (a serial double sum here cost more than the head's product at D = 512).
       const double a2 = (bias ? 1.0 : 0.0) + dot_lanes(hp + b * D, hp + b * D, D);
-      if (np != nullptr) np[b] = static_cast<float>(std::sqrt(e2) * std::sqrt(a2));
-      if (lossp != nullptr)  // -sum_k t_k log p_k, t = (1 - smoothing) one-hot + smoothing / C
-        lossp[b] = static_cast<float>(mx + std::log(s) - (1 - smoothing) * zr[yp[b]] - smoothing / C * zsum);
-      if (enp != nullptr) enp[b] = static_cast<float>(std::sqrt(e2));
+      if (np != nullptr) np[b] = static_cast<float>(std::sqrt(row.e2) * std::sqrt(a2));
+      if (lossp != nullptr)  // -sum_k t_k log p_k, t = (1 - smoothing) one-hot + smoothing / C; the smoothing
+                             // term only when smoothing > 0, as 0 * (-inf) for a -inf logit is NaN
+        lossp[b] = static_cast<float>(row.mx + std::log(row.s) - (1 - smoothing) * zr[yp[b]] -
+                                      (smoothing > 0 ? smoothing / C * row.zsum : 0.0));
+      if (enp != nullptr) enp[b] = static_cast<float>(std::sqrt(row.e2));
     }
   });
 }
@@ -618,14 +659,43 @@ double agreements_gram(const torch::Tensor& e, const torch::Tensor& h, bool bias
   return rows.sum().item<double>();
 }
 
+// x . y_t for four rows y_0..y_3 of length n (out: 4). AVX2/FMA: x loaded once for the four, two 8-float
+// accumulators per row, eight independent chains that hide the FMA latency (one row at a time through dot_lanes
+// waits on its adds: 1.6x slower at C = 100, D = 512); the tail in double.
+__attribute__((target("avx2,fma"))) void dot4_avx2(const float* x, const float* const* y, int64_t n, double* out) {
+  __m256 acc[4][2];
+  for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (int t = 0; t < 4; ++t) {
+      acc[t][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(y[t] + i), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(y[t] + i + 8), acc[t][1]);
+    }
+  }
+  for (int t = 0; t < 4; ++t) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(acc[t][0], acc[t][1]));
+    double s = 0;
+    for (int l = 0; l < 8; ++l) s += lanes[l];
+    for (int64_t k = i; k < n; ++k) s += static_cast<double>(x[k]) * y[t][k];
+    out[t] = s;
+  }
+}
+
+void dot4_portable(const float* x, const float* const* y, int64_t n, double* out) {
+  for (int t = 0; t < 4; ++t) out[t] = dot_lanes(x, y[t], n);
+}
+
 // Class-conditional agreements by one fused pass over each class's pairs, for classes small enough that ATen's
 // per-call cost would exceed their work: r_i = sum_{j in i's class} (e_i . e_j)(a_i . a_j), the pair terms summed
-// once for both rows, nothing stored but r; classes run in parallel and write only their own rows. ``order`` lists
-// the rows class by class (class k at order[start[k] .. start[k+1])). Sets rc[i] (by row) and class_sq[k] =
-// ||G_k||^2 = sum of class k's r_i.
+// once for both rows (row i against four j >= i at a time), nothing stored but r; classes run in parallel and write
+// only their own rows. ``order`` lists the rows class by class (class k at order[start[k] .. start[k+1])). Sets
+// rc[i] (by row) and class_sq[k] = ||G_k||^2 = sum of class k's r_i.
 void class_agreements_fused(const float* ep, const float* hp, int64_t C, int64_t D, bool bias,
                             const std::vector<int64_t>& start, const std::vector<int64_t>& order, float* rc,
                             double* class_sq) {
+  const auto dot4 = has_avx2_fma() ? dot4_avx2 : dot4_portable;
   at::parallel_for(0, C, 1, [&](int64_t k0, int64_t k1) {
     std::vector<double> acc;
     for (int64_t k = k0; k < k1; ++k) {
@@ -633,11 +703,20 @@ void class_agreements_fused(const float* ep, const float* hp, int64_t C, int64_t
       acc.assign(n, 0.0);
       for (int64_t a = 0; a < n; ++a) {
         const int64_t i = order[lo + a];
-        for (int64_t b = a; b < n; ++b) {
-          const int64_t j = order[lo + b];
-          const double kij = dot_lanes(ep + i * C, ep + j * C, C) * (dot_lanes(hp + i * D, hp + j * D, D) + bias);
-          acc[a] += kij;
-          if (b != a) acc[b] += kij;
+        for (int64_t b = a; b < n; b += 4) {
+          const float *ej[4], *hj[4];
+          for (int t = 0; t < 4; ++t) {
+            const int64_t j = order[lo + std::min(b + t, n - 1)];  // past the class's end: a repeat, unused
+            ej[t] = ep + j * C, hj[t] = hp + j * D;
+          }
+          double ke[4], kh[4];
+          dot4(ep + i * C, ej, C, ke);
+          dot4(hp + i * D, hj, D, kh);
+          for (int t = 0; t < 4 && b + t < n; ++t) {
+            const double kij = ke[t] * (kh[t] + bias);
+            acc[a] += kij;
+            if (b + t != a) acc[b + t] += kij;
+          }
         }
       }
       double total = 0;

@@ -5,8 +5,9 @@ before (timing fields aside). ``tests/golden/rows.json`` was written by the code
     python tests/test_rows_unchanged.py --write
 
 Floats are compared at rtol 1e-4 (BLAS kernels may round differently on another CPU), everything else exactly;
-EDBA's margin at rtol 2e-3: it is |(L - L_ema) / (G - G_ema) - 1|, whose cancellation turns the last bit of the batch
-loss L (a reduced cross-entropy since the host-cost work, 1e-7 from the golden per-sample sum) into ~1e-3.
+EDBA's margin |(L - L_ema) / (G - G_ema) - 1| at atol 1e-4: its numerator cancels, so one ulp of the fp32 batch loss
+L (2.4e-7 at L = 2.3; a reduced cross-entropy since the host-cost work, and a vectorised exp in the native softmax
+since) moves it by 2.4e-7 / |L - L_ema|, ~1e-4 where L - L_ema is a few 1e-3 (these rows' margins are ~1e-3).
 """
 import json
 import sys
@@ -44,12 +45,12 @@ def rows_for(policy: str, out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("util_")} for r in read_metrics(out)]
 
 
-RTOL = {"margin": 2e-3}
+ATOL = {"margin": 1e-4}
 
 
 def _close(a, b, key: str = "") -> bool:
     if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=RTOL.get(key, 1e-4), abs=1e-7)
+        return a == pytest.approx(b, rel=1e-4, abs=ATOL.get(key, 1e-7))
     return a == b
 
 

@@ -8,12 +8,16 @@ so input rounding is not error; every backend accumulates in fp32):
   (none of these cases). Under the interpreter Triton's dots are IEEE fp32; on a GPU they run in tf32 where torch
   allows it, which these bounds do not cover (the GPU check measures it).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from dynbatch.errors import UserError
 from dynbatch.monitor.memory import CAN_RESET_PEAK, peak_growth
-from dynbatch.ops import SCORES, per_sample_grad_norms, sample_scores
+from dynbatch.ops import SCORES, Scores, per_sample_grad_norms, sample_scores
 from selection_cases import TinyNet, autograd_per_sample_grads, autograd_scores, last_layer_inputs, random_case
 
 # Shapes this small take the native kernel's fused pass over each class's pairs; its other class routes have their
@@ -76,6 +80,45 @@ def test_large_classes_are_scored_by_their_g_batched(backend, bias):
     want = autograd_scores(logits, y, feats, bias)
     _assert_scores(sample_scores(logits, y, feats, bias=bias, by_class=True, backend=backend), want,
                    ("class_agreement", "class_consensus"))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=pytest.mark.native)])
+def test_saturated_logits(backend):
+    """Logit gaps far past exp's fp32 range (the native kernel's exp returns 0 below z - max = -87, where libm's
+    would be subnormal), -inf logits off the target, and C = 37 (lanes plus a tail): same tolerances."""
+    logits, y, feats = random_case(37, 37, 19, seed=11)
+    logits = logits * 300
+    logits[torch.arange(0, 37, 3), (y[::3] + 1) % 37] = -float("inf")
+    for smoothing in (0.0, 0.1):
+        want = autograd_scores(logits, y, feats, True, smoothing)
+        got = sample_scores(logits, y, feats, label_smoothing=smoothing, by_class=True, backend=backend)
+        _assert_scores(got, want, ("loss", "residual_norm", "grad_norm", "agreement", "class_agreement"))
+        # A saturated row's residual is 0 at fp32 (cosine 0 by definition) but ~e^-300 in the oracle, whose cosine
+        # is defined: the cosines are compared where the oracle's gradient is not below fp32's resolution.
+        live = want["grad_norm"] > 1e-6
+        assert live.sum() > 0
+        _assert_scores(Scores(got.table[:, live]), {k: v[live] for k, v in want.items()}, ("consensus", "class_consensus"))
+
+
+@pytest.mark.native
+def test_native_portable_class_pairs(tmp_path):
+    """Machines without AVX2/FMA take the class pairs one dot at a time (forced here with DYNBATCH_NATIVE_SCALAR,
+    read once per process, hence the subprocess): the same tolerances against the oracle, over C and D that leave
+    the vector loops a tail (7, 19) and none (16, 32)."""
+    cases = [(37, 7, 19, 1), (64, 16, 32, 2)]
+    code = ("import sys, torch\n"
+            "from dynbatch.ops import sample_scores\n"
+            "from selection_cases import random_case\n"
+            f"cases = {cases!r}\n"
+            "out = [sample_scores(*random_case(b, c, d, seed=s), by_class=True, backend='native').table\n"
+            "       for b, c, d, s in cases]\n"
+            "torch.save(out, sys.argv[1])\n")
+    path = tmp_path / "scalar.pt"
+    env = dict(os.environ, DYNBATCH_NATIVE_SCALAR="1")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, cwd=os.path.dirname(__file__))
+    for table, (b, c, d, seed) in zip(torch.load(path), cases):
+        got = Scores(table)
+        _assert_scores(got, autograd_scores(*random_case(b, c, d, seed=seed)), got.names)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=pytest.mark.native)])
