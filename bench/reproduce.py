@@ -1,6 +1,6 @@
 """Reproduce the published experiments on the real CIFAR-10 subset, then write tables and figures.
 
-    python bench/reproduce.py edba|split|adabatch|noisy|all [--out bench/results/repro] [--budget full|smoke]
+    python bench/reproduce.py edba|split|adabatch|noisy|fast|all [--out bench/results/repro] [--budget full|smoke]
         [--only GLOB] [--throughput]
 
 Resumable: a finished run is skipped, an interrupted one resumed (``dynbatch train --resume``), so the same
@@ -181,7 +181,34 @@ def noisy_runs(budget: str):
                                                         "epochs": epochs, "score_at": score_at}
 
 
-EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs, "noisy": noisy_runs}
+# The dynamic-batch methods on the fast recipe (#31): airbench94's recipe at batch 128 (bench/fast_recipe.py's
+# setting), 10 epochs on all 5,085 images, fp32 pinned. In its decoupled hyperparameters a step on part of the batch
+# (the selection methods, EDBA) takes its share of the rate; split's 1/k and AdaBatch's factors are on the step.
+FAST_EPOCHS = 10
+FAST_OPT = ["--recipe", "airbench94", "--batch-size", "128", "--amp", "none", "--eval-every", "1"]
+FAST_METHODS = {
+    "fixed": ["--policy", "fixed"],
+    "adabatch": ["--policy", "adabatch", "--resize-every", "3"],  # 128 -> 1024 by epoch 9: the end grows
+    "split": ["--policy", "split", "--base-batch", "128"],  # 1 x 128, 2 x 64, 4 x 32, by min loss
+    "edba": ["--policy", "edba"],  # the recipe's optimizer (the tuned reading), from batch 128
+    "importance": ["--policy", "importance"],
+    "selective-backprop": ["--policy", "selective-backprop"],
+    "small-loss": ["--policy", "small-loss"],
+    "consensus": ["--policy", "consensus"],
+}
+
+
+def fast_runs(budget: str):
+    smoke = budget == "smoke"
+    epochs = 1 if smoke else FAST_EPOCHS
+    for seed in range(1 if smoke else 3):  # seeds outermost: a partial session finishes whole seeds first
+        for method, margs in FAST_METHODS.items():
+            args = [*FAST_OPT, *margs, "--epochs", str(epochs), "--seed", str(seed)]
+            yield f"{method}-s{seed}", args, {"method": method, "seed": seed, "epochs": epochs}
+
+
+EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs, "noisy": noisy_runs,
+               "fast": fast_runs}
 
 
 def rows_of(run: Path, kind: str) -> list[dict]:
@@ -686,7 +713,98 @@ def report_noisy(runs, out: Path) -> list[str]:
     return report(runs, out)
 
 
-REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch, "noisy": report_noisy}
+FAST_RULE = ("Rules, stated before the runs. Accuracy: the claim \"the method raises the fast recipe's final test "
+             "accuracy (plain, no TTA) by at least 1 point at equal epochs\" is **reproduced** when the 95 % "
+             "bootstrap interval of (method − fixed) lies above 0 and reaches +1, **refuted** when it lies wholly "
+             "below +1, **inconclusive** otherwise. Time: each run's training seconds (evaluation excluded) to its "
+             "first epoch at 95 % of the fixed runs' mean final accuracy; **faster** when the interval of (method − "
+             "fixed) lies below 0, **slower** when above 0 or when a seed never gets there, **inconclusive** "
+             "otherwise. Verdicts only for methods whose 3 seeds and fixed's have all finished. The runs' seconds "
+             "were taken with up to two runs on the two cores, one thread each: a ranking, not a benchmark.")
+
+
+def time_to(run: Path, level: float) -> float | None:
+    """Training seconds (the epochs' own, evaluation excluded) to the first epoch whose test accuracy reaches
+    ``level``; None if none does."""
+    t = 0.0
+    for r in rows_of(run, "epoch"):
+        t += r["epoch_s"]
+        if (r.get("test_acc") or 0) >= level:
+            return t
+    return None
+
+
+def time_verdict(times: list[float | None], base: list[float | None]) -> tuple[str, str]:
+    """(interval cell, verdict) of FAST_RULE's time claim from each seed's seconds to the level (None: never)."""
+    if None in times:
+        return "", "slower"
+    if None in base:
+        return "", "inconclusive"
+    lo, hi = bootstrap_ci(times, base)
+    cell = f"{statistics.fmean(times) - statistics.fmean(base):+.0f} [{lo:+.0f}, {hi:+.0f}]"
+    return cell, "faster" if hi < 0 else "slower" if lo > 0 else "inconclusive"
+
+
+def trained_share(runs: list[Path]) -> str:
+    """Samples trained on over samples the loader drew, over all epochs of ``runs``."""
+    eps = [rows_of(run, "epoch") for run in runs]
+    seen = sum(ep[-1]["samples_seen"] for ep in eps)
+    return f"{sum(r['trained_samples'] for ep in eps for r in ep) / seen:.2f}" if seen else "–"
+
+
+def report_fast(runs, out: Path) -> list[str]:
+    groups = defaultdict(list)
+    for run, m in runs:
+        groups[m["method"]].append((run, m))
+    done = {k: done_runs(v) for k, v in groups.items()}
+    fixed = done.get("fixed", [])
+    level = 0.95 * statistics.fmean(final_acc(r) for r in fixed) if fixed else None
+    lines = [f"The dynamic-batch methods on the fast recipe: `--recipe airbench94 --batch-size 128`, {FAST_EPOCHS} "
+             "epochs, all 5,085 images, fp32, one thread a run. " + VERDICT_RULE.split(" A claimed")[0], "",
+             FAST_RULE, "",
+             "| method | seeds finished | final test acc | with TTA | − fixed (final), 95 % CI | verdict | "
+             f"s to {100 * level:.1f} % | − fixed (s), 95 % CI | verdict | trained / loader samples |"
+             if level else "| method | seeds finished | final test acc |", "|" + "---|" * (10 if level else 3)]
+    for method in FAST_METHODS:
+        rs, planned = done.get(method, []), len(groups[method])
+        row = [method, _status(rs, planned), mean_std([final_acc(r) for r in rs])]
+        if level:
+            tta = [rows_of(r, "epoch")[-1].get("test_acc_tta") for r in rs]
+            row.append(mean_std(tta) if rs and None not in tta else "–")
+            complete = len(rs) == planned and len(fixed) == len(groups["fixed"])
+            diff = acc_v = t_diff = t_v = ""
+            times = [time_to(r, level) for r in rs]
+            shown = ", ".join("never" if t is None else f"{t:.0f}" for t in times) or "–"
+            if method != "fixed" and len(rs) >= 2 and len(fixed) >= 2:
+                lo, hi, diff = difference(rs, fixed)
+                t_diff, t_v = time_verdict(times, [time_to(r, level) for r in fixed])
+                if complete:
+                    acc_v = verdict(lo, hi, 2.0)
+                else:
+                    t_v = ""
+            row += [diff, acc_v or "–", shown, t_diff, t_v or "–", trained_share(rs)]
+        lines.append("| " + " | ".join(row) + " |")
+    if any(done.values()):
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+        for i, method in enumerate(FAST_METHODS):
+            for j, run in enumerate(done.get(method, [])):
+                t, pts = 0.0, []
+                for r in rows_of(run, "epoch"):
+                    t += r["epoch_s"]
+                    pts.append((t, r["test_acc"]))
+                ax.plot(*zip(*pts), color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
+        ax.set_xlabel("training seconds (evaluation excluded; crowded runs)")
+        ax.set_ylabel("test accuracy")
+        ax.legend()
+        ax.set_title("Dynamic-batch methods on the airbench94 recipe, CIFAR-10 subset")
+        fig.savefig(out / "fast.png", dpi=80)
+        plt.close(fig)
+    return lines
+
+
+REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch, "noisy": report_noisy,
+           "fast": report_fast}
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dynbatch_bench.reproduce import convergence, epochs_to, interval_verdict, verdict
+from dynbatch_bench.reproduce import convergence, epochs_to, interval_verdict, time_to, time_verdict, verdict
 
 
 @pytest.mark.parametrize("lo, hi, published_gain, expected", [
@@ -71,3 +71,22 @@ def test_convergence_inconclusive_when_seeds_disagree(tmp_path):
     base = [fake_run(tmp_path, f"b{s}", step_curve(r)) for s, r in enumerate((12, 28, 20))]
     edba = [fake_run(tmp_path, f"e{s}", step_curve(r)) for s, r in enumerate((28, 12, 20))]
     assert convergence(base, edba, 40)[1] == "inconclusive"
+
+
+@pytest.mark.parametrize("times, base, expected", [
+    ([50.0, 55.0, 52.0], [80.0, 84.0, 79.0], "faster"),
+    ([90.0, 95.0, 92.0], [80.0, 84.0, 79.0], "slower"),
+    ([70.0, 95.0, 82.0], [80.0, 84.0, 79.0], "inconclusive"),
+    ([50.0, None, 52.0], [80.0, 84.0, 79.0], "slower"),  # a seed that never gets there
+])
+def test_fast_recipe_time_verdict(times, base, expected):
+    assert time_verdict(times, base)[1] == expected
+
+
+def test_time_to_sums_the_epochs_own_seconds(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = [{"kind": "epoch", "epoch": ep, "epoch_s": 10.0 + ep, "test_acc": acc}
+            for ep, acc in enumerate([0.5, 0.7, 0.8])]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert time_to(run, 0.7) == 21.0 and time_to(run, 0.9) is None

@@ -198,3 +198,26 @@ def test_the_random_control_trains_on_as_many_samples_as_the_method_chose(tmp_pa
     assert epoch["mislabeled_trained"] == pytest.approx(
         sum(r["mislabeled_trained"] * r["trained_samples"] for r in m if r["epoch"] == 1)
         / sum(r["trained_samples"] for r in m if r["epoch"] == 1))
+
+
+@pytest.mark.parametrize("hyp_form", ["torch", "decoupled"])
+@pytest.mark.parametrize("method, options", [("small-loss", {"forget_rate": 0.5, "ramp_epochs": 1}),
+                                             ("edba", {"subsets": 64})])
+def test_a_step_on_part_of_the_batch_scales_the_lr_only_in_the_decoupled_form(hyp_form, method, options):
+    """Per example of a summed loss (decoupled), a step on k of B samples takes k / B of the full step's rate;
+    in torch's form the rate is the schedule's whatever was kept."""
+    from dynbatch.methods import policy_class
+    from dynbatch.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    b = 40
+    cfg = TrainConfig(policy=method, batch_size=b, hyp_form=hyp_form, momentum=0.9, policy_options=options)
+    policy = policy_class(method)(options, batch_size=b, config=cfg)
+    ctx = StepContext(model=model, loss_fn=lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none"),
+                      autocast=contextlib.nullcontext, device=torch.device("cpu"), epoch=1)
+    x, y = torch.randn(b, 3, 2, 2), torch.randint(0, 3, (b,))
+    (step,) = policy.plan(x, y, ctx).steps
+    kept = step.y.shape[0]
+    assert 0 < kept < b
+    assert step.lr_scale == (kept / b if hyp_form == "decoupled" else 1.0)

@@ -15,6 +15,9 @@ Every ``resize_every`` epochs the batch is multiplied by ``resize_factor`` (2) a
 ``lr_factor`` (0.75; the published CIFAR runs set this against a 0.375 step decay of the fixed-batch baseline), up
 to ``max_batch``. Once the batch is capped a resize can no longer double it, so the learning rate takes the whole
 equivalent decay instead, ``lr_factor / resize_factor`` (0.375), keeping the schedule's noise scale on course.
+The factors act on the step's rate in both hyperparameter forms: with ``--hyp-form decoupled`` the lr converted for
+the initial batch is the rate a grown batch's step starts from (per example, a 0.375 decay per doubling), not
+rescaled to the grown batch, so the method means the same in either form.
 """
 from __future__ import annotations
 

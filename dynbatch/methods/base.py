@@ -152,6 +152,16 @@ class Policy(ABC):
         """Multiplier on the scheduled learning rate at fractional epoch ``epoch_progress``."""
         return 1.0
 
+    def part_lr_scale(self, trained: int) -> float:
+        """``lr_scale`` of a step that trains on ``trained`` samples (global count) of a batch at a mean loss.
+        Torch's form: 1, the step's rate whatever the method kept, as the methods' papers train. The decoupled
+        form: ``trained / batch_size``, its lr and weight decay being per example of a summed loss, so a step on
+        fewer samples moves the weights as much per sample as a full one (split's 1/k and AdaBatch's factors are
+        already stated on the step's rate and need no scaling)."""
+        if self.config is None or self.config.hyp_form != "decoupled":
+            return 1.0
+        return trained / self.base_batch_size
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first batch of every epoch (0-based), also after a resume."""
 

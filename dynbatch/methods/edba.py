@@ -296,11 +296,13 @@ class EDBAPolicy(Policy):
         else:
             rows = chosen_rows(sel.mask, c.size)  # the size is known from the one read: no sync to index
         in_batch = rows + d.share(y.shape[0]).start if d.enabled else rows  # rows of the global batch
+        lr_scale = self.part_lr_scale(c.size)
         if o.reuse_forward:
             losses = ctx.loss_fn(_fp32(logits), yl)
-            step = ReuseStep(losses[rows], logits[rows].detach(), yl[rows], sample_weight=weight, rows=in_batch)
+            step = ReuseStep(losses[rows], logits[rows].detach(), yl[rows], lr_scale=lr_scale, sample_weight=weight,
+                             rows=in_batch)
         else:
-            step = ForwardStep(xl[rows], yl[rows], sample_weight=weight, rows=in_batch)
+            step = ForwardStep(xl[rows], yl[rows], lr_scale=lr_scale, sample_weight=weight, rows=in_batch)
         return Plan([step], record)
 
     def state_dict(self):

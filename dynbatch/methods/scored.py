@@ -121,5 +121,6 @@ class SelectionPolicy(Policy):
             rows, weight = rows[share], None if weight is None else weight[share]
             if rows.numel() == 0:  # none for this rank: one sample at weight 0 keeps DDP in step
                 rows, weight = torch.zeros(1, dtype=torch.long, device=x.device), torch.zeros(1, device=x.device)
-        step = ForwardStep(x[rows], y[rows], sample_weight=weight, rows=rows, mean_over_count=weight is not None)
+        step = ForwardStep(x[rows], y[rows], lr_scale=self.part_lr_scale(kept), sample_weight=weight, rows=rows,
+                           mean_over_count=weight is not None)
         return Plan([step], record)

@@ -134,7 +134,8 @@ class TrainConfig:
                                          check=_triangle_check, group=_M)
     hyp_form: str = option("torch", "torch (--lr and --weight-decay as torch's optimizers take them) or decoupled "
                            "(airbench's: per 1024 examples, the lr normalised by Nesterov momentum's gain, the "
-                           "weight decay independent of the lr; converted for --batch-size)",
+                           "weight decay independent of the lr; converted for --batch-size; a step on part of "
+                           "the batch, as the selection methods and EDBA train, scales them by its share)",
                            check=one_of("torch", "decoupled", hint="torch is the default"), group=_M)
     bias_lr_scale: float = option(1.0, "learning-rate multiplier for the BatchNorm biases (their decay per step "
                                   "unchanged; airbench: 64)", check=positive("e.g. 64"), group=_M)
