@@ -323,6 +323,15 @@ VERDICT_RULE = ("Verdict rule (stated once, used for every claim): a 95 % bootst
                 "rows with unfinished runs get no verdict.")
 
 
+def _save_accuracy_plot(plt, fig, ax, xlabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    ax.set_title(title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def bootstrap_ci(a: list[float], b: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95 % interval of mean(a) - mean(b), seeds resampled with replacement within each group."""
     import numpy as np
@@ -612,12 +621,8 @@ def report_split(runs, out: Path) -> list[str]:
             for i, run in enumerate(done.get(method, [])):
                 pts = [(r["epoch"] + 1, r["test_acc"]) for r in rows_of(run, "epoch") if r.get("test_acc") is not None]
                 ax.plot(*zip(*pts), color=colour, alpha=0.7, label=method if i == 0 else None)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        ax.legend()
-        ax.set_title("Online batch-size selection, PreResNet-20, CIFAR-10 subset")
-        fig.savefig(out / "split.png", dpi=80)
-        plt.close(fig)
+        _save_accuracy_plot(plt, fig, ax, "epoch", "Online batch-size selection, PreResNet-20, CIFAR-10 subset",
+                            out / "split.png")
     return lines
 
 
@@ -794,12 +799,8 @@ def report_fast(runs, out: Path) -> list[str]:
                     t += r["epoch_s"]
                     pts.append((t, r["test_acc"]))
                 ax.plot(*zip(*pts), color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
-        ax.set_xlabel("training seconds (evaluation excluded; crowded runs)")
-        ax.set_ylabel("test accuracy")
-        ax.legend()
-        ax.set_title("Dynamic-batch methods on the airbench94 recipe, CIFAR-10 subset")
-        fig.savefig(out / "fast.png", dpi=80)
-        plt.close(fig)
+        _save_accuracy_plot(plt, fig, ax, "training seconds (evaluation excluded; crowded runs)",
+                            "Dynamic-batch methods on the airbench94 recipe, CIFAR-10 subset", out / "fast.png")
     return lines
 
 
