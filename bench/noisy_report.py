@@ -104,6 +104,11 @@ def _interval(values: list[float]) -> tuple[float, float]:
     return bootstrap_ci(values, [0.0] * len(values))
 
 
+def _seeds(have: int, planned: int) -> str:
+    """A cell's seed count, with its plan while it falls short."""
+    return f"{have}" if have >= planned else f"{have} of {planned}"
+
+
 def filtering_lines(done: dict, planned: Counter) -> list[str]:
     lines = ["## Question 2: does the method train on fewer mislabeled samples than it draws?", "",
              "| noise | method | seeds | trained − drawn (points) | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
@@ -113,7 +118,7 @@ def filtering_lines(done: dict, planned: Counter) -> list[str]:
         d = [v for v in (_filtering(r) for r, _ in runs) if v is not None]
         want = planned[(noise, method)]
         if len(d) < want:
-            lines.append(f"| {noise} | {method} | {len(d)} of {want} | – | – | not enough seeds yet |")
+            lines.append(f"| {noise} | {method} | {_seeds(len(d), want)} | – | – | not enough seeds yet |")
             continue
         lo, hi = _interval(d)
         verdict = "filters" if hi < 0 else "does not filter" if lo >= 0 else "inconclusive"
@@ -150,8 +155,8 @@ def accuracy_lines(done: dict, planned: Counter) -> list[str]:
                 continue
             lo, hi = bootstrap_ci(acc, base)
             cells += [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", verdict(lo, hi)]
-        n = f"{len(acc)}" if len(acc) >= planned[(noise, method)] else f"{len(acc)} of {planned[(noise, method)]}"
-        lines.append(f"| {noise} | {method} | {n} | {100 * statistics.fmean(acc):.1f} | "
+        lines.append(f"| {noise} | {method} | {_seeds(len(acc), planned[(noise, method)])} | "
+                     f"{100 * statistics.fmean(acc):.1f} | "
                      f"{100 * statistics.fmean(best):.1f} | " + " | ".join(cells) + " |")
     return lines + [""]
 

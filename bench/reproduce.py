@@ -728,15 +728,18 @@ FAST_RULE = ("Rules, stated before the runs. Accuracy: the claim \"the method ra
              "were taken with up to two runs on the two cores, one thread each: a ranking, not a benchmark.")
 
 
-def time_to(run: Path, level: float) -> float | None:
-    """Training seconds (the epochs' own, evaluation excluded) to the first epoch whose test accuracy reaches
-    ``level``; None if none does."""
-    t = 0.0
+def training_curve(run: Path) -> list[tuple[float, float | None]]:
+    """(training seconds so far, the epochs' own with evaluation excluded; test accuracy) after each epoch."""
+    t, curve = 0.0, []
     for r in rows_of(run, "epoch"):
         t += r["epoch_s"]
-        if (r.get("test_acc") or 0) >= level:
-            return t
-    return None
+        curve.append((t, r.get("test_acc")))
+    return curve
+
+
+def time_to(run: Path, level: float) -> float | None:
+    """Training seconds to the first epoch whose test accuracy reaches ``level``; None if none does."""
+    return next((t for t, acc in training_curve(run) if (acc or 0) >= level), None)
 
 
 def time_verdict(times: list[float | None], base: list[float | None]) -> tuple[str, str]:
@@ -783,10 +786,7 @@ def report_fast(runs, out: Path) -> list[str]:
             if method != "fixed" and len(rs) >= 2 and len(fixed) >= 2:
                 lo, hi, diff = difference(rs, fixed)
                 t_diff, t_v = time_verdict(times, [time_to(r, level) for r in fixed])
-                if complete:
-                    acc_v = verdict(lo, hi, 2.0)
-                else:
-                    t_v = ""
+                acc_v, t_v = (verdict(lo, hi, 2.0), t_v) if complete else ("", "")
             row += [diff, acc_v or "–", shown, t_diff, t_v or "–", trained_share(rs)]
         lines.append("| " + " | ".join(row) + " |")
     if any(done.values()):
@@ -794,11 +794,7 @@ def report_fast(runs, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
         for i, method in enumerate(FAST_METHODS):
             for j, run in enumerate(done.get(method, [])):
-                t, pts = 0.0, []
-                for r in rows_of(run, "epoch"):
-                    t += r["epoch_s"]
-                    pts.append((t, r["test_acc"]))
-                ax.plot(*zip(*pts), color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
+                ax.plot(*zip(*training_curve(run)), color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
         _save_accuracy_plot(plt, fig, ax, "training seconds (evaluation excluded; crowded runs)",
                             "Dynamic-batch methods on the airbench94 recipe, CIFAR-10 subset", out / "fast.png")
     return lines

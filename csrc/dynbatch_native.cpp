@@ -319,7 +319,7 @@ RowSums softmax_residual(const float* zr, int64_t y, int64_t C, float off, float
   for (; c < C; ++c) out.s += er[c], out.zsum += zr[c];
   const float inv = static_cast<float>(1.0 / out.s);
   for (c = 0; c < C; ++c) er[c] = er[c] * inv - off;
-  if (y >= 0 && y < C) er[y] -= on;  // out-of-range targets are refused by the caller; never write past the row
+  er[y] -= on;  // y in [0, C): checked once per op (Batch)
   out.e2 = dot_lanes(er, er, C);
   return out;
 }
@@ -364,6 +364,10 @@ struct Batch {
     B = z.size(0);
     C = z.size(1);
     D = h.size(1);
+    // Once for every op: the kernels index rows by the targets (the loss, the residual, the class order).
+    const int64_t* yp = y.data_ptr<int64_t>();
+    TORCH_CHECK(std::all_of(yp, yp + B, [this](int64_t t) { return t >= 0 && t < C; }),
+                "targets must be class indices in [0, C)");
   }
 };
 
@@ -769,10 +773,7 @@ void class_scores(const torch::Tensor& e, const torch::Tensor& h, const int64_t*
                   float* rc, float* cc) {
   const int64_t B = e.size(0), C = e.size(1), D = h.size(1), DA = D + (bias ? 1 : 0);
   std::vector<int64_t> start(C + 1, 0), order(B);
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK(yp[i] >= 0 && yp[i] < C, "targets must be class indices in [0, C)");
-    ++start[yp[i] + 1];
-  }
+  for (int64_t i = 0; i < B; ++i) ++start[yp[i] + 1];  // yp in [0, C) (Batch)
   int64_t m = 0;
   for (int64_t k = 0; k < C; ++k) m = std::max(m, start[k + 1]), start[k + 1] += start[k];
   std::vector<int64_t> next(start.begin(), start.end() - 1);

@@ -1,4 +1,9 @@
 """Shared inputs for the selection tests: a real last layer, its autograd per-sample gradients, and odd shapes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -100,3 +105,13 @@ def autograd_scores(logits, y, feats, bias=True, label_smoothing=0.0) -> dict[st
     rc, cc = against(same @ g)
     return {"loss": torch.stack(losses), "residual_norm": torch.stack(res).norm(dim=1), "grad_norm": g.norm(dim=1),
             "agreement": r, "consensus": c, "class_agreement": rc, "class_consensus": cc}
+
+
+def native_in_subprocess(code: str, out: Path, *, scalar: bool):
+    """What ``code`` (a script that ``torch.save``s its results to ``sys.argv[1]``) computed in a fresh process,
+    with the native kernels' portable loops forced by DYNBATCH_NATIVE_SCALAR (read once per process) or not."""
+    env = {k: v for k, v in os.environ.items() if k != "DYNBATCH_NATIVE_SCALAR"}
+    if scalar:
+        env["DYNBATCH_NATIVE_SCALAR"] = "1"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, cwd=os.path.dirname(__file__))
+    return torch.load(out)

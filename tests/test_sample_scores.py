@@ -8,17 +8,14 @@ so input rounding is not error; every backend accumulates in fp32):
   (none of these cases). Under the interpreter Triton's dots are IEEE fp32; on a GPU they run in tf32 where torch
   allows it, which these bounds do not cover (the GPU check measures it).
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from dynbatch.errors import UserError
 from dynbatch.monitor.memory import CAN_RESET_PEAK, peak_growth
 from dynbatch.ops import SCORES, Scores, per_sample_grad_norms, sample_scores
-from selection_cases import TinyNet, autograd_per_sample_grads, autograd_scores, last_layer_inputs, random_case
+from selection_cases import TinyNet, autograd_per_sample_grads, autograd_scores, last_layer_inputs, \
+    native_in_subprocess, random_case
 
 # Shapes this small take the native kernel's fused pass over each class's pairs; its other class routes have their
 # own tests below (a dominant class; classes too large for the fused pass).
@@ -97,7 +94,8 @@ def test_saturated_logits(backend):
         # is defined: the cosines are compared where the oracle's gradient is not below fp32's resolution.
         live = want["grad_norm"] > 1e-6
         assert live.sum() > 0
-        _assert_scores(Scores(got.table[:, live]), {k: v[live] for k, v in want.items()}, ("consensus", "class_consensus"))
+        _assert_scores(Scores(got.table[:, live]), {k: v[live] for k, v in want.items()},
+                       ("consensus", "class_consensus"))
 
 
 @pytest.mark.native
@@ -113,10 +111,7 @@ def test_native_portable_class_pairs(tmp_path):
             "out = [sample_scores(*random_case(b, c, d, seed=s), by_class=True, backend='native').table\n"
             "       for b, c, d, s in cases]\n"
             "torch.save(out, sys.argv[1])\n")
-    path = tmp_path / "scalar.pt"
-    env = dict(os.environ, DYNBATCH_NATIVE_SCALAR="1")
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, cwd=os.path.dirname(__file__))
-    for table, (b, c, d, seed) in zip(torch.load(path), cases):
+    for table, (b, c, d, seed) in zip(native_in_subprocess(code, tmp_path / "scalar.pt", scalar=True), cases):
         got = Scores(table)
         _assert_scores(got, autograd_scores(*random_case(b, c, d, seed=seed)), got.names)
 

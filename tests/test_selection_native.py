@@ -1,14 +1,11 @@
 """The native CPU extension against the torch reference: same numbers, same masks, same choice."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dynbatch.ops import native, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
     subset_scores
-from selection_cases import random_case, route_atol
+from selection_cases import native_in_subprocess, random_case, route_atol
 
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -89,14 +86,7 @@ def test_portable_draw_matches_the_avx2_draw(tmp_path):
             "    masks = torch.rand(300, b, generator=torch.Generator().manual_seed(b)) < 0.5\n"
             "    out.append(subset_grad_norms(logits, y, feats, masks, route='gram', backend='native'))\n"
             "torch.save(out, sys.argv[1])\n")
-    results = []
-    for scalar in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "DYNBATCH_NATIVE_SCALAR"}
-        if scalar:
-            env["DYNBATCH_NATIVE_SCALAR"] = "1"
-        path = tmp_path / f"{int(scalar)}.pt"
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, cwd=os.path.dirname(__file__))
-        results.append(torch.load(path))
+    results = [native_in_subprocess(code, tmp_path / f"{int(scalar)}.pt", scalar=scalar) for scalar in (False, True)]
     assert len(results[0]) == 12
     for a, b in zip(*results):
         assert torch.equal(a, b)
