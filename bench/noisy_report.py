@@ -6,7 +6,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, bootstrap_ci, rows_of
+from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, bootstrap_ci, rows_of
 
 # The rules, stated before the runs (issue #30).
 GAIN = 2.0  # points of clean test accuracy that count as a gain (at 40 % symmetric noise Co-teaching-style methods
@@ -109,6 +109,21 @@ def _seeds(have: int, planned: int) -> str:
     return f"{have}" if have >= planned else f"{have} of {planned}"
 
 
+def filtering_verdict(lo: float, hi: float) -> str:
+    """Question 2's rule on the 95 % interval of the mean (trained − drawn) mislabeled share."""
+    return "filters" if hi < 0 else "does not filter" if lo >= 0 else "inconclusive"
+
+
+def accuracy_verdict(lo: float, hi: float) -> str:
+    """Question 3's rule on the 95 % interval (fractions) of a difference in mean final accuracy."""
+    lo, hi = 100 * lo, 100 * hi
+    if lo >= GAIN:
+        return "gain"
+    if hi < 0:
+        return "loss"
+    return "no gain" if hi < GAIN else "inconclusive"
+
+
 def filtering_lines(done: dict, planned: Counter) -> list[str]:
     lines = ["## Question 2: does the method train on fewer mislabeled samples than it draws?", "",
              "| noise | method | seeds | trained − drawn (points) | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
@@ -121,7 +136,7 @@ def filtering_lines(done: dict, planned: Counter) -> list[str]:
             lines.append(f"| {noise} | {method} | {_seeds(len(d), want)} | – | – | not enough seeds yet |")
             continue
         lo, hi = _interval(d)
-        verdict = "filters" if hi < 0 else "does not filter" if lo >= 0 else "inconclusive"
+        verdict = filtering_verdict(lo, hi)
         lines.append(f"| {noise} | {method} | {len(d)} | {100 * statistics.fmean(d):+.1f} | "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {verdict} |")
     return lines + ["", "`fixed` trains on every sample it draws, so it has no row here.", ""]
@@ -136,14 +151,6 @@ def accuracy_lines(done: dict, planned: Counter) -> list[str]:
              "| noise | method | seeds | final acc % | best acc % | − fixed: 95 % interval | verdict | − control: 95 % "
              "interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
 
-    def verdict(lo, hi):
-        lo, hi = 100 * lo, 100 * hi
-        if lo >= GAIN:
-            return "gain"
-        if hi < 0:
-            return "loss"
-        return "no gain" if hi < GAIN else "inconclusive"
-
     for (noise, method), runs in sorted(done.items()):
         acc = [_final(r) for r, _ in runs]
         best = [max(e["test_acc"] for e in _evaluated(r)) for r, _ in runs]
@@ -154,11 +161,64 @@ def accuracy_lines(done: dict, planned: Counter) -> list[str]:
                 cells += ["–", "–"]
                 continue
             lo, hi = bootstrap_ci(acc, base)
-            cells += [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", verdict(lo, hi)]
+            cells += [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", accuracy_verdict(lo, hi)]
         lines.append(f"| {noise} | {method} | {_seeds(len(acc), planned[(noise, method)])} | "
                      f"{100 * statistics.fmean(acc):.1f} | "
                      f"{100 * statistics.fmean(best):.1f} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def cost_lines(out: Path) -> list[str]:
+    """Question 4, from ``cost.json`` (``reproduce.py noisy --cost``, on a quiet machine)."""
+    f = out / "cost.json"
+    lines = ["## Question 4: what each method costs", ""]
+    if not f.is_file():
+        return lines + ["Not measured yet: `python bench/reproduce.py noisy --only none --cost` on a quiet machine.", ""]
+    c = json.loads(f.read_text())
+    fixed = c["methods"]["fixed"]["epoch_s"]
+    lines += [f"Training seconds of epoch {c['epoch']} of a run at 40 % symmetric noise, the study's settings, on a "
+              f"quiet machine ({c['cpu']}, {c['threads']} threads; `python bench/reproduce.py noisy --only none "
+              "--cost`). The selection is the method's scoring forward, its op and the step's one read; a random "
+              "control costs what its method does (it runs the same selection).", "",
+              "| method | s per epoch | × fixed | selection's share of the step |", "|---|---|---|---|"]
+    for method, m in c["methods"].items():
+        share = f"{100 * m['selection_s'] / m['step_s']:.0f} %" if m["selection_s"] else "–"
+        lines.append(f"| {method} | {m['epoch_s']:.1f} | {m['epoch_s'] / fixed:.2f}× | {share} |")
+    return lines + [""]
+
+
+def _mean_curve(runs, field: str) -> tuple[list[int], list[float]]:
+    """Epochs (from 1) and the mean over ``runs`` of ``field`` in their epoch rows, at the epochs all of them have."""
+    rows = [{r["epoch"]: r[field] for r in rows_of(run, "epoch") if r.get(field) is not None} for run, _ in runs]
+    epochs = sorted(set.intersection(*(set(r) for r in rows)))
+    return [e + 1 for e in epochs], [statistics.fmean(r[e] for r in rows) for e in epochs]
+
+
+def figure(done: dict, out: Path) -> None:
+    """``noisy.png``: a row per noise; clean test accuracy (left) and the mislabeled share of the samples trained on
+    (right) over epochs, each the mean of a cell's finished seeds; a method's random control dashed in its colour."""
+    noises = [n for n in NOISES if any(noise == n for noise, _ in done)]
+    if not noises:
+        return
+    methods = sorted({m.removesuffix("-control") for _, m in done}, key=lambda m: (m != "fixed", m))
+    plt = _plt()
+    fig, axes = plt.subplots(len(noises), 2, figsize=(12, 4 * len(noises)), squeeze=False, constrained_layout=True)
+    for (acc_ax, noise_ax), noise in zip(axes, noises):
+        for i, method in enumerate(methods):
+            for cell, style in ((method, "-"), (f"{method}-control", "--")):
+                runs = done.get((noise, cell))
+                if runs:
+                    acc_ax.plot(*_mean_curve(runs, "test_acc"), style, color=f"C{i}", label=f"{cell} ({len(runs)})")
+                    if noise != "clean":
+                        noise_ax.plot(*_mean_curve(runs, "mislabeled_trained"), style, color=f"C{i}")
+        acc_ax.set(title=f"{noise}: clean test accuracy (seeds in brackets)", xlabel="epoch", ylabel="test accuracy")
+        acc_ax.legend(fontsize=7, ncol=2)
+        noise_ax.set(title=f"{noise}: mislabeled share of what was trained on", xlabel="epoch",
+                     ylabel="mislabeled share (fixed: of what was drawn)")
+        if noise == "clean":
+            noise_ax.set_axis_off()
+    fig.savefig(out / "noisy.png", dpi=70)
+    plt.close(fig)
 
 
 def report(runs, out: Path) -> list[str]:
@@ -171,5 +231,7 @@ def report(runs, out: Path) -> list[str]:
     seeds = Counter((meta["noise"], meta["method"]) for _, meta in runs)  # planned seeds per cell
     finished = sum(len(v) for v in done.values())
     status = [f"Runs finished: {finished} of {len(runs)} planned (the others have no verdict yet).", ""]
-    return ([RULES, ""] + status + pilot_lines(groups) + signal_lines(groups) + filtering_lines(done, seeds)
-            + accuracy_lines(done, seeds))
+    figure(done, out)
+    return ([RULES, ""] + status + ["Figure: [accuracy and trained-on noise over epochs](noisy.png).", ""]
+            + pilot_lines(groups) + signal_lines(groups) + filtering_lines(done, seeds) + accuracy_lines(done, seeds)
+            + cost_lines(out))

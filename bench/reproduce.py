@@ -132,8 +132,9 @@ def adabatch_runs(budget: str):
 
 # The noisy-label study (#30): PreResNet-20 on all 5,085 images, the split experiment's optimizer at batch 128,
 # evaluated every epoch (the noisy baseline peaks and then memorises: final and best accuracy both reported).
-# NOISY_EPOCHS is the pilot's budget (see noisy/REPORT.md); SCORE_AT the epochs at which the fixed baseline's
-# training samples are scored (question 1), each a stop at that epoch's end, ``dynbatch score``, and a resume.
+# NOISY_EPOCHS is the pilot's budget (noisy/table.md, its pilot section); SCORE_AT the epochs at which the fixed
+# baseline's training samples are scored (question 1), each a stop at that epoch's end, ``dynbatch score``, and a
+# resume.
 NOISY_EPOCHS, SCORE_AT, STEPS_PER_EPOCH = 30, (2, 5, 10, 20), 40  # ceil(5,085 / 128) steps an epoch
 NOISES = {"clean": "", "sym40": "symmetric:0.4", "pair45": "pair:0.45"}
 NOISY_OPT = ["--model", "preresnet20", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule",
@@ -161,6 +162,38 @@ def noisy_methods(noise: str) -> dict[str, list[str]]:
 # Cells given seeds 3 and 4 by the stated rule (5 seeds where a 3-seed interval straddles a bound): at sym40,
 # small-loss − its control was [-0.6, +2.2] and the control − fixed [+1.6, +4.6], both across the +2-point bound.
 FIVE_SEEDS = {("sym40", "fixed"), ("sym40", "small-loss"), ("sym40", "small-loss-control")}
+
+
+def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
+    """Question 4 of the noisy study, apart from its crowded runs: each method's training seconds per epoch and its
+    selection's share of them (the scoring forward, the op and its read: the steps' ``selection_s`` over their
+    ``step_s``) at 40 % symmetric noise and the study's settings, with all the machine's threads, written to
+    ``cost.json``. The last of ``epochs`` is measured (the first loads extensions and warms the allocator); a random
+    control runs its method's selection, so it costs what its method does. Run it on a quiet machine:
+    ``python bench/reproduce.py noisy --only none --cost`` (about 10 minutes on 2 cores)."""
+    import tempfile
+
+    import torch
+
+    from bench.common import machine
+
+    methods = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, margs in noisy_methods(NOISES["sym40"]).items():
+            if method.endswith("-control"):
+                continue
+            run = Path(tmp) / method
+            args = [*NOISY_OPT, *margs, "--label-noise", NOISES["sym40"], "--epochs", str(epochs),
+                    "--eval-every", str(epochs)]
+            if rc := _train(run, args):
+                raise SystemExit(f"reproduce: the cost run of {method} failed (dynbatch exit {rc}); rerun --cost")
+            last = rows_of(run, "epoch")[-1]
+            steps = [r for r in rows_of(run, "step") if r["epoch"] == last["epoch"]]
+            methods[method] = {"epoch_s": last["epoch_s"], "step_s": sum(r["step_s"] for r in steps),
+                               "selection_s": sum(r.get("selection_s", 0.0) for r in steps), "steps": len(steps)}
+            print(f"[noisy] cost of {method}: {last['epoch_s']:.1f} s an epoch", flush=True)
+    (out / "cost.json").write_text(json.dumps({"threads": torch.get_num_threads(), "cpu": machine()["cpu"],
+                                               "epoch": epochs, "methods": methods}, indent=1))
 
 
 def noisy_runs(budget: str):
@@ -812,6 +845,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="*", help="run only the runs whose name matches this glob (e.g. 'n100-*')")
     ap.add_argument("--throughput", action="store_true",
                     help="adabatch: first measure training samples/s at each batch size (quiet machine, ~1 min)")
+    ap.add_argument("--cost", action="store_true",
+                    help="noisy: first measure each method's seconds per epoch and selection share (quiet machine, "
+                         "~10 min)")
     a = ap.parse_args(argv)
     if not DATA.is_file():
         print(f"reproduce: {DATA} not found; these experiments need the shared CIFAR-10 subset", file=sys.stderr)
@@ -822,6 +858,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         if a.throughput and name == "adabatch":
             measure_throughput(out)
+        if a.cost and name == "noisy":
+            measure_noisy_cost(out)
         runs = execute(name, out, a.budget, a.only)
         lines = [f"# {name}: reproduction on the CIFAR-10 subset", "",
                  f"Command: `python bench/reproduce.py {name}" + (" --budget smoke" if a.budget == "smoke" else "")
