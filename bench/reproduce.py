@@ -1,11 +1,12 @@
 """Reproduce the published experiments on the real CIFAR-10 subset, then write tables and figures.
 
     python bench/reproduce.py edba|split|adabatch|noisy|fast|all [--out bench/results/repro] [--budget full|smoke]
-        [--only GLOB] [--throughput]
+        [--only GLOB] [--throughput] [--cost]
 
 Resumable: a finished run is skipped, an interrupted one resumed (``dynbatch train --resume``), so the same
 command picks up where it stopped. ``--budget smoke`` runs a tiny version of every run to check the pipeline.
 Each experiment writes ``<out>/<name>/table.md`` and figures beside its runs.
+``--throughput`` (adabatch) and ``--cost`` (noisy) first take the experiment's quiet-machine measurement.
 """
 from __future__ import annotations
 
