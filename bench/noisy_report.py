@@ -6,7 +6,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, bootstrap_ci, rows_of
+from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, bootstrap_ci, finished, rows_of
 
 # The rules, stated before the runs (issue #30).
 GAIN = 2.0  # points of clean test accuracy that count as a gain (at 40 % symmetric noise Co-teaching-style methods
@@ -83,11 +83,6 @@ def signal_lines(groups: dict) -> list[str]:
             if any(c != "–" for c in cells):
                 lines.append(f"| {noise} | {epoch} | " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def _finished(run: Path, meta: dict) -> bool:
-    ep = rows_of(run, "epoch")
-    return bool(ep) and ep[-1]["epoch"] + 1 >= meta["epochs"]
 
 
 def _filtering(run: Path) -> float | None:
@@ -226,11 +221,11 @@ def report(runs, out: Path) -> list[str]:
     for run, meta in runs:
         if rows_of(run, "epoch"):
             groups[(meta["noise"], meta["method"])].append((run, meta))
-            if _finished(run, meta):
+            if finished(run, meta["epochs"]):
                 done[(meta["noise"], meta["method"])].append((run, meta))
     seeds = Counter((meta["noise"], meta["method"]) for _, meta in runs)  # planned seeds per cell
-    finished = sum(len(v) for v in done.values())
-    status = [f"Runs finished: {finished} of {len(runs)} planned (the others have no verdict yet).", ""]
+    n_finished = sum(len(v) for v in done.values())
+    status = [f"Runs finished: {n_finished} of {len(runs)} planned (the others have no verdict yet).", ""]
     figure(done, out)
     return ([RULES, ""] + status + ["Figure: [accuracy and trained-on noise over epochs](noisy.png).", ""]
             + pilot_lines(groups) + signal_lines(groups) + filtering_lines(done, seeds) + accuracy_lines(done, seeds)
