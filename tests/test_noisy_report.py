@@ -5,7 +5,10 @@ import json
 
 import pytest
 
-from dynbatch_bench.noisy_report import _filtering, accuracy_verdict, cost_lines, figure, filtering_verdict
+from collections import Counter
+
+from dynbatch_bench.noisy_report import (_extend, _filtering, accuracy_lines, accuracy_verdict, cost_lines,
+                                         extend_lines, figure, filtering_verdict)
 
 
 @pytest.mark.parametrize("lo, hi, expected", [
@@ -58,3 +61,28 @@ def test_figure_draws_the_finished_cells(tmp_path):
             ("sym40", "small-loss-control"): [(write_run(tmp_path / "b", rows), {})]}
     figure(done, tmp_path)
     assert (tmp_path / "noisy.png").stat().st_size > 0
+
+
+def test_accuracy_table_compares_only_cells_that_exist_and_extends_inconclusive_ones(tmp_path):
+    finals = {"fixed": [0.40, 0.41, 0.42], "edba-paper": [0.30, 0.31, 0.32],  # edba-paper has no control
+              "small-loss": [0.42, 0.44, 0.43], "small-loss-control": [0.43, 0.43, 0.43]}
+    done = {("sym40", m): [(write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": a}]), {})
+                           for i, a in enumerate(accs)] for m, accs in finals.items()}
+    planned, extend = Counter({cell: 3 for cell in done}), set()
+    rows = {line.split(" | ")[1]: line.split(" | ")[5:] for line in accuracy_lines(done, planned, extend)
+            if line.startswith("| sym40")}
+    assert rows["fixed"][:2] == ["–", "–"] and rows["fixed"][2:] == ["–", "– |"]
+    assert rows["edba-paper"][1] == "loss" and rows["edba-paper"][2:] == ["–", "– |"]
+    assert rows["small-loss"][1] == "inconclusive" and rows["small-loss"][3] == "no gain |"  # straddles +2; [-1, +1]
+    assert rows["small-loss-control"][1] == "inconclusive" and rows["small-loss-control"][2:] == ["–", "– |"]
+    # the inconclusive comparisons' cells get seeds 3 and 4, and the report names them
+    assert extend == {("sym40", "fixed"), ("sym40", "small-loss"), ("sym40", "small-loss-control")}
+    assert "`sym40-fixed`, `sym40-small-loss`, `sym40-small-loss-control`" in "\n".join(extend_lines(extend))
+    assert extend_lines(set()) == []
+
+
+def test_seed_rule_stops_at_five():
+    extend = set()
+    _extend(extend, Counter({("sym40", "fixed"): 5, ("sym40", "importance"): 3}),
+            ("sym40", "fixed"), ("sym40", "importance"))
+    assert extend == {("sym40", "importance")}
