@@ -90,43 +90,41 @@ def linear_head(case) -> torch.nn.Linear:
     return head
 
 
-def opacus_subset_norms(case: SelectionCase):
-    """Opacus ``GradSampleModule`` per-sample gradients, then the vectorised subset reduction."""
-    from opacus import GradSampleModule
-
-    from dynbatch.baselines import subset_mean_norms_matmul
-
+def peer_per_sample_grads(case, peer: str):
+    """A function returning the head's per-sample gradients (B, C*D + C), weight then bias, as the peer library
+    ``peer`` ("opacus" or "backpack") computes them for ``case`` (features, targets, head; summed loss)."""
     head = linear_head(case)
-    gsm = GradSampleModule(head, loss_reduction="sum")
+    if peer == "opacus":
+        from opacus import GradSampleModule
 
-    def fn():
-        gsm.zero_grad(set_to_none=True)
-        F.cross_entropy(gsm(case.features), case.targets, reduction="sum").backward()
-        g = torch.cat([head.weight.grad_sample.flatten(1), head.bias.grad_sample], 1)
-        head.weight.grad_sample = head.bias.grad_sample = None
-        return subset_mean_norms_matmul(g, case.masks)
+        gsm = GradSampleModule(head, loss_reduction="sum")
 
-    return fn
-
-
-def backpack_subset_norms(case: SelectionCase):
-    """BackPACK ``BatchGrad`` per-sample gradients, then the vectorised subset reduction."""
+        def grads():
+            gsm.zero_grad(set_to_none=True)
+            F.cross_entropy(gsm(case.features), case.targets, reduction="sum").backward()
+            g = torch.cat([head.weight.grad_sample.flatten(1), head.bias.grad_sample], 1)
+            head.weight.grad_sample = head.bias.grad_sample = None  # opacus accumulates them otherwise
+            return g
+        return grads
     from backpack import backpack, extend
     from backpack.extensions import BatchGrad
 
-    from dynbatch.baselines import subset_mean_norms_matmul
+    head, lossf = extend(head), extend(torch.nn.CrossEntropyLoss(reduction="sum"))
 
-    head = extend(linear_head(case))
-    lossf = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
-
-    def fn():
+    def grads():
         head.zero_grad(set_to_none=True)
         with backpack(BatchGrad()):
             lossf(head(case.features), case.targets).backward()
-        g = torch.cat([head.weight.grad_batch.flatten(1), head.bias.grad_batch], 1)
-        return subset_mean_norms_matmul(g, case.masks)
+        return torch.cat([head.weight.grad_batch.flatten(1), head.bias.grad_batch], 1)
+    return grads
 
-    return fn
+
+def peer_subset_norms(case: SelectionCase, peer: str):
+    """The peer's per-sample gradients, then the vectorised subset reduction: (N,) norms of subset means."""
+    from dynbatch.baselines import subset_mean_norms_matmul
+
+    grads = peer_per_sample_grads(case, peer)
+    return lambda: subset_mean_norms_matmul(grads(), case.masks)
 
 
 def peer_missing(module: str) -> str | None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import DEVICE, FULL, linear_head, peer_missing, run
+from .common import DEVICE, FULL, peer_missing, peer_per_sample_grads, run
 from dynbatch import baselines
 from dynbatch.monitor.memory import peak_growth
 from dynbatch.ops import sample_scores
@@ -44,33 +44,6 @@ def case_for(b, c, d) -> ScoreCase:
     return _case[(b, c, d)]
 
 
-def _peer_grads(case: ScoreCase, peer: str):
-    head = linear_head(case)
-    if peer == "opacus":
-        from opacus import GradSampleModule
-
-        gsm = GradSampleModule(head, loss_reduction="sum")
-
-        def grads():
-            gsm.zero_grad(set_to_none=True)
-            F.cross_entropy(gsm(case.features), case.targets, reduction="sum").backward()
-            g = torch.cat([head.weight.grad_sample.flatten(1), head.bias.grad_sample], 1)
-            head.weight.grad_sample = head.bias.grad_sample = None
-            return g
-        return grads
-    from backpack import backpack, extend
-    from backpack.extensions import BatchGrad
-
-    head, lossf = extend(head), extend(torch.nn.CrossEntropyLoss(reduction="sum"))
-
-    def grads():
-        head.zero_grad(set_to_none=True)
-        with backpack(BatchGrad()):
-            lossf(head(case.features), case.targets).backward()
-        return torch.cat([head.weight.grad_batch.flatten(1), head.bias.grad_batch], 1)
-    return grads
-
-
 def implementation(case: ScoreCase, impl: str, by_class: bool):
     """A function computing the scores with ``impl``: a dict or a ``Scores``."""
     if impl in ("torch", "auto"):
@@ -80,7 +53,7 @@ def implementation(case: ScoreCase, impl: str, by_class: bool):
     elif impl == "functorch":
         grads = lambda: baselines.functorch_per_sample_grads(case.features, case.targets, case.weight, case.bias)  # noqa: E731
     else:
-        grads = _peer_grads(case, impl)
+        grads = peer_per_sample_grads(case, impl)
     return lambda: baselines.scores_from_grads(grads(), case.targets, case.c, by_class)
 
 

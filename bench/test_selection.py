@@ -9,8 +9,7 @@ import itertools
 import pytest
 import torch
 
-from .common import DEVICE, FULL, NAIVE_MAX_N, SelectionCase, backpack_subset_norms, opacus_subset_norms, \
-    peer_missing, run
+from .common import DEVICE, FULL, NAIVE_MAX_N, SelectionCase, peer_missing, peer_subset_norms, run
 from dynbatch import baselines
 from dynbatch.ops import select_subset, subset_grad_norms
 from dynbatch_kernels.reference import choose_route
@@ -45,10 +44,7 @@ def impls(case: SelectionCase):
     else:
         out["triton"] = lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks,
                                                   backend="triton")
-    if not peer_missing("opacus"):
-        out["opacus"] = opacus_subset_norms(case)
-    if not peer_missing("backpack"):
-        out["backpack"] = backpack_subset_norms(case)
+    out.update({peer: peer_subset_norms(case, peer) for peer in ("opacus", "backpack") if not peer_missing(peer)})
     return ref, out
 
 
