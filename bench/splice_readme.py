@@ -1,6 +1,6 @@
 """Copy generated reports into the documents between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers (README.md,
-docs/*.md and the reproduction report bench/results/repro/REPORT.md: whichever holds the marker), so they show
-exactly what the benchmark and reproduction commands wrote (never a hand-copied number).
+docs/*.md and the reports under bench/results/repro/: whichever holds the marker), so they show exactly what the
+benchmark and reproduction commands wrote (never a hand-copied number).
 
     python bench/splice_readme.py BENCH-CPU bench/results/cpu/report.md [REPRO bench/results/repro/*/table.md ...]
 """
@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench/results/repro/REPORT.md"]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "bench/results/repro").glob("**/REPORT.md"))]
 
 
 def splice(name: str, body: str) -> None:

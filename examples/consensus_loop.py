@@ -1,5 +1,5 @@
 """The plain loop of examples/plain_loop.py with gradient-consensus selection: train on the samples whose last-layer
-gradient agrees with the rest of their class in the batch. Run: python examples/consensus_loop.py
+gradient agrees most with the rest of their class in the batch. Run: python examples/consensus_loop.py
 """
 import argparse
 
@@ -21,13 +21,13 @@ dataset = TensorDataset(images, torch.tensor(digits.target))
 model = torchvision.models.resnet18(num_classes=10)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 scorer = BatchScorer(model, by_class=True)  # scores through model.fc, the final nn.Linear
-consensus = ConsensusFilter(by_class=True)
+consensus = ConsensusFilter(by_class=True, consensus_keep=0.8)  # ReLU features: the class cosine is never < 0
 loader = DataLoader(dataset, batch_size=100, shuffle=True)
 
 step = 0
 while step < args.steps:
     for x, y in loader:
-        keep = consensus.select(scorer(x, y))  # (B,) bool: cos(g_i, G_class - g_i) > 0
+        keep = consensus.select(scorer(x, y))  # (B,) bool: the top 80 % by cos(g_i, G_class - g_i)
         loss = F.cross_entropy(model(x[keep]), y[keep])
         optimizer.zero_grad()
         loss.backward()

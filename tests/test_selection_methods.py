@@ -75,6 +75,26 @@ def test_consensus_mask_threshold_share_and_never_empty():
     assert consensus_mask(-c.abs() - 0.1, 0.0).sum() == 1
 
 
+def test_class_consensus_never_rejects_on_non_negative_features():
+    """Why --by-class ranks with --consensus-keep: two residuals of one label c have e_i . e_j = (1 - p_ic)(1 - p_jc)
+    + sum over k != c of p_ik p_jk >= 0, and ReLU features a_i . a_j >= 0, so every pair term of c_i is >= 0 and
+    threshold 0 keeps every sample that shares its label with another in the batch (the noisy study's
+    consensus-class runs train on all they draw)."""
+    from dynbatch.methods.consensus import ConsensusFilter
+    from dynbatch.ops import sample_scores
+
+    g = torch.Generator().manual_seed(0)
+    features, logits = torch.randn(37, 19, generator=g), 3 * torch.randn(37, 7, generator=g)
+    y = torch.randint(0, 7, (37,), generator=g)
+    relu = sample_scores(logits, y, features.relu(), by_class=True, backend="torch")
+    alone = torch.bincount(y, minlength=7)[y] == 1  # no other sample of its class: G_k - g_i = 0, c_i = 0
+    assert alone.any() and relu.class_consensus.min() >= 0
+    assert torch.equal(ConsensusFilter(by_class=True).select(relu), ~alone)
+    assert ConsensusFilter(by_class=True, consensus_keep=0.5).select(relu).sum() == 18  # round(18.5), a share
+    signed = sample_scores(logits, y, features, by_class=True, backend="torch")
+    assert (signed.class_consensus < 0).any()  # the property is the features' sign, not the op's
+
+
 # ---- the label precision of a step, on a hand-built batch --------------------------------------------------------
 def test_mislabeled_fractions_of_a_hand_built_batch():
     from dynbatch.train.executor import PlanExecutor

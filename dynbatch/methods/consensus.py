@@ -10,7 +10,10 @@ highest).
 
 ``--by-class`` compares each sample with its own class only (c_i against G_k, the sum over its class): under
 pair-flip noise the mislabeled samples of a class agree with each other across the batch, but within their
-labelled class they are the minority that disagrees.
+labelled class they are the minority that agrees least. Rank them with ``consensus_keep``: within one label the
+class cosine is never negative when the head's inputs are (ReLU features, every model here), since two residuals
+of label c have e_i . e_j = (1 - p_ic)(1 - p_jc) + sum_{k != c} p_ik p_jk >= 0, so threshold 0 keeps every sample
+that has another of its label in the batch.
 
 Own-loop component
 ------------------
@@ -36,7 +39,8 @@ class ConsensusOptions:
     consensus_keep: float | None = option(None, "instead keep this top share of each batch by consensus",
                                           check=within("(0, 1]", lambda v: 0 < v <= 1,
                                                        "a share of 0 would train on nothing; e.g. 0.8"))
-    by_class: bool = option(False, "score each sample against its own class's summed gradient")
+    by_class: bool = option(False, "score each sample against its own class's summed gradient (never negative "
+                                   "on ReLU features: rank with --consensus-keep)")
 
     def validate(self) -> None:
         check_fields(self)
