@@ -8,7 +8,7 @@ import pytest
 from collections import Counter
 
 from dynbatch_bench.noisy_report import (_extend, _filtering, accuracy_lines, accuracy_verdict, cost_lines,
-                                         extend_lines, figure, filtering_verdict)
+                                         extend_lines, figure, filtering_lines, filtering_verdict)
 
 
 @pytest.mark.parametrize("lo, hi, expected", [
@@ -86,3 +86,17 @@ def test_seed_rule_stops_at_five():
     _extend(extend, Counter({("sym40", "fixed"): 5, ("sym40", "importance"): 3}),
             ("sym40", "fixed"), ("sym40", "importance"))
     assert extend == {("sym40", "importance")}
+
+
+def test_a_method_that_keeps_all_it_draws_gets_no_filtering_verdict_and_no_extra_seeds(tmp_path):
+    def run(name, trained, batch_noise, trained_noise):
+        return write_run(tmp_path / name, [{"epoch": e, "trained_samples": trained, "samples_seen": 1000 * (e + 1),
+                                            "mislabeled_batch": batch_noise, "mislabeled_trained": trained_noise}
+                                           for e in range(2)]), {}
+    done = {("sym40", "all"): [run(f"a{i}", 1000, 0.4, 0.4 + d) for i, d in enumerate((-1e-4, 1e-4, 0))],
+            ("sym40", "half"): [run(f"h{i}", 500, 0.4, 0.4 + d) for i, d in enumerate((-1e-4, 1e-4, 0))]}
+    extend = set()
+    rows = {line.split(" | ")[1]: line for line in filtering_lines(done, Counter({c: 3 for c in done}), extend)
+            if line.startswith("| sym40")}
+    assert rows["all"].endswith("keeps all it draws (no verdict) |")
+    assert rows["half"].endswith("inconclusive |") and extend == {("sym40", "half")}
