@@ -11,6 +11,9 @@ from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, bootstrap_ci, fi
 # The rules, stated before the runs (issue #30).
 GAIN = 2.0  # points of clean test accuracy that count as a gain (at 40 % symmetric noise Co-teaching-style methods
 #             report far more on full CIFAR-10); a loss is any interval entirely below 0
+MOST_SEEDS = 5  # the seed rule's ceiling: 3 per cell, 5 where an interval straddles a bound
+KEEPS_ALL = 0.999  # a method that trains on this share of what it draws selects nothing: d is 0 by construction
+
 RULES = f"""## Rules (stated before the runs)
 
 - **Budget**: equal loader samples for every method (the same epochs); the epoch count is the pilot's, where the
@@ -119,15 +122,9 @@ def accuracy_verdict(lo: float, hi: float) -> str:
     return "no gain" if hi < GAIN else "inconclusive"
 
 
-MOST_SEEDS = 5  # the seed rule's ceiling: 3 per cell, 5 where an interval straddles a bound
-
-
 def _extend(extend: set, planned: Counter, *cells) -> None:
     """Note the cells of an inconclusive 3-seed comparison that the seed rule gives seeds 3 and 4."""
     extend.update(c for c in cells if planned[c] < MOST_SEEDS)
-
-
-KEEPS_ALL = 0.999  # a method that trains on this share of what it draws selects nothing: d is 0 by construction
 
 
 def _kept_share(run: Path) -> float:

@@ -2,10 +2,9 @@
 run folders: the filtering difference weights epochs by the samples trained on, and the cost table reads
 ``cost.json`` as ``reproduce.py noisy --cost`` writes it."""
 import json
+from collections import Counter
 
 import pytest
-
-from collections import Counter
 
 from dynbatch_bench.noisy_report import (_extend, _filtering, accuracy_lines, accuracy_verdict, cost_lines,
                                          extend_lines, figure, filtering_lines, filtering_verdict)
