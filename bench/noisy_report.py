@@ -145,11 +145,12 @@ def filtering_lines(done: dict, planned: Counter, extend: set) -> list[str]:
             lines.append(f"| {noise} | {method} | {_seeds(len(d), want)} | – | – | not enough seeds yet |")
             continue
         lo, hi = _interval(d)
-        verdict = filtering_verdict(lo, hi)
         if min(_kept_share(r) for r, _ in runs) >= KEEPS_ALL:
             verdict = "keeps all it draws (no verdict)"
-        elif verdict == "inconclusive":
-            _extend(extend, planned, (noise, method))
+        else:
+            verdict = filtering_verdict(lo, hi)
+            if verdict == "inconclusive":
+                _extend(extend, planned, (noise, method))
         lines.append(f"| {noise} | {method} | {len(d)} | {100 * statistics.fmean(d):+.1f} | "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {verdict} |")
     return lines + ["", f"`fixed` trains on every sample it draws, so it has no row here. A method that trains on "
