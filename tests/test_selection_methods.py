@@ -241,3 +241,36 @@ def test_a_step_on_part_of_the_batch_scales_the_lr_only_in_the_decoupled_form(hy
     kept = step.y.shape[0]
     assert 0 < kept < b
     assert step.lr_scale == (kept / b if hyp_form == "decoupled" else 1.0)
+
+
+def test_a_control_of_a_method_that_keeps_everything_is_the_same_step_in_another_order():
+    """The study's A/A pair (consensus keeping every sample, and its random control): the control trains on the
+    same rows, unweighted, at the same rate, only permuted, so a step's gradient differs by rounding alone (fp32:
+    within 1e-5 relative; BatchNorm's batch statistics do not depend on the row order)."""
+    from dynbatch.methods import policy_class
+    from dynbatch.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 7))
+    b, options = 37, {"consensus_keep": 1.0}
+    ctx = StepContext(model=model, loss_fn=lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none"),
+                      autocast=contextlib.nullcontext, device=torch.device("cpu"), epoch=1, step=3, seed=5)
+    x, y = torch.randn(b, 3, 6, 6), torch.randint(0, 7, (b,))
+    steps = []
+    for control in (False, True):
+        cfg = TrainConfig(policy="consensus", batch_size=b, selection_control=control, policy_options=options)
+        (step,) = policy_class("consensus")(options, batch_size=b, config=cfg).plan(x, y, ctx).steps
+        steps.append(step)
+    method, control = steps
+    assert method.rows.tolist() == list(range(b)) and control.rows.tolist() != list(range(b))
+    assert sorted(control.rows.tolist()) == list(range(b))
+    assert method.sample_weight is None and control.sample_weight is None and method.lr_scale == control.lr_scale
+
+    def gradient(step):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(step.x), step.y).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    g_method, g_control = gradient(method), gradient(control)
+    assert (g_method - g_control).norm() <= 1e-5 * g_method.norm()
