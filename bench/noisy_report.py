@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, bootstrap_ci, finished, rows_of
@@ -32,8 +34,47 @@ RULES = f"""## Rules (stated before the runs)
 """
 
 
-def _evaluated(run: Path) -> list[dict]:
-    return [r for r in rows_of(run, "epoch") if r.get("test_acc") is not None]
+@dataclass
+class Run:
+    """One run folder of the study with its epoch rows, read once, and the numbers the tables take from them
+    (accuracies and shares are fractions)."""
+
+    folder: Path
+    seed: int
+    epochs: list[dict]
+
+    @classmethod
+    def read(cls, folder: Path, seed: int = 0) -> Run:
+        return cls(folder, seed, rows_of(folder, "epoch"))
+
+    @cached_property
+    def evaluated(self) -> list[dict]:
+        """The epoch rows with a clean test accuracy."""
+        return [r for r in self.epochs if r.get("test_acc") is not None]
+
+    @property
+    def final(self) -> float:
+        return self.evaluated[-1]["test_acc"]
+
+    @property
+    def best(self) -> float:
+        return max(r["test_acc"] for r in self.evaluated)
+
+    @cached_property
+    def filtering(self) -> float | None:
+        """Mislabeled share trained on minus drawn, over the run's epochs (weighted by the samples of each); None
+        without label noise."""
+        ep = [r for r in self.epochs if "mislabeled_batch" in r]
+        if not ep:
+            return None
+        trained = (sum(r["mislabeled_trained"] * r["trained_samples"] for r in ep)
+                   / sum(r["trained_samples"] for r in ep))
+        return trained - statistics.fmean(r["mislabeled_batch"] for r in ep)  # an epoch draws the whole split
+
+    @property
+    def kept_share(self) -> float:
+        """Samples trained on over samples drawn, over the whole run."""
+        return sum(r["trained_samples"] for r in self.epochs) / self.epochs[-1]["samples_seen"]
 
 
 def pilot_lines(groups: dict) -> list[str]:
@@ -44,15 +85,15 @@ def pilot_lines(groups: dict) -> list[str]:
     for (noise, method), runs in sorted(groups.items()):
         if method != "fixed":
             continue
-        for run, meta in runs:
-            ev = _evaluated(run)
+        for run in runs:
+            ev = run.evaluated
             if not ev:
                 continue
             best = max(ev, key=lambda r: r["test_acc"])
             tenth = max(1, len(ev) // 10)
             last = statistics.fmean(r["test_acc"] for r in ev[-tenth:])
             before = statistics.fmean(r["test_acc"] for r in ev[-2 * tenth:-tenth]) if len(ev) >= 2 * tenth else last
-            lines.append(f"| {noise} | {meta['seed']} | {len(ev)} | {100 * best['test_acc']:.1f} ({best['epoch'] + 1}) "
+            lines.append(f"| {noise} | {run.seed} | {len(ev)} | {100 * best['test_acc']:.1f} ({best['epoch'] + 1}) "
                          f"| {100 * ev[-1]['test_acc']:.1f} | {100 * (last - before):+.1f} |")
     return lines + [""]
 
@@ -63,9 +104,9 @@ def signal_lines(groups: dict) -> list[str]:
     for (noise, method), runs in groups.items():
         if method != "fixed":
             continue
-        for run, _ in runs:
+        for run in runs:
             for epoch in SCORE_AT:
-                f = run / "scores" / f"step-{epoch * STEPS_PER_EPOCH}.json"
+                f = run.folder / "scores" / f"step-{epoch * STEPS_PER_EPOCH}.json"
                 if f.is_file():
                     for score, value in json.loads(f.read_text()).get("auroc", {}).items():
                         if value is not None:
@@ -86,16 +127,6 @@ def signal_lines(groups: dict) -> list[str]:
             if any(c != "–" for c in cells):
                 lines.append(f"| {noise} | {epoch} | " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def _filtering(run: Path) -> float | None:
-    """Mislabeled share trained on minus drawn, over the run's epochs (weighted by the samples of each)."""
-    ep = [r for r in rows_of(run, "epoch") if "mislabeled_batch" in r]
-    if not ep:
-        return None
-    trained = sum(r["mislabeled_trained"] * r["trained_samples"] for r in ep) / sum(r["trained_samples"] for r in ep)
-    drawn = statistics.fmean(r["mislabeled_batch"] for r in ep)  # every epoch draws the whole split once
-    return trained - drawn
 
 
 def _interval(values: list[float]) -> tuple[float, float]:
@@ -122,57 +153,49 @@ def accuracy_verdict(lo: float, hi: float) -> str:
     return "no gain" if hi < GAIN else "inconclusive"
 
 
-def _extend(extend: set, planned: Counter, *cells) -> None:
-    """Note the cells of an inconclusive 3-seed comparison that the seed rule gives seeds 3 and 4."""
-    extend.update(c for c in cells if planned[c] < MOST_SEEDS)
+def to_extend(planned: Counter, *cells) -> set:
+    """The cells of an inconclusive comparison that the seed rule gives seeds 3 and 4 (those not at 5 already)."""
+    return {c for c in cells if planned[c] < MOST_SEEDS}
 
 
-def _kept_share(run: Path) -> float:
-    """Samples trained on over samples drawn, over the whole run."""
-    ep = rows_of(run, "epoch")
-    return sum(r["trained_samples"] for r in ep) / ep[-1]["samples_seen"]
-
-
-def filtering_lines(done: dict, planned: Counter, extend: set) -> list[str]:
+def filtering_lines(done: dict, planned: Counter) -> tuple[list[str], set]:
+    """Question 2's table, and the cells whose inconclusive verdicts the seed rule extends."""
     lines = ["## Question 2: does the method train on fewer mislabeled samples than it draws?", "",
              "| noise | method | seeds | trained − drawn (points) | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
+    extend = set()
     for (noise, method), runs in sorted(done.items()):
-        if noise == "clean" or method == "fixed":  # fixed trains on all it draws: d = 0 up to float rounding
+        d = [r.filtering for r in runs if r.filtering is not None]
+        if noise == "clean" or not d:
             continue
-        d = [v for v in (_filtering(r) for r, _ in runs) if v is not None]
         want = planned[(noise, method)]
         if len(d) < want:
             lines.append(f"| {noise} | {method} | {_seeds(len(d), want)} | – | – | not enough seeds yet |")
             continue
         lo, hi = _interval(d)
-        if min(_kept_share(r) for r, _ in runs) >= KEEPS_ALL:
+        if min(r.kept_share for r in runs) >= KEEPS_ALL:
             verdict = "keeps all it draws (no verdict)"
         else:
             verdict = filtering_verdict(lo, hi)
             if verdict == "inconclusive":
-                _extend(extend, planned, (noise, method))
+                extend |= to_extend(planned, (noise, method))
         lines.append(f"| {noise} | {method} | {len(d)} | {100 * statistics.fmean(d):+.1f} | "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {verdict} |")
-    return lines + ["", f"`fixed` trains on every sample it draws, so it has no row here. A method that trains on "
-                    f"at least {100 * KEEPS_ALL:g} % of what it draws gets no verdict for the same reason (its "
-                    "difference is 0 up to the few samples it left out), and no extra seeds.", ""]
+    return lines + ["", f"A method that trains on at least {100 * KEEPS_ALL:g} % of what it draws (fixed: all of it) "
+                    "gets no verdict: its difference is 0 up to the few samples it left out, by construction. Nor "
+                    "does it get extra seeds.", ""], extend
 
 
-def _final(run: Path) -> float:
-    return _evaluated(run)[-1]["test_acc"]
-
-
-def accuracy_lines(done: dict, planned: Counter, extend: set) -> list[str]:
+def accuracy_lines(done: dict, planned: Counter) -> tuple[list[str], set]:
+    """Question 3's table, and the cells whose inconclusive verdicts the seed rule extends."""
     lines = ["## Question 3: clean test accuracy against fixed and against the random control", "",
              "| noise | method | seeds | final acc % | best acc % | − fixed: 95 % interval | verdict | − control: 95 % "
              "interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
-
+    extend = set()
     for (noise, method), runs in sorted(done.items()):
-        acc = [_final(r) for r, _ in runs]
-        best = [max(e["test_acc"] for e in _evaluated(r)) for r, _ in runs]
+        acc = [r.final for r in runs]
         cells = []
         for other in ("fixed", f"{method}-control"):
-            base = [_final(r) for r, _ in done.get((noise, other), [])]
+            base = [r.final for r in done.get((noise, other), [])]
             # no such cell (fixed against itself, a control against its own control), or seeds still running
             if not planned[(noise, other)] or other == method or len(base) < planned[(noise, other)] \
                     or len(acc) < planned[(noise, method)]:
@@ -181,12 +204,12 @@ def accuracy_lines(done: dict, planned: Counter, extend: set) -> list[str]:
             lo, hi = bootstrap_ci(acc, base)
             verdict = accuracy_verdict(lo, hi)
             if verdict == "inconclusive":
-                _extend(extend, planned, (noise, method), (noise, other))
+                extend |= to_extend(planned, (noise, method), (noise, other))
             cells += [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", verdict]
         lines.append(f"| {noise} | {method} | {_seeds(len(acc), planned[(noise, method)])} | "
                      f"{100 * statistics.fmean(acc):.1f} | "
-                     f"{100 * statistics.fmean(best):.1f} | " + " | ".join(cells) + " |")
-    return lines + [""]
+                     f"{100 * statistics.fmean(r.best for r in runs):.1f} | " + " | ".join(cells) + " |")
+    return lines + [""], extend
 
 
 def extend_lines(extend: set) -> list[str]:
@@ -221,7 +244,7 @@ def cost_lines(out: Path) -> list[str]:
 
 def _mean_curve(runs, field: str) -> tuple[list[int], list[float]]:
     """Epochs (from 1) and the mean over ``runs`` of ``field`` in their epoch rows, at the epochs all of them have."""
-    rows = [{r["epoch"]: r[field] for r in rows_of(run, "epoch") if r.get(field) is not None} for run, _ in runs]
+    rows = [{r["epoch"]: r[field] for r in run.epochs if r.get(field) is not None} for run in runs]
     epochs = sorted(set.intersection(*(set(r) for r in rows)))
     return [e + 1 for e in epochs], [statistics.fmean(r[e] for r in rows) for e in epochs]
 
@@ -255,16 +278,17 @@ def figure(done: dict, out: Path) -> None:
 
 def report(runs, out: Path) -> list[str]:
     groups, done = defaultdict(list), defaultdict(list)
-    for run, meta in runs:
-        if rows_of(run, "epoch"):
-            groups[(meta["noise"], meta["method"])].append((run, meta))
-            if finished(run, meta["epochs"]):
-                done[(meta["noise"], meta["method"])].append((run, meta))
+    for folder, meta in runs:
+        run = Run.read(folder, meta["seed"])
+        if run.epochs:
+            groups[(meta["noise"], meta["method"])].append(run)
+            if finished(folder, meta["epochs"], run.epochs):
+                done[(meta["noise"], meta["method"])].append(run)
     seeds = Counter((meta["noise"], meta["method"]) for _, meta in runs)  # planned seeds per cell
     n_finished = sum(len(v) for v in done.values())
     status = [f"Runs finished: {n_finished} of {len(runs)} planned (the others have no verdict yet).", ""]
     figure(done, out)
-    extend = set()  # filled by the verdicts' tables
-    verdicts = filtering_lines(done, seeds, extend) + accuracy_lines(done, seeds, extend)
+    (filtering, extend_f), (accuracy, extend_a) = filtering_lines(done, seeds), accuracy_lines(done, seeds)
     return ([RULES, ""] + status + ["Figure: [accuracy and trained-on noise over epochs](noisy.png).", ""]
-            + pilot_lines(groups) + signal_lines(groups) + verdicts + extend_lines(extend) + cost_lines(out))
+            + pilot_lines(groups) + signal_lines(groups) + filtering + accuracy + extend_lines(extend_f | extend_a)
+            + cost_lines(out))

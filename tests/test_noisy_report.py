@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from dynbatch_bench.noisy_report import (_extend, _filtering, accuracy_lines, accuracy_verdict, cost_lines,
-                                         extend_lines, figure, filtering_lines, filtering_verdict)
+from dynbatch_bench.noisy_report import (Run, accuracy_lines, accuracy_verdict, cost_lines, extend_lines, figure,
+                                         filtering_lines, filtering_verdict, to_extend)
 
 
 @pytest.mark.parametrize("lo, hi, expected", [
@@ -32,16 +32,17 @@ def test_accuracy_rule(lo, hi, expected):
 
 
 def write_run(folder, epochs):
+    """A run folder holding ``epochs`` as its epoch rows, read back as the report reads it."""
     folder.mkdir()
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"kind": "epoch", **r}) + "\n" for r in epochs))
-    return folder
+    return Run.read(folder)
 
 
 def test_filtering_weights_epochs_by_samples_trained_on(tmp_path):
     run = write_run(tmp_path / "r", [
         {"epoch": 0, "trained_samples": 300, "mislabeled_trained": 0.2, "mislabeled_batch": 0.4, "test_acc": 0.3},
         {"epoch": 1, "trained_samples": 100, "mislabeled_trained": 0.6, "mislabeled_batch": 0.4, "test_acc": 0.4}])
-    assert _filtering(run) == pytest.approx((0.2 * 300 + 0.6 * 100) / 400 - 0.4)
+    assert run.filtering == pytest.approx((0.2 * 300 + 0.6 * 100) / 400 - 0.4)
 
 
 def test_cost_table_reads_the_measurement(tmp_path):
@@ -56,8 +57,8 @@ def test_cost_table_reads_the_measurement(tmp_path):
 def test_figure_draws_the_finished_cells(tmp_path):
     rows = [{"epoch": e, "test_acc": 0.1 * e, "mislabeled_trained": 0.4, "mislabeled_batch": 0.4,
              "trained_samples": 10} for e in range(3)]
-    done = {("sym40", "fixed"): [(write_run(tmp_path / "a", rows), {})],
-            ("sym40", "small-loss-control"): [(write_run(tmp_path / "b", rows), {})]}
+    done = {("sym40", "fixed"): [write_run(tmp_path / "a", rows)],
+            ("sym40", "small-loss-control"): [write_run(tmp_path / "b", rows)]}
     figure(done, tmp_path)
     assert (tmp_path / "noisy.png").stat().st_size > 0
 
@@ -65,11 +66,10 @@ def test_figure_draws_the_finished_cells(tmp_path):
 def test_accuracy_table_compares_only_cells_that_exist_and_extends_inconclusive_ones(tmp_path):
     finals = {"fixed": [0.40, 0.41, 0.42], "edba-paper": [0.30, 0.31, 0.32],  # edba-paper has no control
               "small-loss": [0.42, 0.44, 0.43], "small-loss-control": [0.43, 0.43, 0.43]}
-    done = {("sym40", m): [(write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": a}]), {})
-                           for i, a in enumerate(accs)] for m, accs in finals.items()}
-    planned, extend = Counter({cell: 3 for cell in done}), set()
-    rows = {line.split(" | ")[1]: line.split(" | ")[5:] for line in accuracy_lines(done, planned, extend)
-            if line.startswith("| sym40")}
+    done = {("sym40", m): [write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": a}]) for i, a in enumerate(accs)]
+            for m, accs in finals.items()}
+    lines, extend = accuracy_lines(done, Counter({cell: 3 for cell in done}))
+    rows = {line.split(" | ")[1]: line.split(" | ")[5:] for line in lines if line.startswith("| sym40")}
     assert rows["fixed"][:2] == ["–", "–"] and rows["fixed"][2:] == ["–", "– |"]
     assert rows["edba-paper"][1] == "loss" and rows["edba-paper"][2:] == ["–", "– |"]
     assert rows["small-loss"][1] == "inconclusive" and rows["small-loss"][3] == "no gain |"  # straddles +2; [-1, +1]
@@ -81,21 +81,20 @@ def test_accuracy_table_compares_only_cells_that_exist_and_extends_inconclusive_
 
 
 def test_seed_rule_stops_at_five():
-    extend = set()
-    _extend(extend, Counter({("sym40", "fixed"): 5, ("sym40", "importance"): 3}),
-            ("sym40", "fixed"), ("sym40", "importance"))
-    assert extend == {("sym40", "importance")}
+    assert to_extend(Counter({("sym40", "fixed"): 5, ("sym40", "importance"): 3}),
+                     ("sym40", "fixed"), ("sym40", "importance")) == {("sym40", "importance")}
 
 
 def test_a_method_that_keeps_all_it_draws_gets_no_filtering_verdict_and_no_extra_seeds(tmp_path):
     def run(name, trained, batch_noise, trained_noise):
         return write_run(tmp_path / name, [{"epoch": e, "trained_samples": trained, "samples_seen": 1000 * (e + 1),
                                             "mislabeled_batch": batch_noise, "mislabeled_trained": trained_noise}
-                                           for e in range(2)]), {}
-    done = {("sym40", "all"): [run(f"a{i}", 1000, 0.4, 0.4 + d) for i, d in enumerate((-1e-4, 1e-4, 0))],
+                                           for e in range(2)])
+    done = {("sym40", "fixed"): [run(f"f{i}", 1000, 0.4, 0.4) for i in range(3)],
+            ("sym40", "all"): [run(f"a{i}", 1000, 0.4, 0.4 + d) for i, d in enumerate((-1e-4, 1e-4, 0))],
             ("sym40", "half"): [run(f"h{i}", 500, 0.4, 0.4 + d) for i, d in enumerate((-1e-4, 1e-4, 0))]}
-    extend = set()
-    rows = {line.split(" | ")[1]: line for line in filtering_lines(done, Counter({c: 3 for c in done}), extend)
-            if line.startswith("| sym40")}
+    lines, extend = filtering_lines(done, Counter({c: 3 for c in done}))
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| sym40")}
+    assert rows["fixed"].endswith("keeps all it draws (no verdict) |")  # by the same rule, not by its name
     assert rows["all"].endswith("keeps all it draws (no verdict) |")
     assert rows["half"].endswith("inconclusive |") and extend == {("sym40", "half")}
