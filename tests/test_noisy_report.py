@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from dynbatch_bench.noisy_report import (Run, accuracy_lines, accuracy_verdict, cost_lines, extend_lines, figure,
-                                         filtering_lines, filtering_verdict, to_extend)
+                                         filtering_lines, filtering_verdict, sensitivity_lines, t_quantile,
+                                         to_extend, welch_interval)
 
 
 @pytest.mark.parametrize("lo, hi, expected", [
@@ -98,3 +99,20 @@ def test_a_method_that_keeps_all_it_draws_gets_no_filtering_verdict_and_no_extra
     assert rows["fixed"].endswith("keeps all it draws (no verdict) |")  # by the same rule, not by its name
     assert rows["all"].endswith("keeps all it draws (no verdict) |")
     assert rows["half"].endswith("inconclusive |") and extend == {("sym40", "half")}
+
+
+@pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)])  # the t table's
+def test_t_quantile(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+
+
+def test_sensitivity_lists_the_verdicts_a_welch_interval_would_change(tmp_path):
+    """At 3 seeds against 3 the bootstrap calls this A/A-like gap a loss; the t-interval reaches 0."""
+    finals = {"fixed": [0.52, 0.522, 0.507], "a": [0.493, 0.508, 0.478], "b": [0.30, 0.31, 0.32]}
+    done = {("sym40", m): [write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": v}]) for i, v in enumerate(vs)]
+            for m, vs in finals.items()}
+    lo, hi = welch_interval(finals["a"], finals["fixed"])
+    assert (100 * lo, 100 * hi) == pytest.approx((-5.42, 0.75), abs=0.01) and accuracy_verdict(lo, hi) == "no gain"
+    rows = [line for line in sensitivity_lines(done, Counter({c: 3 for c in done})) if line.startswith("| sym40")]
+    assert rows == ["| sym40 | a | fixed | [-3.8, -0.8] | loss | [-5.4, +0.8] | no gain |"]  # b's loss holds
+    assert "None" in "\n".join(sensitivity_lines({}, Counter()))
