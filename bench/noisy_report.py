@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, bootstrap_ci, finished, rows_of
+from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, all_epochs_in, bootstrap_ci, rows_of
 
 # The rules, stated before the runs (issue #30).
 GAIN = 2.0  # points of clean test accuracy that count as a gain (at 40 % symmetric noise Co-teaching-style methods
@@ -186,36 +186,53 @@ def filtering_lines(done: dict, planned: Counter) -> tuple[list[str], set]:
                     "does it get extra seeds.", ""], extend
 
 
-def _compared(done: dict, planned: Counter, cell: tuple, other: tuple) -> tuple[list, list] | None:
-    """The final accuracies of ``cell``'s runs and of ``other``'s, when the comparison exists (no comparison of a
-    cell with itself or with a control it does not have) and both cells have all their planned seeds."""
-    acc, base = [r.final for r in done.get(cell, [])], [r.final for r in done.get(other, [])]
-    if cell == other or not planned[other] or len(base) < planned[other] or len(acc) < planned[cell]:
-        return None
-    return acc, base
+@dataclass(frozen=True)
+class Comparison:
+    """One comparison of question 3: the final accuracies (fractions) of ``cell``'s seeds and of ``other``'s, and
+    the rule's 95 % bootstrap interval of the difference of their means."""
+    acc: list
+    base: list
+    lo: float
+    hi: float
+
+    @property
+    def verdict(self) -> str:
+        return accuracy_verdict(self.lo, self.hi)
 
 
-def accuracy_lines(done: dict, planned: Counter) -> tuple[list[str], set]:
-    """Question 3's table, and the cells whose inconclusive verdicts the seed rule extends."""
+def comparisons(done: dict, planned: Counter) -> dict[tuple, Comparison]:
+    """Question 3's comparisons keyed by (cell, other): each cell against fixed and against its control, where the
+    comparison exists (not a cell with itself, not a control it lacks) and both cells have all their planned seeds.
+    The bootstrap runs here once, for the table and its sensitivity check alike."""
+    compared = {}
+    for cell in sorted(done):
+        noise, method = cell
+        for other in ((noise, "fixed"), (noise, f"{method}-control")):
+            acc, base = [r.final for r in done[cell]], [r.final for r in done.get(other, [])]
+            if cell != other and planned[other] and len(base) >= planned[other] and len(acc) >= planned[cell]:
+                compared[(cell, other)] = Comparison(acc, base, *bootstrap_ci(acc, base))
+    return compared
+
+
+def accuracy_lines(done: dict, planned: Counter, compared: dict[tuple, Comparison]) -> tuple[list[str], set]:
+    """Question 3's table from ``comparisons(done, planned)``, and the cells whose inconclusive verdicts the seed
+    rule extends."""
     lines = ["## Question 3: clean test accuracy against fixed and against the random control", "",
              "| noise | method | seeds | final acc % | best acc % | − fixed: 95 % interval | verdict | − control: 95 % "
              "interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     extend = set()
     for (noise, method), runs in sorted(done.items()):
-        acc = [r.final for r in runs]
         cells = []
-        for other in ("fixed", f"{method}-control"):
-            pair = _compared(done, planned, (noise, method), (noise, other))
-            if pair is None:
+        for other in ((noise, "fixed"), (noise, f"{method}-control")):
+            c = compared.get(((noise, method), other))
+            if c is None:
                 cells += ["–", "–"]
                 continue
-            lo, hi = bootstrap_ci(*pair)
-            verdict = accuracy_verdict(lo, hi)
-            if verdict == "inconclusive":
-                extend |= to_extend(planned, (noise, method), (noise, other))
-            cells += [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", verdict]
-        lines.append(f"| {noise} | {method} | {_seeds(len(acc), planned[(noise, method)])} | "
-                     f"{100 * statistics.fmean(acc):.1f} | "
+            if c.verdict == "inconclusive":
+                extend |= to_extend(planned, (noise, method), other)
+            cells += [f"[{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]", c.verdict]
+        lines.append(f"| {noise} | {method} | {_seeds(len(runs), planned[(noise, method)])} | "
+                     f"{100 * statistics.fmean(r.final for r in runs):.1f} | "
                      f"{100 * statistics.fmean(r.best for r in runs):.1f} | " + " | ".join(cells) + " |")
     return lines + [""], extend
 
@@ -250,19 +267,14 @@ def welch_interval(a: list[float], b: list[float]) -> tuple[float, float]:
     return d - half, d + half
 
 
-def sensitivity_lines(done: dict, planned: Counter) -> list[str]:
+def sensitivity_lines(compared: dict[tuple, Comparison]) -> list[str]:
     """The accuracy verdicts that a Welch t-interval would give differently, listed beside the rule's (which stand)."""
     changed = []
-    for (noise, method) in sorted(done):
-        for other in ("fixed", f"{method}-control"):
-            pair = _compared(done, planned, (noise, method), (noise, other))
-            if pair is None:
-                continue
-            (lo, hi), (t_lo, t_hi) = bootstrap_ci(*pair), welch_interval(*pair)
-            if accuracy_verdict(lo, hi) != accuracy_verdict(t_lo, t_hi):
-                changed.append(f"| {noise} | {method} | {other} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
-                               f"{accuracy_verdict(lo, hi)} | [{100 * t_lo:+.1f}, {100 * t_hi:+.1f}] | "
-                               f"{accuracy_verdict(t_lo, t_hi)} |")
+    for ((noise, method), (_, other)), c in compared.items():
+        t_lo, t_hi = welch_interval(c.acc, c.base)
+        if c.verdict != accuracy_verdict(t_lo, t_hi):
+            changed.append(f"| {noise} | {method} | {other} | [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}] | {c.verdict} | "
+                           f"[{100 * t_lo:+.1f}, {100 * t_hi:+.1f}] | {accuracy_verdict(t_lo, t_hi)} |")
     lines = ["## Sensitivity: the accuracy verdicts under a Welch t-interval", "",
              "The rule's percentile bootstrap resamples 3–5 seeds a cell, and with so few values it is narrower than "
              "a t-interval on the same numbers (about 0.6× at 3 seeds against 3). The verdicts above stay the "
@@ -343,13 +355,14 @@ def report(runs, out: Path) -> list[str]:
         run = Run.read(folder, meta["seed"])
         if run.epochs:
             groups[(meta["noise"], meta["method"])].append(run)
-            if finished(folder, meta["epochs"], run.epochs):
+            if all_epochs_in(run.epochs, meta["epochs"]):
                 done[(meta["noise"], meta["method"])].append(run)
     seeds = Counter((meta["noise"], meta["method"]) for _, meta in runs)  # planned seeds per cell
     n_finished = sum(len(v) for v in done.values())
     status = [f"Runs finished: {n_finished} of {len(runs)} planned (the others have no verdict yet).", ""]
     figure(done, out)
-    (filtering, extend_f), (accuracy, extend_a) = filtering_lines(done, seeds), accuracy_lines(done, seeds)
+    compared = comparisons(done, seeds)
+    (filtering, extend_f), (accuracy, extend_a) = filtering_lines(done, seeds), accuracy_lines(done, seeds, compared)
     return ([RULES, ""] + status + ["Figure: [accuracy and trained-on noise over epochs](noisy.png).", ""]
-            + pilot_lines(groups) + signal_lines(groups) + filtering + accuracy + sensitivity_lines(done, seeds)
+            + pilot_lines(groups) + signal_lines(groups) + filtering + accuracy + sensitivity_lines(compared)
             + extend_lines(extend_f | extend_a) + cost_lines(out))

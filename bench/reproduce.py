@@ -259,11 +259,14 @@ def rows_of(run: Path, kind: str) -> list[dict]:
     return [r for r in read_metrics(run) if r["kind"] == kind]
 
 
-def finished(run: Path, epochs: int, epoch_rows: list[dict] | None = None) -> bool:
-    """All epochs recorded (checkpoints are not committed, so a clone's finished runs count from their metrics);
-    ``epoch_rows``: the run's epoch rows when the caller has read them."""
-    ep = rows_of(run, "epoch") if epoch_rows is None else epoch_rows
-    return bool(ep) and ep[-1]["epoch"] + 1 >= epochs
+def all_epochs_in(epoch_rows: list[dict], epochs: int) -> bool:
+    """Whether a run's epoch rows reach its last epoch (of ``epochs``)."""
+    return bool(epoch_rows) and epoch_rows[-1]["epoch"] + 1 >= epochs
+
+
+def finished(run: Path, epochs: int) -> bool:
+    """All epochs recorded (checkpoints are not committed, so a clone's finished runs count from their metrics)."""
+    return all_epochs_in(rows_of(run, "epoch"), epochs)
 
 
 def execute(name: str, out: Path, budget: str, only: str) -> list[tuple[Path, dict]]:

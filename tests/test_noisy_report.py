@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from dynbatch_bench.noisy_report import (Run, accuracy_lines, accuracy_verdict, cost_lines, extend_lines, figure,
-                                         filtering_lines, filtering_verdict, sensitivity_lines, t_quantile,
-                                         to_extend, welch_interval)
+from dynbatch_bench.noisy_report import (Run, accuracy_lines, accuracy_verdict, comparisons, cost_lines,
+                                         extend_lines, figure, filtering_lines, filtering_verdict, sensitivity_lines,
+                                         t_quantile, to_extend, welch_interval)
 
 
 @pytest.mark.parametrize("lo, hi, expected", [
@@ -69,7 +69,8 @@ def test_accuracy_table_compares_only_cells_that_exist_and_extends_inconclusive_
               "small-loss": [0.42, 0.44, 0.43], "small-loss-control": [0.43, 0.43, 0.43]}
     done = {("sym40", m): [write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": a}]) for i, a in enumerate(accs)]
             for m, accs in finals.items()}
-    lines, extend = accuracy_lines(done, Counter({cell: 3 for cell in done}))
+    planned = Counter({cell: 3 for cell in done})
+    lines, extend = accuracy_lines(done, planned, comparisons(done, planned))
     rows = {line.split(" | ")[1]: line.split(" | ")[5:] for line in lines if line.startswith("| sym40")}
     assert rows["fixed"][:2] == ["–", "–"] and rows["fixed"][2:] == ["–", "– |"]
     assert rows["edba-paper"][1] == "loss" and rows["edba-paper"][2:] == ["–", "– |"]
@@ -113,6 +114,7 @@ def test_sensitivity_lists_the_verdicts_a_welch_interval_would_change(tmp_path):
             for m, vs in finals.items()}
     lo, hi = welch_interval(finals["a"], finals["fixed"])
     assert (100 * lo, 100 * hi) == pytest.approx((-5.42, 0.75), abs=0.01) and accuracy_verdict(lo, hi) == "no gain"
-    rows = [line for line in sensitivity_lines(done, Counter({c: 3 for c in done})) if line.startswith("| sym40")]
+    planned = Counter({c: 3 for c in done})
+    rows = [line for line in sensitivity_lines(comparisons(done, planned)) if line.startswith("| sym40")]
     assert rows == ["| sym40 | a | fixed | [-3.8, -0.8] | loss | [-5.4, +0.8] | no gain |"]  # b's loss holds
-    assert "None" in "\n".join(sensitivity_lines({}, Counter()))
+    assert "None" in "\n".join(sensitivity_lines({}))
