@@ -5,10 +5,11 @@ Quick is the default; ``DYNBATCH_BENCH=full`` (``dynbatch bench --full``) widens
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
+
+from dynbatch.info import cpu_name
 
 FULL = os.environ.get("DYNBATCH_BENCH") == "full"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,14 +22,7 @@ def sync():
 
 
 def machine() -> dict:
-    info = {"device": DEVICE.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        import cpuinfo
-
-        info["cpu"] = cpuinfo.get_cpu_info().get("brand_raw", info["cpu"])
-    except Exception:
-        pass
+    info = {"device": DEVICE.type, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name()}
     try:
         import triton
 

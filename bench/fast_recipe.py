@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dynbatch.info import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
@@ -92,11 +93,7 @@ def main() -> int:
     for seed in map(int, a.seeds.split(",")):  # alternating: both see the same machine load
         results["plain"].append(plain_run(out, seed, a.epochs, a.batch_size, env))
         results["engine"].append(engine_run(out, seed, a.epochs, a.batch_size, env))
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = ["# The fast recipe: the engine against a plain script of the same recipe", "",
              f"Machine: {cpu}, {a.threads} threads, no GPU. Data: the CIFAR-10 subset (5,085 train / 1,017 test). "
              f"`--recipe airbench94 --batch-size {a.batch_size} --epochs {a.epochs}`; "

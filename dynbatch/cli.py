@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dynbatch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dynbatch info | head` closed the pipe: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not raise again
+        return 141
 
 
 if __name__ == "__main__":

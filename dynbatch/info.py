@@ -19,8 +19,19 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, where ``platform.processor()`` is empty): runs on
+    different CPUs differ in speed and in native bf16, so each record names its CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def collect() -> dict:
-    info = {"versions": package_versions(), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    info = {"versions": package_versions(), "platform": platform.platform(), "cpu": cpu_name(),
+            "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     else:
@@ -38,7 +49,7 @@ def collect() -> dict:
 def render(info: dict) -> str:
     lines = ["dynbatch " + str(info["versions"].get("dynbatch"))]
     lines += [f"  {k}: {v}" for k, v in info["versions"].items() if k != "dynbatch"]
-    lines.append(f"platform: {info['platform']} ({info['cpu_threads']} torch threads)")
+    lines.append(f"platform: {info['platform']}, {info['cpu']} ({info['cpu_threads']} torch threads)")
     lines.append(f"cuda: {info['cuda']}")
     lines.append("kernel backends:")
     for name, (ok, why) in info["backends"].items():

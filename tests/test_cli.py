@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from dynbatch.info import cpu_name
 from cli_helpers import assert_one_line_error, rows, run_cli, spawn, without_timing
 
 FAST = ("--model", "preresnet20", "--no-progress", "--util-interval", "5")
@@ -17,6 +18,7 @@ def test_train_default_data_end_to_end(tmp_path, capsys):
     assert f"run folder: {out}" in stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["lr"] == 0.05 and cfg["versions"]["torch"] and cfg["device"]["type"] == "cpu"
+    assert cfg["device"]["name"] == cpu_name() != ""  # the CPU's model, so a run says which machine it timed
     steps, epochs = rows(out, "step"), rows(out, "epoch")
     assert len(epochs) == 3 and sum(r["batch_size"] for r in steps) == 900
     for k in ("step", "epoch", "batch_size", "lr", "train_loss", "samples_seen", "wall_s"):
@@ -73,6 +75,13 @@ def test_plot_and_info(tmp_path, capsys):
     assert_one_line_error(*run_cli(capsys, "plot", tmp_path, "--out", tmp_path / "x.png")[::2], "not a run folder")
     rc, out, _ = run_cli(capsys, "info")
     assert rc == 0 and "torch" in out and "kernel backends" in out and "reference" in out
+
+
+def test_info_into_a_closed_pipe_stops_quietly():
+    p = spawn("info")
+    p.stdout.close()  # the reader left, as `dynbatch info | head -1` does once it has its line
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
 
 
 @pytest.mark.slow

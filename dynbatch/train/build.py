@@ -4,7 +4,6 @@ the run folder is touched, so bad input never leaves a partial run behind."""
 from __future__ import annotations
 
 import inspect
-import platform
 import sys
 from dataclasses import dataclass, fields
 from functools import partial
@@ -17,7 +16,7 @@ from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, loa
 from dynbatch.data.noise import corrupt_labels, parse_label_noise
 from dynbatch.distributed import Dist
 from dynbatch.errors import UserError
-from dynbatch.info import package_versions
+from dynbatch.info import cpu_name, package_versions
 from dynbatch.methods import Policy, StepContext, policy_class
 from dynbatch.methods.scored import SelectionPolicy
 from dynbatch.models import build_model
@@ -217,7 +216,7 @@ def describe(parts, given: dict[str, Any]) -> dict[str, Any]:
         "given": {k: v for k, v in given.items() if k not in ("out", "overwrite", "autoresume")},
         "versions": package_versions(),
         "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                   else platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+                   else cpu_name(), "torch_threads": torch.get_num_threads()},
         "data": {"name": src.name, "train_samples": len(parts.data.train), "test_samples": len(parts.data.test),
                  "num_classes": src.num_classes, "image_shape": list(src.image_shape)},
         "label_noise": {"asked": parts.cfg.label_noise, "measured": parts.data.train_label_noise}
