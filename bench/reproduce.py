@@ -164,14 +164,15 @@ def noisy_methods(noise: str) -> dict[str, list[str]]:
 # "Seeds the rule adds" names them): at sym40, small-loss − its control was [-0.6, +2.2] and the control − fixed
 # [+1.6, +4.6], both across the +2-point bound; edba-paper's trained − drawn noise [-0.0, +0.2] touches 0.
 # At pair45 the trained − drawn noise of edba-paper [-0.1, +0.0], edba-tuned [-0.1, +0.1], importance [-0.0, +0.1]
-# and consensus [-0.2, +0.1] straddles 0, and so does consensus-control's [-0.0, +0.3].
+# and consensus [-0.2, +0.1] straddles 0, and so does consensus-control's [-0.0, +0.3]. On clean labels selective
+# backprop − its control was [-1.9, +2.6], across the +2-point bound.
 # And an A/A check outside that rule: consensus-class keeps every sample, so its control trains on the same rows in
 # another order (one step's gradient within 5e-6 of it), yet their 3-seed interval [-3.9, -0.8] excluded 0. Seeds
 # 3 and 4 of both, added before they ran, test whether a 3-seed interval is too narrow to trust.
 FIVE_SEEDS = {("sym40", "fixed"), ("sym40", "small-loss"), ("sym40", "small-loss-control"), ("sym40", "edba-paper"),
               ("sym40", "consensus-class"), ("sym40", "consensus-class-control"),
               ("pair45", "edba-paper"), ("pair45", "edba-tuned"), ("pair45", "importance"), ("pair45", "consensus"),
-              ("pair45", "consensus-control")}
+              ("pair45", "consensus-control"), ("clean", "selective-backprop"), ("clean", "selective-backprop-control")}
 
 
 def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
