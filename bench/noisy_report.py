@@ -341,10 +341,12 @@ def figure(done: dict, out: Path) -> None:
                         noise_ax.plot(*_mean_curve(runs, "mislabeled_trained"), style, color=f"C{i}")
         acc_ax.set(title=f"{noise}: clean test accuracy (seeds in brackets)", xlabel="epoch", ylabel="test accuracy")
         acc_ax.legend(fontsize=7, ncol=2)
-        noise_ax.set(title=f"{noise}: mislabeled share of what was trained on", xlabel="epoch",
-                     ylabel="mislabeled share (fixed: of what was drawn)")
         if noise == "clean":
             noise_ax.set_axis_off()
+            noise_ax.text(0.5, 0.5, "clean labels: no mislabeled samples to filter", ha="center", va="center")
+        else:
+            noise_ax.set(title=f"{noise}: mislabeled share of what was trained on", xlabel="epoch",
+                         ylabel="mislabeled share (fixed: of what was drawn)")
     fig.savefig(out / "noisy.png", dpi=70)
     plt.close(fig)
 
@@ -359,7 +361,8 @@ def report(runs, out: Path) -> list[str]:
                 done[(meta["noise"], meta["method"])].append(run)
     seeds = Counter((meta["noise"], meta["method"]) for _, meta in runs)  # planned seeds per cell
     n_finished = sum(len(v) for v in done.values())
-    status = [f"Runs finished: {n_finished} of {len(runs)} planned (the others have no verdict yet).", ""]
+    unfinished = " (the others have no verdict yet)" if n_finished < len(runs) else ""
+    status = [f"Runs finished: {n_finished} of {len(runs)} planned{unfinished}.", ""]
     figure(done, out)
     compared = comparisons(done, seeds)
     (filtering, extend_f), (accuracy, extend_a) = filtering_lines(done, seeds), accuracy_lines(done, seeds, compared)

@@ -59,7 +59,8 @@ def test_figure_draws_the_finished_cells(tmp_path):
     rows = [{"epoch": e, "test_acc": 0.1 * e, "mislabeled_trained": 0.4, "mislabeled_batch": 0.4,
              "trained_samples": 10} for e in range(3)]
     done = {("sym40", "fixed"): [write_run(tmp_path / "a", rows)],
-            ("sym40", "small-loss-control"): [write_run(tmp_path / "b", rows)]}
+            ("sym40", "small-loss-control"): [write_run(tmp_path / "b", rows)],
+            ("clean", "fixed"): [write_run(tmp_path / "c", rows)]}  # a row without a filtering panel
     figure(done, tmp_path)
     assert (tmp_path / "noisy.png").stat().st_size > 0
 
