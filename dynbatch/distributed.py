@@ -103,8 +103,14 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def close(self) -> None:
+    def close(self, all_ranks_here: bool = False) -> None:
+        """Leave the process group. With ``all_ranks_here`` (every rank left training at the same step) it first
+        waits for every rank, so that none tears its connections down while a peer is still checkpointing: a gloo
+        rank that did has aborted at exit ("terminate called without an active exception", once in about 70
+        two-rank CPU runs). After an error a peer may never arrive, so then it leaves at once."""
         if self.enabled and dist.is_initialized():
+            if all_ranks_here:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from cli_helpers import REPO, rows, run_cli, without_timing
+from dynbatch.cli import main
+from dynbatch.distributed import Dist
+from dynbatch.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 # GroupNorm: per-sample normalisation (SyncBatchNorm is CUDA-only). Weight comparisons run without augmentation:
@@ -109,3 +112,28 @@ def test_a_selection_method_two_ranks_choose_and_train_as_one_process(tmp_path, 
     assert [[r[k] for k in keys] for r in rows(ddp, "step")] == [[r[k] for k in keys] for r in rows(single, "step")]
     assert any(r["importance_on"] for r in rows(single, "step"))
     assert_same_weights(single, ddp)
+
+
+def test_leaving_the_group_waits_for_every_rank_only_when_all_are_known_to_be_there(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    Dist(0, 2).close(all_ranks_here=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    Dist(0, 2).close()  # after an error a peer may never arrive: a barrier would hang until gloo's timeout
+    assert calls == ["destroy"]
+
+
+def test_the_trainer_waits_for_its_peers_after_training_but_not_after_an_error(tmp_path, capsys, tiny_npz,
+                                                                              monkeypatch):
+    closed = []
+    monkeypatch.setattr(Dist, "close", lambda self, all_ranks_here=False: closed.append(all_ranks_here))
+    args = ("train", "--data", f"npz:{tiny_npz}", *EXACT)
+    assert run_cli(capsys, *args, "--stop-after-steps", "2", "--out", tmp_path / "a")[0] == 0
+    assert run_cli(capsys, *args, "--out", tmp_path / "b")[0] == 0  # to the end of its epoch
+    monkeypatch.setattr(Trainer, "_train_step", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main([str(a) for a in (*args, "--out", tmp_path / "c")])
+    assert closed == [True, True, False]

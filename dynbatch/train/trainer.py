@@ -112,6 +112,7 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._t0 = time.perf_counter()
         steps = 0
+        all_ranks_here = False  # set where every rank leaves the loop at the same step
         try:
             while self.epoch < cfg.epochs:
                 if self.sampler.pos == 0:
@@ -128,13 +129,15 @@ class Trainer:
                     why = signal.Signals(self._stop_signal).name if self._stop_signal else "--stop-after-steps"
                     self.log(f"stopped by {why} at step {self.step}; checkpoint saved; continue with: "
                              f"dynbatch train --resume {self.out}")
+                    all_ranks_here = True
                     return {"interrupted": self._stop_signal or 0, "out": str(self.out), "step": self.step}
+            all_ranks_here = True
         finally:
             monitor.stop()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.sink.close()
-            self.dist.close()
+            self.dist.close(all_ranks_here)
             records.unlock_run(self._lock)
             self._lock = None
         return {"interrupted": None, "out": str(self.out), "step": self.step, **self.last_epoch}
