@@ -105,7 +105,7 @@ class Dist:
 
     def close(self, all_ranks_here: bool = False) -> None:
         """Leave the process group. With ``all_ranks_here`` (every rank left training at the same step) it first
-        waits for every rank, so that the ranks tear their connections down together. Without it, once in about 70
+        waits for every rank, so that the ranks tear their connections down together. Without it, once in about 100
         two-rank CPU runs, rank 1, which leaves first while rank 0 still writes the run's files, aborted at exit in
         gloo ("terminate called without an active exception"). After an error a peer may never arrive, so then it
         leaves at once."""
