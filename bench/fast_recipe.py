@@ -1,14 +1,17 @@
 """The engine's ``--recipe airbench94`` against the plain reference script (``bench/airbench_plain.py``: the same
 recipe, no engine code), side by side on one machine: same data, seeds, epochs, batch size and thread count, runs
 alternating so that both see the same load. Reports final test accuracy (and with test-time augmentation),
-training wall time (evaluation excluded) and the time to reach fixed accuracies.
+training wall time (evaluation excluded) and the time to reach fixed accuracies, and compares the two paired by
+seed: the ratio of training times (its interval from the per-seed log ratios) and the accuracy difference. Every run
+names its CPU model; a seed whose two runs ran on different models is refused, so one table is one machine.
 
-    python bench/fast_recipe.py [--seeds 0,1,2] [--epochs 10] [--batch-size 128] [--out bench/results/fast-recipe]
+    python bench/fast_recipe.py [--seeds 0,1,2,3,4] [--epochs 10] [--batch-size 128] [--out bench/results/fast-recipe]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -16,9 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from dynbatch.info import cpu_name
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import verdicts  # noqa: E402
+from dynbatch.info import cpu_name  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 LEVELS = (0.65, 0.70, 0.75)
 
@@ -36,7 +43,8 @@ def engine_run(out: Path, seed: int, epochs: int, batch: int, env: dict) -> dict
     for r in epochs_rows:
         t += r["epoch_s"]
         log.append({"epoch": r["epoch"] + 1, "train_s": t, "test_acc": r["test_acc"]})
-    return {"epochs": log, "test_acc_tta": epochs_rows[-1].get("test_acc_tta")}
+    cpu = json.loads((run / "config.json").read_text())["device"]["name"]
+    return {"epochs": log, "test_acc_tta": epochs_rows[-1].get("test_acc_tta"), "cpu": cpu}
 
 
 def plain_run(out: Path, seed: int, epochs: int, batch: int, env: dict) -> dict:
@@ -45,6 +53,7 @@ def plain_run(out: Path, seed: int, epochs: int, batch: int, env: dict) -> dict:
         subprocess.run([sys.executable, str(REPO / "bench" / "airbench_plain.py"), "--data", str(DATA),
                         "--batch-size", str(batch), "--epochs", str(epochs), "--seed", str(seed), "--json", str(path)],
                        cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "cpu": cpu_name()}))
     return json.loads(path.read_text())
 
 
@@ -58,28 +67,41 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
         if not values:
             return "–"
         m = statistics.fmean(values)
-        return fmt.format(m) + (f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else "")
+        return fmt.format(m) + (f" ± {fmt.format(statistics.stdev(values))} (sd)" if len(values) > 1 else "")
 
     lines = ["| run | seeds | final test acc % | with TTA % | training s | "
              + " | ".join(f"s to {int(100 * v)} %" for v in LEVELS) + " |", "|---|---|---|---|---|" + "---|" * len(LEVELS)]
-    for name, runs in results.items():
+    for name, runs in ((k, results[k]) for k in ("engine", "plain")):
         lines.append(f"| {name} | {len(runs)} | {cell([100 * r['epochs'][-1]['test_acc'] for r in runs])} | "
                      f"{cell([100 * r['test_acc_tta'] for r in runs if r['test_acc_tta'] is not None])} | "
                      f"{cell([r['epochs'][-1]['train_s'] for r in runs], '{:.0f}')} | "
                      + " | ".join(cell([time_to(r["epochs"], v) for r in runs], "{:.0f}") for v in LEVELS) + " |")
+    return lines + [""] + paired(results)
+
+
+def paired(results: dict[str, list[dict]]) -> list[str]:
+    """The engine against the plain script, seed by seed: the training-time ratio (the geometric mean of the
+    per-seed ratios, its interval from the t-interval of their logs) and the accuracy difference."""
     e, p = results["engine"], results["plain"]
-    ratio = statistics.fmean(r["epochs"][-1]["train_s"] for r in e) / statistics.fmean(
-        r["epochs"][-1]["train_s"] for r in p)
-    gap = 100 * (statistics.fmean(r["epochs"][-1]["test_acc"] for r in e)
-                 - statistics.fmean(r["epochs"][-1]["test_acc"] for r in p))
-    lines += ["", f"Engine / plain training time: **{ratio:.2f}×**; final accuracy difference (engine − plain): "
-              f"**{gap:+.1f} points** (target: ≤ 1.0× and within ±1 point)."]
-    return lines
+    seconds = [(a["epochs"][-1]["train_s"], b["epochs"][-1]["train_s"]) for a, b in zip(e, p)]
+    lines = ["| seed | engine s | plain s | engine / plain | engine − plain acc (points) |", "|---|---|---|---|---|"]
+    for seed, (a, b), (x, y) in zip(results["seeds"], zip(e, p), seconds):
+        lines.append(f"| {seed} | {x:.0f} | {y:.0f} | {x / y:.2f}× | "
+                     f"{100 * (a['epochs'][-1]['test_acc'] - b['epochs'][-1]['test_acc']):+.1f} |")
+    if len(seconds) < 2:
+        return lines
+    logs = verdicts.mean_interval([math.log(x / y) for x, y in seconds])
+    acc = verdicts.compare({s: r["epochs"][-1]["test_acc"] for s, r in zip(results["seeds"], e)},
+                           {s: r["epochs"][-1]["test_acc"] for s, r in zip(results["seeds"], p)}, scale=100)
+    return lines + ["", f"Engine / plain training time, paired by seed: **{math.exp(logs.mean):.2f}×** "
+                    f"[{math.exp(logs.lo):.2f}, {math.exp(logs.hi):.2f}] (geometric mean of the per-seed ratios, "
+                    f"95 % t-interval of their logs, {logs.n} seeds); final accuracy, engine − plain: "
+                    f"**{acc.cell()} points** ({acc.how}). " + verdicts.RULE]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -88,12 +110,17 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
-    results = {"engine": [], "plain": []}
+    results = {"engine": [], "plain": [], "seeds": [int(s) for s in a.seeds.split(",")]}
     t0 = time.time()
-    for seed in map(int, a.seeds.split(",")):  # alternating: both see the same machine load
+    for seed in results["seeds"]:  # alternating: both see the same machine load
         results["plain"].append(plain_run(out, seed, a.epochs, a.batch_size, env))
         results["engine"].append(engine_run(out, seed, a.epochs, a.batch_size, env))
-    cpu = cpu_name()
+    cpus = {r.get("cpu", "unknown") for r in results["plain"] + results["engine"]}
+    if len(cpus) > 1:
+        print(f"fast_recipe: the runs in {out} were measured on {', '.join(sorted(cpus))}; one table is one "
+              "machine: move the other machine's runs away and rerun", file=sys.stderr)
+        return 2
+    cpu = cpus.pop()
     lines = ["# The fast recipe: the engine against a plain script of the same recipe", "",
              f"Machine: {cpu}, {a.threads} threads, no GPU. Data: the CIFAR-10 subset (5,085 train / 1,017 test). "
              f"`--recipe airbench94 --batch-size {a.batch_size} --epochs {a.epochs}`; "

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .reproduce import NOISES, SCORE_AT, STEPS_PER_EPOCH, _plt, all_epochs_in, bootstrap_ci, rows_of
+from . import verdicts
+from .noisy_study import NOISES, SCORE_AT, STEPS_PER_EPOCH
+from .run_folders import all_epochs_in, pyplot, rows_of
 
 # The rules, stated before the runs (issue #30).
 GAIN = 2.0  # points of clean test accuracy that count as a gain (at 40 % symmetric noise Co-teaching-style methods
@@ -24,14 +25,16 @@ RULES = f"""## Rules (stated before the runs)
   Verdicts use the **final** epoch's accuracy; the best over epochs is reported beside it (it selects on the test
   split).
 - **Question 2 (filtering)**: per seed, d = the run's mislabeled share among the samples trained on minus that among
-  the samples drawn, over all its epochs. A method **filters** noisy labels when the 95 % bootstrap interval of
-  the mean d over seeds lies entirely below 0; **does not filter** when it lies at or above 0; inconclusive
+  the samples drawn, over all its epochs. A method **filters** noisy labels when the 95 % interval of the mean d
+  over seeds (one-sample t) lies entirely below 0; **does not filter** when it lies at or above 0; inconclusive
   otherwise. EDBA's paper's hypothesis ("EDBA filters noisy samples") is reproduced or refuted by this rule.
-- **Question 3 (accuracy)**: the 95 % bootstrap interval of (method − fixed) and of (method − its random control)
-  in mean final accuracy. **Gain** when the interval lies entirely at or above +{GAIN:g} points; **loss** when it lies
+- **Question 3 (accuracy)**: the 95 % interval of (method − fixed) and of (method − its random control) in final
+  accuracy, paired by seed (the arms of a seed share the initialisation, the data order and the noise draw). **Gain** when the interval lies entirely at or above +{GAIN:g} points; **loss** when it lies
   entirely below 0; **no gain** when it lies below +{GAIN:g} but reaches 0 or above; inconclusive when it straddles
   +{GAIN:g}.
 - Seeds: 3 per cell, 5 where an interval straddles a bound. A cell without all its seeds gets no verdict.
+- Intervals (re-derived under #46; the runs had used a percentile bootstrap of unpaired seed means, whose coverage
+  at 3 seeds is about 80 %): {verdicts.RULE}
 """
 
 
@@ -123,15 +126,10 @@ def signal_lines(groups: dict) -> list[str]:
             cells = []
             for score in scores:
                 v = table.get((noise, epoch, score), [])
-                cells.append("–" if not v else f"{statistics.fmean(v):.3f}" + (
-                    f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "") + f" (n={len(v)})")
+                cells.append("–" if not v else verdicts.sd_cell(v, scale=1.0, digits=3) + f" (n={len(v)})")
             if any(c != "–" for c in cells):
                 lines.append(f"| {noise} | {epoch} | " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def _interval(values: list[float]) -> tuple[float, float]:
-    return bootstrap_ci(values, [0.0] * len(values))
 
 
 def _seeds(have: int, planned: int) -> str:
@@ -159,7 +157,7 @@ def to_extend(planned: Counter, *cells) -> set:
     return {c for c in cells if planned[c] < MOST_SEEDS}
 
 
-def filtering_lines(done: dict, planned: Counter) -> tuple[list[str], set]:
+def filtering_lines(done: dict, planned: Counter, changes: verdicts.Changes) -> tuple[list[str], set]:
     """Question 2's table, and the cells whose inconclusive verdicts the seed rule extends."""
     lines = ["## Question 2: does the method train on fewer mislabeled samples than it draws?", "",
              "| noise | method | seeds | trained − drawn (points) | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
@@ -172,15 +170,16 @@ def filtering_lines(done: dict, planned: Counter) -> tuple[list[str], set]:
         if len(d) < want:
             lines.append(f"| {noise} | {method} | {_seeds(len(d), want)} | – | – | not enough seeds yet |")
             continue
-        lo, hi = _interval(d)
+        iv = verdicts.mean_interval(d)
         if min(r.kept_share for r in runs) >= KEEPS_ALL:
             verdict = "keeps all it draws (no verdict)"
         else:
-            verdict = filtering_verdict(lo, hi)
+            verdict = changes.judge(f"{noise} {method}: trained − drawn noise", verdicts.mean_interval(d, 100),
+                                    verdicts.old_interval(d, scale=100), lambda lo, hi: filtering_verdict(lo, hi))
             if verdict == "inconclusive":
                 extend |= to_extend(planned, (noise, method))
         lines.append(f"| {noise} | {method} | {len(d)} | {100 * statistics.fmean(d):+.1f} | "
-                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {verdict} |")
+                     f"[{100 * iv.lo:+.1f}, {100 * iv.hi:+.1f}] | {verdict} |")
     return lines + ["", f"A method that trains on at least {100 * KEEPS_ALL:g} % of what it draws (fixed: all of it) "
                     "gets no verdict: its difference is 0 up to the few samples it left out, by construction. Nor "
                     "does it get extra seeds.", ""], extend
@@ -188,29 +187,30 @@ def filtering_lines(done: dict, planned: Counter) -> tuple[list[str], set]:
 
 @dataclass(frozen=True)
 class Comparison:
-    """One comparison of question 3: the final accuracies (fractions) of ``cell``'s seeds and of ``other``'s, and
-    the rule's 95 % bootstrap interval of the difference of their means."""
-    acc: list
-    base: list
-    lo: float
-    hi: float
+    """One comparison of question 3: the final accuracies (fractions) of ``cell``'s seeds and of ``other``'s, by
+    seed, the rule's 95 % interval of the difference (points, paired by seed) and the old rule's on the same runs."""
+    acc: dict
+    base: dict
+    interval: verdicts.Interval
+    old: tuple
 
     @property
     def verdict(self) -> str:
-        return accuracy_verdict(self.lo, self.hi)
+        return accuracy_verdict(self.interval.lo / 100, self.interval.hi / 100)
 
 
 def comparisons(done: dict, planned: Counter) -> dict[tuple, Comparison]:
     """Question 3's comparisons keyed by (cell, other): each cell against fixed and against its control, where the
     comparison exists (not a cell with itself, not a control it lacks) and both cells have all their planned seeds.
-    The bootstrap runs here once, for the table and its sensitivity check alike."""
+    The intervals are computed here once, for the table and the list of what changed alike."""
     compared = {}
     for cell in sorted(done):
         noise, method = cell
         for other in ((noise, "fixed"), (noise, f"{method}-control")):
-            acc, base = [r.final for r in done[cell]], [r.final for r in done.get(other, [])]
+            acc, base = {r.seed: r.final for r in done[cell]}, {r.seed: r.final for r in done.get(other, [])}
             if cell != other and planned[other] and len(base) >= planned[other] and len(acc) >= planned[cell]:
-                compared[(cell, other)] = Comparison(acc, base, *bootstrap_ci(acc, base))
+                compared[(cell, other)] = Comparison(acc, base, verdicts.compare(acc, base, scale=100),
+                                                     verdicts.old_interval(acc, base, scale=100))
     return compared
 
 
@@ -218,8 +218,8 @@ def accuracy_lines(done: dict, planned: Counter, compared: dict[tuple, Compariso
     """Question 3's table from ``comparisons(done, planned)``, and the cells whose inconclusive verdicts the seed
     rule extends."""
     lines = ["## Question 3: clean test accuracy against fixed and against the random control", "",
-             "| noise | method | seeds | final acc % | best acc % | − fixed: 95 % interval | verdict | − control: 95 % "
-             "interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+             "| noise | method | seeds | final acc % | best acc % | − fixed: paired 95 % interval | verdict | − control: "
+             "paired 95 % interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     extend = set()
     for (noise, method), runs in sorted(done.items()):
         cells = []
@@ -230,59 +230,21 @@ def accuracy_lines(done: dict, planned: Counter, compared: dict[tuple, Compariso
                 continue
             if c.verdict == "inconclusive":
                 extend |= to_extend(planned, (noise, method), other)
-            cells += [f"[{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]", c.verdict]
+            cells += [c.interval.cell() + ("" if c.interval.how == "paired t" else f" ({c.interval.how})"),
+                      c.verdict]
         lines.append(f"| {noise} | {method} | {_seeds(len(runs), planned[(noise, method)])} | "
                      f"{100 * statistics.fmean(r.final for r in runs):.1f} | "
                      f"{100 * statistics.fmean(r.best for r in runs):.1f} | " + " | ".join(cells) + " |")
     return lines + [""], extend
 
 
-def t_quantile(p: float, df: float) -> float:
-    """Student's t quantile at ``p`` (0.5 < p < 1) for ``df`` degrees of freedom (bisection on the CDF, the
-    density integrated by Simpson's rule; 1e-4 accurate)."""
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x: float, n: int = 2000) -> float:
-        f = [math.exp(log_norm - (df + 1) / 2 * math.log1p((x * i / n) ** 2 / df)) for i in range(n + 1)]
-        return 0.5 + x / n / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1e-5:
-        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
-
-
-def welch_interval(a: list[float], b: list[float]) -> tuple[float, float]:
-    """95 % Welch t-interval of mean(a) − mean(b): the unpaired comparison the rule's bootstrap makes, with the t
-    distribution's tails (each list needs 2 or more values)."""
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(va + vb)
-    d = statistics.fmean(a) - statistics.fmean(b)
-    if se == 0:
-        return d, d
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = t_quantile(0.975, df) * se
-    return d - half, d + half
-
-
-def sensitivity_lines(compared: dict[tuple, Comparison]) -> list[str]:
-    """The accuracy verdicts that a Welch t-interval would give differently, listed beside the rule's (which stand)."""
-    changed = []
-    for ((noise, method), (_, other)), c in compared.items():
-        t_lo, t_hi = welch_interval(c.acc, c.base)
-        if c.verdict != accuracy_verdict(t_lo, t_hi):
-            changed.append(f"| {noise} | {method} | {other} | [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}] | {c.verdict} | "
-                           f"[{100 * t_lo:+.1f}, {100 * t_hi:+.1f}] | {accuracy_verdict(t_lo, t_hi)} |")
-    lines = ["## Sensitivity: the accuracy verdicts under a Welch t-interval", "",
-             "The rule's percentile bootstrap resamples 3–5 seeds a cell, and with so few values it is narrower than "
-             "a t-interval on the same numbers (about 0.6× at 3 seeds against 3). The verdicts above stay the "
-             "rule's; this lists those that a 95 % Welch t-interval would give differently.", ""]
-    if not changed:
-        return lines + ["None: every accuracy verdict holds under it.", ""]
-    return lines + ["| noise | method | against | bootstrap (the rule) | verdict | Welch t | would be |",
-                    "|---|---|---|---|---|---|---|", *changed, ""]
+def judged(compared: dict[tuple, Comparison]) -> verdicts.Changes:
+    """Question 3's verdicts beside the old rule's, for the list of what changed."""
+    changes = verdicts.Changes()
+    for ((noise, method), (_, other)), c in sorted(compared.items()):
+        changes.judge(f"{noise} {method} − {other}", c.interval, c.old,
+                      lambda lo, hi: accuracy_verdict(lo / 100, hi / 100))
+    return changes
 
 
 def extend_lines(extend: set) -> list[str]:
@@ -329,7 +291,7 @@ def figure(done: dict, out: Path) -> None:
     if not noises:
         return
     methods = sorted({m.removesuffix("-control") for _, m in done}, key=lambda m: (m != "fixed", m))
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(noises), 2, figsize=(12, 4 * len(noises)), squeeze=False, constrained_layout=True)
     for (acc_ax, noise_ax), noise in zip(axes, noises):
         for i, method in enumerate(methods):
@@ -365,7 +327,9 @@ def report(runs, out: Path) -> list[str]:
     status = [f"Runs finished: {n_finished} of {len(runs)} planned{unfinished}.", ""]
     figure(done, out)
     compared = comparisons(done, seeds)
-    (filtering, extend_f), (accuracy, extend_a) = filtering_lines(done, seeds), accuracy_lines(done, seeds, compared)
+    changes = judged(compared)
+    (filtering, extend_f), (accuracy, extend_a) = (filtering_lines(done, seeds, changes),
+                                                   accuracy_lines(done, seeds, compared))
     return ([RULES, ""] + status + ["Figure: [accuracy and trained-on noise over epochs](noisy.png).", ""]
-            + pilot_lines(groups) + signal_lines(groups) + filtering + accuracy + sensitivity_lines(compared)
+            + pilot_lines(groups) + signal_lines(groups) + filtering + accuracy + changes.lines()
             + extend_lines(extend_f | extend_a) + cost_lines(out))

@@ -24,12 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: bench.* (the noisy study's report) imports from the checkout
     sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 
-# The papers' optimizer for EDBA and its baseline: SGD lr 0.001, Nesterov momentum 0.9, weight decay 1e-5, batch 100.
-# Precision and layout pinned (fp32, contiguous), so that a change of the CPU defaults cannot split a table.
-EDBA_OPT = ["--lr", "0.001", "--momentum", "0.9", "--nesterov", "true", "--weight-decay", "1e-5",
-            "--batch-size", "100", "--schedule", "constant", "--amp", "none", "--channels-last", "off"]
+from bench.noisy_study import (EDBA_OPT, NOISES, NOISY_OPT, STEPS_PER_EPOCH, noisy_methods,  # noqa: E402
+                               noisy_runs)
+from bench import verdicts  # noqa: E402
+from bench.run_folders import (DATA, best_acc, by_seed, checkpoint_step, final_acc, finished,  # noqa: E402
+                               pyplot, rows_of, thin, train_run, wall)
+
+
 PUBLISHED_EDBA = {100: (23.8, 90.7), 500: (40.5, 91.5), 5085: (71.7, 91.6)}  # CIFAR-10 test acc, baseline vs EDBA
 
 
@@ -131,50 +133,6 @@ def adabatch_runs(budget: str):
                                  "--seed", str(seed), *common], {**meta, "method": "fixed"}
 
 
-# The noisy-label study (#30): PreResNet-20 on all 5,085 images, the split experiment's optimizer at batch 128,
-# evaluated every epoch (the noisy baseline peaks and then memorises: final and best accuracy both reported).
-# NOISY_EPOCHS is the pilot's budget (noisy/table.md, its pilot section); SCORE_AT the epochs at which the fixed
-# baseline's training samples are scored (question 1), each a stop at that epoch's end, ``dynbatch score``, and a
-# resume.
-NOISY_EPOCHS, SCORE_AT, STEPS_PER_EPOCH = 30, (2, 5, 10, 20), 40  # ceil(5,085 / 128) steps an epoch
-NOISES = {"clean": "", "sym40": "symmetric:0.4", "pair45": "pair:0.45"}
-NOISY_OPT = ["--model", "preresnet20", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule",
-             "cosine", "--batch-size", "128", "--amp", "none", "--channels-last", "off", "--eval-every", "1"]
-CONTROLLED = ("selective-backprop", "small-loss", "consensus", "consensus-class")  # keeping methods: + a control
-
-
-def noisy_methods(noise: str) -> dict[str, list[str]]:
-    """Each method's arguments on top of NOISY_OPT at ``noise`` (a NOISES value)."""
-    rate = noise.split(":")[1] if noise else "0.2"  # Co-teaching sets the forget rate to the noise rate
-    methods = {
-        "fixed": ["--policy", "fixed"],
-        "edba-paper": ["--policy", "edba", *EDBA_OPT],  # its paper's optimizer (lr 0.001, batch 100, constant)
-        "edba-tuned": ["--policy", "edba", "--batch-size", "100"],  # the tuned optimizer of the 100-sample reading
-        "importance": ["--policy", "importance"],
-        "selective-backprop": ["--policy", "selective-backprop"],
-        "small-loss": ["--policy", "small-loss", "--forget-rate", rate],
-        "consensus": ["--policy", "consensus"],
-        "consensus-class": ["--policy", "consensus", "--by-class"],
-    }
-    methods.update({f"{m}-control": [*methods[m], "--selection-control"] for m in CONTROLLED})
-    return methods
-
-
-# Cells given seeds 3 and 4 by the stated rule (5 seeds where a 3-seed interval straddles a bound; the report's
-# "Seeds the rule adds" names them): at sym40, small-loss − its control was [-0.6, +2.2] and the control − fixed
-# [+1.6, +4.6], both across the +2-point bound; edba-paper's trained − drawn noise [-0.0, +0.2] touches 0.
-# At pair45 the trained − drawn noise of edba-paper [-0.1, +0.0], edba-tuned [-0.1, +0.1], importance [-0.0, +0.1]
-# and consensus [-0.2, +0.1] straddles 0, and so does consensus-control's [-0.0, +0.3]. On clean labels selective
-# backprop − its control was [-1.9, +2.6], across the +2-point bound.
-# And an A/A check outside that rule: consensus-class keeps every sample, so its control trains on the same rows in
-# another order (one step's gradient within 5e-6 of it), yet their 3-seed interval [-3.9, -0.8] excluded 0. Seeds
-# 3 and 4 of both, added before they ran, test whether a 3-seed interval is too narrow to trust.
-FIVE_SEEDS = {("sym40", "fixed"), ("sym40", "small-loss"), ("sym40", "small-loss-control"), ("sym40", "edba-paper"),
-              ("sym40", "consensus-class"), ("sym40", "consensus-class-control"),
-              ("pair45", "edba-paper"), ("pair45", "edba-tuned"), ("pair45", "importance"), ("pair45", "consensus"),
-              ("pair45", "consensus-control"), ("clean", "selective-backprop"), ("clean", "selective-backprop-control")}
-
-
 def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
     """Question 4 of the noisy study, apart from its crowded runs: each method's training seconds per epoch and its
     selection's share of them (the scoring forward, the op and its read: the steps' ``selection_s`` over their
@@ -196,7 +154,7 @@ def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
             run = Path(tmp) / method
             args = [*NOISY_OPT, *margs, "--label-noise", NOISES["sym40"], "--epochs", str(epochs),
                     "--eval-every", str(epochs)]
-            if rc := _train(run, args):
+            if rc := train_run(run, args):
                 raise SystemExit(f"reproduce: the cost run of {method} failed (dynbatch exit {rc}); rerun --cost")
             last = rows_of(run, "epoch")[-1]
             steps = [r for r in rows_of(run, "step") if r["epoch"] == last["epoch"]]
@@ -205,24 +163,6 @@ def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
             print(f"[noisy] cost of {method}: {last['epoch_s']:.1f} s an epoch", flush=True)
     (out / "cost.json").write_text(json.dumps({"threads": torch.get_num_threads(), "cpu": machine()["cpu"],
                                                "epoch": epochs, "methods": methods}, indent=1))
-
-
-def noisy_runs(budget: str):
-    smoke = budget == "smoke"
-    epochs = 1 if smoke else NOISY_EPOCHS
-    # Seeds outermost, then noise: a partial session finishes whole cells (every method of a seed) first.
-    for seed in range(1 if smoke else 5):
-        for key, noise in NOISES.items():
-            for method, margs in noisy_methods(noise).items():
-                if seed >= 3 and (key, method) not in FIVE_SEEDS:
-                    continue
-                args = [*NOISY_OPT, *margs, "--epochs", str(epochs), "--seed", str(seed)]
-                if noise:
-                    args += ["--label-noise", noise]
-                # later flags win in argparse: EDBA_OPT's batch, lr and schedule override NOISY_OPT's
-                score_at = () if smoke or method != "fixed" or not noise else SCORE_AT
-                yield f"{key}-{method}-s{seed}", args, {"noise": key, "method": method, "seed": seed,
-                                                        "epochs": epochs, "score_at": score_at}
 
 
 # The dynamic-batch methods on the fast recipe (#31): airbench94's recipe at batch 128 (bench/fast_recipe.py's
@@ -255,25 +195,6 @@ EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs
                "fast": fast_runs}
 
 
-def rows_of(run: Path, kind: str) -> list[dict]:
-    """The run's rows of ``kind`` (none before it has started), through dynbatch's one metrics reader."""
-    from dynbatch.train.records import read_metrics
-
-    if not (run / "metrics.jsonl").is_file():
-        return []
-    return [r for r in read_metrics(run) if r["kind"] == kind]
-
-
-def all_epochs_in(epoch_rows: list[dict], epochs: int) -> bool:
-    """Whether a run's epoch rows reach its last epoch (of ``epochs``)."""
-    return bool(epoch_rows) and epoch_rows[-1]["epoch"] + 1 >= epochs
-
-
-def finished(run: Path, epochs: int) -> bool:
-    """All epochs recorded (checkpoints are not committed, so a clone's finished runs count from their metrics)."""
-    return all_epochs_in(rows_of(run, "epoch"), epochs)
-
-
 def execute(name: str, out: Path, budget: str, only: str) -> list[tuple[Path, dict]]:
     runs = []
     for run_name, args, meta in EXPERIMENTS[name](budget):
@@ -299,22 +220,6 @@ def execute(name: str, out: Path, budget: str, only: str) -> list[tuple[Path, di
     return runs
 
 
-def _train(run: Path, args: list[str], *extra: str) -> int:
-    # --autoresume starts a new folder or continues the run in it; settings must match the folder's.
-    return subprocess.run([sys.executable, "-m", "dynbatch", "train", "--no-progress", "--util-interval", "5",
-                           "--data", f"npz:{DATA}", "--out", str(run), "--autoresume", *args, *extra], cwd=REPO,
-                          stdout=subprocess.DEVNULL).returncode
-
-
-def checkpoint_step(run: Path) -> int:
-    """The step the run's checkpoint was written at (0 before the first)."""
-    import torch
-
-    if not (run / "checkpoint.pt").is_file():
-        return 0
-    return int(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["progress"]["step"])
-
-
 def _train_scoring(run: Path, args: list[str], score_at: tuple[int, ...]) -> int:
     """Train ``run``, stopping at the end of each epoch of ``score_at`` to score its training samples there."""
     for epoch in score_at:
@@ -326,46 +231,18 @@ def _train_scoring(run: Path, args: list[str], score_at: tuple[int, ...]) -> int
             print(f"  {run.name}: past epoch {epoch} already; its scores are missing", flush=True)
             continue
         if now < step:
-            rc = _train(run, args, "--stop-after-steps", str(step - now))
+            rc = train_run(run, args, "--stop-after-steps", str(step - now))
             if rc or checkpoint_step(run) != step:
                 return rc or 1
         rc = subprocess.run([sys.executable, "-m", "dynbatch", "score", str(run)], cwd=REPO,
                             stdout=subprocess.DEVNULL).returncode
         if rc:
             return rc
-    return _train(run, args)
+    return train_run(run, args)
 
 
-def mean_std(xs: list[float]) -> str:
-    if not xs:
-        return "–"
-    m = 100 * statistics.fmean(xs)
-    return f"{m:.1f} ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{m:.1f}"
-
-
-def final_acc(run: Path) -> float:
-    return [r for r in rows_of(run, "epoch") if r.get("test_acc") is not None][-1]["test_acc"]
-
-
-def best_acc(run: Path) -> float:
-    return max(r["test_acc"] for r in rows_of(run, "epoch") if r.get("test_acc") is not None)
-
-
-def wall(run: Path) -> float:
-    return rows_of(run, "epoch")[-1]["wall_s"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-VERDICT_RULE = ("Verdict rule (stated once, used for every claim): a 95 % bootstrap interval (10,000 resamples of the "
-                "seeds of each method) of the difference of seed means of final test accuracy. A claimed gain is "
+VERDICT_RULE = ("Verdict rule (stated once, used for every claim): the 95 % interval of the difference in final test "
+                "accuracy, the two methods paired by seed. " + verdicts.RULE + " A claimed gain is "
                 "**reproduced** when the interval lies above 0 and reaches half the published gain, **refuted** "
                 "when the whole interval lies below half the published gain, and **inconclusive** otherwise; "
                 "rows with unfinished runs get no verdict.")
@@ -380,22 +257,11 @@ def _save_accuracy_plot(plt, fig, ax, xlabel: str, title: str, path: Path) -> No
     plt.close(fig)
 
 
-def bootstrap_ci(a: list[float], b: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of mean(a) - mean(b), seeds resampled with replacement within each group."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    xa, xb = np.asarray(a), np.asarray(b)
-    diffs = (xa[rng.integers(0, len(xa), (n, len(xa)))].mean(1) - xb[rng.integers(0, len(xb), (n, len(xb)))].mean(1))
-    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
-
-
-def difference(rs: list[Path], base: list[Path]) -> tuple[float, float, str]:
-    """(lo, hi) of the 95 % interval of mean final accuracy of ``rs`` minus ``base``, in points, and the cell text."""
-    a, b = [final_acc(r) for r in rs], [final_acc(r) for r in base]
-    lo, hi = bootstrap_ci(a, b)
-    d = 100 * (statistics.fmean(a) - statistics.fmean(b))
-    return 100 * lo, 100 * hi, f"{d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+def difference(rs: list[Path], base: list[Path]) -> tuple[verdicts.Interval, tuple[float, float]]:
+    """The paired 95 % interval of final accuracy of ``rs`` minus ``base`` (points), and the old rule's interval on
+    the same runs (for the list of what changed)."""
+    a, b = by_seed(rs, final_acc), by_seed(base, final_acc)
+    return verdicts.compare(a, b, scale=100), verdicts.old_interval(a, b, scale=100)
 
 
 def verdict(lo: float, hi: float, published_gain: float) -> str:
@@ -453,22 +319,24 @@ def epochs_to(run: Path, level: float) -> int | None:
 
 CONVERGENCE_RULE = ("EDBA's convergence claim (fewer epochs to converge) is judged on the 5,085-sample row: each run's "
                     "epochs to reach 95 % of the baseline's mean final accuracy (at the row's evaluation interval; a "
-                    "run that never reaches it counts as its budget + 1, a lower bound), and a 95 % bootstrap "
-                    "interval of the difference of seed means, EDBA − baseline. **Reproduced** when the whole "
+                    "run that never reaches it counts as its budget + 1, a lower bound), and the paired 95 % "
+                    "interval of EDBA − baseline. **Reproduced** when the whole "
                     "interval is below 0, **refuted** when it is at or above 0, **inconclusive** otherwise.")
 
 
-def convergence(base: list[Path], edba: list[Path], epochs: int) -> tuple[str, str]:
+def convergence(base: list[Path], edba: list[Path], epochs: int, changes: verdicts.Changes) -> tuple[str, str]:
     """(finding, verdict) of the convergence claim; epochs are counted on the baseline's mean final accuracy."""
     level = 0.95 * statistics.fmean(final_acc(r) for r in base)
-    reached = {who: [epochs_to(r, level) for r in rs] for who, rs in (("baseline", base), ("EDBA", edba))}
-    counted = {who: [e if e is not None else epochs + 1 for e in es] for who, es in reached.items()}
-    lo, hi = bootstrap_ci(counted["EDBA"], counted["baseline"])
-    d = statistics.fmean(counted["EDBA"]) - statistics.fmean(counted["baseline"])
-    shown = {who: ", ".join(str(e) if e is not None else f">{epochs}" for e in es) for who, es in reached.items()}
+    reached = {who: by_seed(rs, lambda r: epochs_to(r, level)) for who, rs in (("baseline", base), ("EDBA", edba))}
+    counted = {who: {s: e if e is not None else epochs + 1 for s, e in es.items()} for who, es in reached.items()}
+    iv = verdicts.compare(counted["EDBA"], counted["baseline"])
+    shown = {who: ", ".join(str(e) if e is not None else f">{epochs}" for e in es.values())
+             for who, es in reached.items()}
     finding = (f"epochs to {100 * level:.1f} % (95 % of the baseline's final): baseline {shown['baseline']}; "
-               f"EDBA {shown['EDBA']}; EDBA − baseline {d:+.0f} epochs [{lo:+.0f}, {hi:+.0f}]")
-    return finding, "reproduced" if hi < 0 else "refuted" if lo >= 0 else "inconclusive"
+               f"EDBA {shown['EDBA']}; EDBA − baseline {iv.cell(0)} epochs ({iv.how})")
+    rule = lambda lo, hi: "reproduced" if hi < 0 else "refuted" if lo >= 0 else "inconclusive"  # noqa: E731
+    return finding, changes.judge("n5085: EDBA − baseline, epochs to converge", iv,
+                                  verdicts.old_interval(counted["EDBA"], counted["baseline"]), rule)
 
 
 def report_edba(runs, out: Path) -> list[str]:
@@ -476,12 +344,13 @@ def report_edba(runs, out: Path) -> list[str]:
     for run, m in runs:
         groups[(m["row"].key, m["method"])].append((run, m))
     base100 = done_runs(groups[("n100", "fixed")])
+    changes = verdicts.Changes()
     lines = ["Precision: fp32, contiguous (pinned). Model: PreResNet-20. Optimizer: SGD lr 0.001, Nesterov 0.9, "
              "weight decay 1e-5, batch 100, constant lr (the paper's), unless the row says otherwise. Test set: the "
              "subset's 1,017 real CIFAR-10 test images. Final = after the last epoch; best = the best evaluated "
              "epoch (selection on the test split, as the authors' template reports).", "", VERDICT_RULE, "",
              PLATEAU_RULE, "",
-             "| row | method | seeds finished | final test acc | best test acc | EDBA − baseline (final), 95 % CI | "
+             "| row | method | seeds finished | final test acc | best test acc | EDBA − baseline (final), paired 95 % CI | "
              "published baseline → EDBA | verdict |", "|" + "---|" * 8]
     for row in EDBA_ROWS:
         planned = {meth: len(row.seeds) for meth in row.methods}
@@ -495,13 +364,15 @@ def report_edba(runs, out: Path) -> list[str]:
                 pub_pair = PUBLISHED_EDBA.get(row.n) if not row.reading else None
                 pub = f"{pub_pair[0]} → {pub_pair[1]}" if pub_pair else ""
                 if len(rs) >= 2 and len(base) >= 2:
-                    lo, hi, diff = difference(rs, base)
-                    diff += "" if "fixed" in row.methods else " (vs the 100-sample baseline)"
+                    iv, old = difference(rs, base)
+                    diff = iv.cell() + ("" if "fixed" in row.methods else " (vs the 100-sample baseline)")
                     if pub_pair and complete:
-                        verdict_txt = qualified(verdict(lo, hi, pub_pair[1] - pub_pair[0]), base)
+                        gain = pub_pair[1] - pub_pair[0]
+                        verdict_txt = qualified(changes.judge(f"{row.key}: EDBA − baseline", iv, old,
+                                                              lambda lo, hi: verdict(lo, hi, gain)), base)
             label = f"{row.key}: {row.label}" if meth == row.methods[0] else ""
             lines.append(f"| {label} | {'baseline' if meth == 'fixed' else 'EDBA'} | {_status(rs, planned[meth])} | "
-                         f"{mean_std([final_acc(r) for r in rs])} | {mean_std([best_acc(r) for r in rs])} | {diff} | "
+                         f"{verdicts.sd_cell([final_acc(r) for r in rs])} | {verdicts.sd_cell([best_acc(r) for r in rs])} | {diff} | "
                          f"{pub} | {verdict_txt or ('–' if not complete else '')} |")
     notes = ["", "Per-row notes (finished runs only):"]
     for row in EDBA_ROWS:
@@ -532,17 +403,17 @@ def report_edba(runs, out: Path) -> list[str]:
     b, e = done_runs(groups[(big.key, "fixed")]), done_runs(groups[(big.key, "edba")])
     planned = len(big.seeds)
     if len(b) == len(e) == planned:
-        finding, claim = convergence(b, e, big.epochs)
+        finding, claim = convergence(b, e, big.epochs, changes)
         finding += f" → **{claim}**"
     else:
         finding = f"no verdict yet ({len(b)} of {planned} baseline and {len(e)} of {planned} EDBA runs finished)"
     notes += ["", CONVERGENCE_RULE, f"- Convergence (5,085 samples): {finding}."]
     _edba_figure(groups, out)
-    return lines + notes
+    return lines + notes + [""] + changes.lines()
 
 
 def _edba_figure(groups, out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     keys = [row for row in EDBA_ROWS if any(done_runs(groups[(row.key, m)]) for m in row.methods)]
     if not keys:
         return
@@ -572,39 +443,6 @@ def _edba_figure(groups, out: Path) -> None:
     plt.close(fig)
 
 
-def thin(run: Path, every: int = 20) -> None:
-    """Keep a finished run light for the repository: the evaluated epoch rows and every ``every``-th epoch and
-    step row (its command regenerates the rest). Done once; the checkpoint (not committed) no longer matches the
-    file and is removed."""
-    from dynbatch.errors import UserError
-    from dynbatch.train.records import lock_run, unlock_run
-
-    try:
-        fd = lock_run(run)  # a run still writing its last files is left alone
-    except UserError:
-        return
-    try:
-        _thin(run, every)
-    finally:
-        unlock_run(fd)
-
-
-def _thin(run: Path, every: int) -> None:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines()
-    def keep(row: dict) -> bool:
-        if row["kind"] == "epoch":
-            return row.get("test_acc") is not None or row["epoch"] % every == 0
-        return row["step"] % every == 0
-
-    kept = [line for line in lines if keep(json.loads(line))]
-    if len(kept) < len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(kept) + "\n")
-        tmp.replace(path)
-        (run / "checkpoint.pt").unlink(missing_ok=True)
-
-
 def interval_verdict(lo: float, hi: float, low: float, high: float) -> str:
     """A claim that the difference lies in [low, high] (points): reproduced when the 95 % interval does, refuted
     when it lies wholly outside, inconclusive otherwise."""
@@ -625,6 +463,7 @@ def median_epoch(runs: list[Path]) -> float:
 
 
 def report_split(runs, out: Path) -> list[str]:
+    changes = verdicts.Changes()
     groups = defaultdict(list)
     for run, m in runs:
         groups[m["method"]].append((run, m))
@@ -647,9 +486,11 @@ def report_split(runs, out: Path) -> list[str]:
         if rs and fixed_epoch:
             ratio = f"{median_epoch(rs) / fixed_epoch:.2f}×"
         if method != "fixed" and len(rs) >= 2 and len(fixed) >= 2:
-            lo, hi, diff = difference(rs, fixed)
+            iv, old = difference(rs, fixed)
+            diff = iv.cell()
             if len(rs) == len(groups[method]) and len(fixed) == len(groups["fixed"]) and method != "random":
-                verdict_txt = qualified(interval_verdict(lo, hi, -5.0, 1.0), fixed)
+                verdict_txt = qualified(changes.judge(f"split {method} − fixed", iv, old,
+                                                      lambda lo, hi: interval_verdict(lo, hi, -5.0, 1.0)), fixed)
         picks = defaultdict(int)
         for run in rs:
             for r in rows_of(run, "step"):
@@ -657,13 +498,13 @@ def report_split(runs, out: Path) -> list[str]:
                     picks[r["chosen_split"]] += 1
         total = sum(picks.values())
         share = " / ".join(f"{picks[k] / total:.2f}" for k in (1, 2, 4)) if total else "–"
-        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {mean_std([final_acc(r) for r in rs])} | "
-                     f"{mean_std([best_acc(r) for r in rs])} | {diff} | {ratio} | {share} | "
+        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {verdicts.sd_cell([final_acc(r) for r in rs])} | "
+                     f"{verdicts.sd_cell([best_acc(r) for r in rs])} | {diff} | {ratio} | {share} | "
                      f"{verdict_txt or '–'} |")
     if fixed:
         lines += ["", PLATEAU_RULE + ANNEALED, plateau_note("fixed", fixed)]
     if any(done.values()):
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
         for method, colour in (("fixed", "k"), ("min", "tab:blue"), ("max", "tab:red"), ("random", "tab:gray")):
             for i, run in enumerate(done.get(method, [])):
@@ -671,10 +512,11 @@ def report_split(runs, out: Path) -> list[str]:
                 ax.plot(*zip(*pts), color=colour, alpha=0.7, label=method if i == 0 else None)
         _save_accuracy_plot(plt, fig, ax, "epoch", "Online batch-size selection, PreResNet-20, CIFAR-10 subset",
                             out / "split.png")
-    return lines
+    return lines + [""] + changes.lines()
 
 
 def report_adabatch(runs, out: Path) -> list[str]:
+    changes = verdicts.Changes()
     groups = defaultdict(list)
     for run, m in runs:
         groups[m["method"]].append((run, m))
@@ -693,12 +535,14 @@ def report_adabatch(runs, out: Path) -> list[str]:
         rs = done.get(method, [])
         diff = verdict_txt = ""
         if method == "adabatch" and len(rs) >= 2 and len(fixed) >= 2:
-            lo, hi, diff = difference(rs, fixed)
+            iv, old = difference(rs, fixed)
+            diff = iv.cell()
             if complete:
-                verdict_txt = qualified(interval_verdict(lo, hi, -1.0, 1.0), fixed)
+                verdict_txt = qualified(changes.judge("AdaBatch − fixed", iv, old,
+                                                      lambda lo, hi: interval_verdict(lo, hi, -1.0, 1.0)), fixed)
         wall_s = f"{statistics.fmean(wall(r) for r in rs):.0f} s" if rs else "–"
-        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {mean_std([final_acc(r) for r in rs])} | "
-                     f"{mean_std([best_acc(r) for r in rs])} | {diff} | {wall_s} | {verdict_txt or '–'} |")
+        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {verdicts.sd_cell([final_acc(r) for r in rs])} | "
+                     f"{verdicts.sd_cell([best_acc(r) for r in rs])} | {diff} | {wall_s} | {verdict_txt or '–'} |")
     if fixed:
         lines += ["", PLATEAU_RULE + ANNEALED, plateau_note("fixed", fixed)]
     # The source of AdaBatch's speed-up: throughput at each batch size, measured on its own (measure_throughput),
@@ -711,7 +555,7 @@ def report_adabatch(runs, out: Path) -> list[str]:
                   "machine, `--throughput`): " + ", ".join(f"{b}: {v:,.0f} ({v / rates[64]:.2f}× batch 64)"
                                                            for b, v in sorted(rates.items())) + "."]
     if any(done.values()):
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
         for method, colour in (("fixed", "tab:blue"), ("adabatch", "tab:red")):
             for i, run in enumerate(done.get(method, [])):
@@ -727,7 +571,7 @@ def report_adabatch(runs, out: Path) -> list[str]:
             ax.legend()
         fig.savefig(out / "adabatch.png", dpi=80)
         plt.close(fig)
-    return lines
+    return lines + [""] + changes.lines()
 
 
 THROUGHPUT_BATCHES = (64, 128, 256, 512, 1024, 2048)  # AdaBatch's batch sizes: 64 doubled five times
@@ -767,8 +611,8 @@ def report_noisy(runs, out: Path) -> list[str]:
 
 
 FAST_RULE = ("Rules, stated before the runs. Accuracy: the claim \"the method raises the fast recipe's final test "
-             "accuracy (plain, no TTA) by at least 1 point at equal epochs\" is **reproduced** when the 95 % "
-             "bootstrap interval of (method − fixed) lies above 0 and reaches +1, **refuted** when it lies wholly "
+             "accuracy (plain, no TTA) by at least 1 point at equal epochs\" is **reproduced** when the paired 95 % "
+             "interval of (method − fixed) lies above 0 and reaches +1, **refuted** when it lies wholly "
              "below +1, **inconclusive** otherwise. Time: each run's training seconds (evaluation excluded) to its "
              "first epoch at 95 % of the fixed runs' mean final accuracy; **faster** when the interval of (method − "
              "fixed) lies below 0, **slower** when above 0 or when a seed never gets there, **inconclusive** "
@@ -790,15 +634,19 @@ def time_to(run: Path, level: float) -> float | None:
     return next((t for t, acc in training_curve(run) if (acc or 0) >= level), None)
 
 
-def time_verdict(times: list[float | None], base: list[float | None]) -> tuple[str, str]:
-    """(interval cell, verdict) of FAST_RULE's time claim from each seed's seconds to the level (None: never)."""
-    if None in times:
+def time_verdict(times: dict[int, float | None], base: dict[int, float | None],
+                 changes: verdicts.Changes | None = None, method: str = "") -> tuple[str, str]:
+    """(interval cell, verdict) of FAST_RULE's time claim from each seed's seconds to the level (None: never),
+    paired by seed; the verdict is noted in ``changes`` when given."""
+    if None in times.values():
         return "", "slower"
-    if None in base:
+    if None in base.values():
         return "", "inconclusive"
-    lo, hi = bootstrap_ci(times, base)
-    cell = f"{statistics.fmean(times) - statistics.fmean(base):+.0f} [{lo:+.0f}, {hi:+.0f}]"
-    return cell, "faster" if hi < 0 else "slower" if lo > 0 else "inconclusive"
+    iv = verdicts.compare(times, base)
+    rule = lambda lo, hi: "faster" if hi < 0 else "slower" if lo > 0 else "inconclusive"  # noqa: E731
+    word = changes.judge(f"{method} − fixed, seconds to the level", iv, verdicts.old_interval(times, base), rule) \
+        if changes is not None else rule(iv.lo, iv.hi)
+    return iv.cell(0), word
 
 
 def trained_share(runs: list[Path]) -> str:
@@ -809,6 +657,7 @@ def trained_share(runs: list[Path]) -> str:
 
 
 def report_fast(runs, out: Path) -> list[str]:
+    changes = verdicts.Changes()
     groups = defaultdict(list)
     for run, m in runs:
         groups[m["method"]].append((run, m))
@@ -818,34 +667,38 @@ def report_fast(runs, out: Path) -> list[str]:
     lines = [f"The dynamic-batch methods on the fast recipe: `--recipe airbench94 --batch-size 128`, {FAST_EPOCHS} "
              "epochs, all 5,085 images, fp32, one thread a run. " + VERDICT_RULE.split(" A claimed")[0], "",
              FAST_RULE, "",
-             "| method | seeds finished | final test acc | with TTA | − fixed (final), 95 % CI | verdict | "
-             f"s to {100 * level:.1f} % | − fixed (s), 95 % CI | verdict | trained / loader samples |"
+             "| method | seeds finished | final test acc | with TTA | − fixed (final), paired 95 % CI | verdict | "
+             f"s to {100 * level:.1f} % | − fixed (s), paired 95 % CI | verdict | trained / loader samples |"
              if level else "| method | seeds finished | final test acc |", "|" + "---|" * (10 if level else 3)]
     for method in FAST_METHODS:
         rs, planned = done.get(method, []), len(groups[method])
-        row = [method, _status(rs, planned), mean_std([final_acc(r) for r in rs])]
+        row = [method, _status(rs, planned), verdicts.sd_cell([final_acc(r) for r in rs])]
         if level:
             tta = [rows_of(r, "epoch")[-1].get("test_acc_tta") for r in rs]
-            row.append(mean_std(tta) if rs and None not in tta else "–")
+            row.append(verdicts.sd_cell(tta) if rs and None not in tta else "–")
             complete = len(rs) == planned and len(fixed) == len(groups["fixed"])
             diff = acc_v = t_diff = t_v = ""
-            times = [time_to(r, level) for r in rs]
-            shown = ", ".join("never" if t is None else f"{t:.0f}" for t in times) or "–"
+            times = by_seed(rs, lambda r: time_to(r, level))
+            shown = ", ".join("never" if t is None else f"{t:.0f}" for t in times.values()) or "–"
             if method != "fixed" and len(rs) >= 2 and len(fixed) >= 2:
-                lo, hi, diff = difference(rs, fixed)
-                t_diff, t_v = time_verdict(times, [time_to(r, level) for r in fixed])
-                acc_v, t_v = (verdict(lo, hi, 2.0), t_v) if complete else ("", "")
+                iv, old = difference(rs, fixed)
+                diff = iv.cell()
+                t_diff, t_v = time_verdict(times, by_seed(fixed, lambda r: time_to(r, level)),
+                                           changes if complete else None, method)
+                acc_v = changes.judge(f"{method} − fixed, accuracy", iv, old,
+                                      lambda lo, hi: verdict(lo, hi, 2.0)) if complete else ""
+                t_v = t_v if complete else ""
             row += [diff, acc_v or "–", shown, t_diff, t_v or "–", trained_share(rs)]
         lines.append("| " + " | ".join(row) + " |")
     if any(done.values()):
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
         for i, method in enumerate(FAST_METHODS):
             for j, run in enumerate(done.get(method, [])):
                 ax.plot(*zip(*training_curve(run)), color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
         _save_accuracy_plot(plt, fig, ax, "training seconds (evaluation excluded; crowded runs)",
                             "Dynamic-batch methods on the airbench94 recipe, CIFAR-10 subset", out / "fast.png")
-    return lines
+    return lines + [""] + changes.lines()
 
 
 REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch, "noisy": report_noisy,

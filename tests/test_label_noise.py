@@ -127,3 +127,136 @@ def test_bad_label_noise_is_one_line_and_writes_nothing(tmp_path, capsys, args, 
     rc, _, err = run_cli(capsys, "train", "--out", out, *[a.format(npz=npz) for a in args])
     assert_one_line_error(rc, err, needle)
     assert not out.exists()
+
+
+# ---- real noisy labels from a file (--label-noise file:PATH) ---------------------------------------------------------
+def _five_class_npz(tmp_path, n=20):
+    npz = tmp_path / "five.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x_train=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8), y_train=np.arange(n) % 5,
+             x_test=rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8), y_test=np.arange(5))
+    return npz
+
+
+def _file_run(tmp_path, out, noise, *extra):
+    from cli_helpers import run_cli
+
+    return ["train", "--data", f"npz:{_five_class_npz(tmp_path)}", "--model", "dynbatch_bench.minimal_loops:tiny_mlp",
+            "--batch-size", "10", "--epochs", "1", "--no-progress", "--label-noise", noise, "--out", str(out),
+            *extra], run_cli
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "pt"])
+def test_a_label_file_is_read_as_the_training_labels_and_its_real_rate_recorded(tmp_path, fmt):
+    """The file's labels train; the data set's own labels stay the clean ones; config.json has the measured rate
+    and the file's digest (the same in every format, the same labels)."""
+    import json
+
+    import torch
+
+    from dynbatch.train.config import TrainConfig
+    from dynbatch.train.trainer import Trainer
+
+    clean = np.arange(20) % 5
+    noisy = clean.copy()
+    noisy[[1, 7, 12]] = (noisy[[1, 7, 12]] + 2) % 5  # 3 of 20 labels: a 15 % real rate
+    path = tmp_path / f"labels.{fmt}"
+    if fmt == "npy":
+        np.save(path, noisy.astype(np.int16))
+        spec = f"file:{path}"
+    elif fmt == "npz":
+        np.savez(path, worse_label=noisy, clean_label=clean)
+        spec = f"file:{path}#worse_label"
+    else:
+        torch.save({"worse_label": torch.from_numpy(noisy), "clean_label": clean}, path)
+        spec = f"file:{path}#worse_label"
+    cfg = TrainConfig(data=f"npz:{_five_class_npz(tmp_path)}", model="dynbatch_bench.minimal_loops:tiny_mlp",
+                      batch_size=10, epochs=1, progress=False, util_interval=5.0, label_noise=spec)
+    t = Trainer.new(cfg, tmp_path / "run", log=lambda m: None)
+    assert torch.equal(t.data.train.y.cpu(), torch.from_numpy(noisy))
+    assert torch.equal(t.data.train.y_clean.cpu(), torch.from_numpy(clean))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["label_noise"]
+    assert recorded["asked"] == spec and recorded["measured"] == pytest.approx(0.15)
+    assert len(recorded["sha256"]) == 64
+
+
+def test_an_index_map_picks_each_training_image_s_row_of_a_larger_file(tmp_path):
+    from dynbatch.data.noise import LabelFile, read_label_file
+
+    big = np.arange(100) % 7
+    np.save(tmp_path / "big.npy", big)
+    rows = np.arange(20) * 5 + 3  # the subset is every fifth row, from row 3
+    np.save(tmp_path / "map.npy", rows)
+    labels, digest = read_label_file(LabelFile(str(tmp_path / "big.npy")), 20, 7, str(tmp_path / "map.npy"))
+    assert np.array_equal(labels, big[rows]) and labels.dtype == np.int64
+    _, without_map = read_label_file(LabelFile(str(tmp_path / "big.npy")), 100, 7)
+    assert digest != without_map  # the map is part of what a resume checks
+
+
+def _bad_label_files(tmp_path):
+    import torch
+
+    np.save(tmp_path / "short.npy", np.arange(12) % 5)
+    np.save(tmp_path / "long.npy", np.arange(40) % 5)
+    np.save(tmp_path / "float.npy", np.zeros(20, np.float32))
+    np.save(tmp_path / "twod.npy", np.zeros((20, 1), np.int64))
+    np.save(tmp_path / "range.npy", np.arange(20) % 6)
+    np.save(tmp_path / "negative.npy", np.arange(20) % 5 - 1)
+    np.savez(tmp_path / "keys.npz", worse_label=np.arange(20) % 5)
+    torch.save({"clean": torch.zeros(20, dtype=torch.long)}, tmp_path / "keys.pt")
+    (tmp_path / "broken.npy").write_bytes(b"not an array")
+    np.save(tmp_path / "map_short.npy", np.arange(5))
+    np.save(tmp_path / "map_range.npy", np.arange(20) + 30)
+
+
+@pytest.mark.parametrize("noise, extra, needle", [
+    ("file:{d}/missing.npy", (), "no such file"),
+    ("file:{d}/labels.csv", (), "must be .npy, or .npz / .pt with #KEY"),
+    ("file:{d}/keys.npz", (), "name the array in the .npz file with #KEY"),
+    ("file:{d}/short.npy#y", (), "a .npy file holds one array, so no #KEY"),
+    ("file:{d}/short.npy", (), "12 labels for 20 training images; it must hold one label per training image"),
+    ("file:{d}/long.npy", (), "40 labels for 20 training images; give --label-index-map"),
+    ("file:{d}/float.npy", (), "labels must be a 1-d integer array (got float32"),
+    ("file:{d}/twod.npy", (), "labels must be a 1-d integer array (got int64 of shape (20, 1))"),
+    ("file:{d}/range.npy", (), "labels must be in 0..4 (got 0..5)"),
+    ("file:{d}/negative.npy", (), "labels must be in 0..4 (got -1..3)"),
+    ("file:{d}/keys.npz#worse", (), "no array 'worse' in the file (it has 'worse_label')"),
+    ("file:{d}/keys.pt#worse_label", (), "no array 'worse_label' in the file (it has 'clean')"),
+    ("file:{d}/broken.npy", (), "cannot read the file"),
+    ("file:{d}/long.npy", ("--label-index-map", "{d}/map_short.npy"), "needs 20 integer rows"),
+    ("file:{d}/long.npy", ("--label-index-map", "{d}/map_range.npy"), "rows must be in 0..39"),
+    ("file:{d}/long.npy", ("--label-index-map", "{d}/nomap.npy"), "--label-index-map"),
+    ("symmetric:0.2", ("--label-index-map", "{d}/map_short.npy"), "give --label-noise file:PATH"),
+])
+def test_a_bad_label_file_is_one_line_and_writes_nothing(tmp_path, capsys, noise, extra, needle):
+    from cli_helpers import assert_one_line_error
+
+    _bad_label_files(tmp_path)
+    out = tmp_path / "never"
+    args, run_cli = _file_run(tmp_path, out, noise.format(d=tmp_path), *[a.format(d=tmp_path) for a in extra])
+    rc, _, err = run_cli(capsys, *args)
+    assert_one_line_error(rc, err, needle)
+    assert not out.exists()
+
+
+def test_a_run_on_a_label_file_resumes_exactly_and_refuses_a_changed_file(tmp_path, capsys):
+    import json
+
+    from cli_helpers import assert_one_line_error, rows, without_timing
+
+    labels = tmp_path / "labels.npy"
+    np.save(labels, (np.arange(20) * 3) % 5)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    args, run_cli = _file_run(tmp_path, whole, f"file:{labels}", "--epochs", "2")
+    assert run_cli(capsys, *args)[0] == 0
+    args, _ = _file_run(tmp_path, stopped, f"file:{labels}", "--epochs", "2", "--stop-after-steps", "3")
+    assert run_cli(capsys, *args)[0] == 0
+    assert run_cli(capsys, "train", "--resume", str(stopped))[0] == 0
+
+    for kind in ("step", "epoch"):
+        assert without_timing(rows(stopped, kind)) == without_timing(rows(whole, kind))
+    assert json.loads((stopped / "config.json").read_text())["label_noise"]["measured"] == pytest.approx(0.8)
+    np.save(labels, (np.arange(20) * 2) % 5)
+    args, _ = _file_run(tmp_path, stopped, f"file:{labels}", "--epochs", "3")
+    rc, _, err = run_cli(capsys, "train", "--resume", str(stopped), "--epochs", "3")
+    assert_one_line_error(rc, err, "changed since the run started")

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from dynbatch_bench.noisy_report import (Run, accuracy_lines, accuracy_verdict, comparisons, cost_lines,
-                                         extend_lines, figure, filtering_lines, filtering_verdict, sensitivity_lines,
-                                         t_quantile, to_extend, welch_interval)
+                                         extend_lines, figure, filtering_lines, filtering_verdict, judged, to_extend)
+from dynbatch_bench.verdicts import Changes
 
 
 @pytest.mark.parametrize("lo, hi, expected", [
@@ -32,11 +32,11 @@ def test_accuracy_rule(lo, hi, expected):
     assert accuracy_verdict(lo, hi) == expected
 
 
-def write_run(folder, epochs):
-    """A run folder holding ``epochs`` as its epoch rows, read back as the report reads it."""
+def write_run(folder, epochs, seed=0):
+    """A run folder holding ``epochs`` as its epoch rows, read back as the report reads it (as seed ``seed``)."""
     folder.mkdir()
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"kind": "epoch", **r}) + "\n" for r in epochs))
-    return Run.read(folder)
+    return Run.read(folder, seed)
 
 
 def test_filtering_weights_epochs_by_samples_trained_on(tmp_path):
@@ -68,14 +68,16 @@ def test_figure_draws_the_finished_cells(tmp_path):
 def test_accuracy_table_compares_only_cells_that_exist_and_extends_inconclusive_ones(tmp_path):
     finals = {"fixed": [0.40, 0.41, 0.42], "edba-paper": [0.30, 0.31, 0.32],  # edba-paper has no control
               "small-loss": [0.42, 0.44, 0.43], "small-loss-control": [0.43, 0.43, 0.43]}
-    done = {("sym40", m): [write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": a}]) for i, a in enumerate(accs)]
-            for m, accs in finals.items()}
+    done = {("sym40", m): [write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": a}], seed=i)
+                           for i, a in enumerate(accs)] for m, accs in finals.items()}
     planned = Counter({cell: 3 for cell in done})
     lines, extend = accuracy_lines(done, planned, comparisons(done, planned))
     rows = {line.split(" | ")[1]: line.split(" | ")[5:] for line in lines if line.startswith("| sym40")}
     assert rows["fixed"][:2] == ["–", "–"] and rows["fixed"][2:] == ["–", "– |"]
     assert rows["edba-paper"][1] == "loss" and rows["edba-paper"][2:] == ["–", "– |"]
-    assert rows["small-loss"][1] == "inconclusive" and rows["small-loss"][3] == "no gain |"  # straddles +2; [-1, +1]
+    # paired by seed: +2, +3, +1 straddles +2; -1, +1, 0 is [-2.5, +2.5], which straddles +2 too
+    assert rows["small-loss"][1] == "inconclusive" and rows["small-loss"][3] == "inconclusive |"
+    assert rows["edba-paper"][0] == "-10.0 [-10.0, -10.0]"  # every seed 10 points down: no spread
     assert rows["small-loss-control"][1] == "inconclusive" and rows["small-loss-control"][2:] == ["–", "– |"]
     # the inconclusive comparisons' cells get seeds 3 and 4, and the report names them
     assert extend == {("sym40", "fixed"), ("sym40", "small-loss"), ("sym40", "small-loss-control")}
@@ -96,26 +98,20 @@ def test_a_method_that_keeps_all_it_draws_gets_no_filtering_verdict_and_no_extra
     done = {("sym40", "fixed"): [run(f"f{i}", 1000, 0.4, 0.4) for i in range(3)],
             ("sym40", "all"): [run(f"a{i}", 1000, 0.4, 0.4 + d) for i, d in enumerate((-1e-4, 1e-4, 0))],
             ("sym40", "half"): [run(f"h{i}", 500, 0.4, 0.4 + d) for i, d in enumerate((-1e-4, 1e-4, 0))]}
-    lines, extend = filtering_lines(done, Counter({c: 3 for c in done}))
+    lines, extend = filtering_lines(done, Counter({c: 3 for c in done}), Changes())
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| sym40")}
     assert rows["fixed"].endswith("keeps all it draws (no verdict) |")  # by the same rule, not by its name
     assert rows["all"].endswith("keeps all it draws (no verdict) |")
     assert rows["half"].endswith("inconclusive |") and extend == {("sym40", "half")}
 
 
-@pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)])  # the t table's
-def test_t_quantile(df, expected):
-    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
-
-
-def test_sensitivity_lists_the_verdicts_a_welch_interval_would_change(tmp_path):
-    """At 3 seeds against 3 the bootstrap calls this A/A-like gap a loss; the t-interval reaches 0."""
-    finals = {"fixed": [0.52, 0.522, 0.507], "a": [0.493, 0.508, 0.478], "b": [0.30, 0.31, 0.32]}
-    done = {("sym40", m): [write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": v}]) for i, v in enumerate(vs)]
-            for m, vs in finals.items()}
-    lo, hi = welch_interval(finals["a"], finals["fixed"])
-    assert (100 * lo, 100 * hi) == pytest.approx((-5.42, 0.75), abs=0.01) and accuracy_verdict(lo, hi) == "no gain"
+def test_the_changed_verdicts_are_listed_old_and_new(tmp_path):
+    """Arms that move together seed by seed: unpaired, the old bootstrap straddles +2 ("inconclusive"); paired,
+    every seed is a point down ("loss"). A clear loss stays a loss under both, and is not listed."""
+    finals = {"fixed": [0.50, 0.60, 0.70], "a": [0.49, 0.59, 0.69], "b": [0.30, 0.31, 0.32]}
+    done = {("sym40", m): [write_run(tmp_path / f"{m}{i}", [{"epoch": 0, "test_acc": v}], seed=i)
+                           for i, v in enumerate(vs)] for m, vs in finals.items()}
     planned = Counter({c: 3 for c in done})
-    rows = [line for line in sensitivity_lines(comparisons(done, planned)) if line.startswith("| sym40")]
-    assert rows == ["| sym40 | a | fixed | [-3.8, -0.8] | loss | [-5.4, +0.8] | no gain |"]  # b's loss holds
-    assert "None" in "\n".join(sensitivity_lines({}))
+    text = "\n".join(judged(comparisons(done, planned)).lines())
+    assert "1 of 2 verdicts differ" in text
+    assert "| sym40 a − fixed | [-14.3, +12.3] | inconclusive | [-1.0, -1.0] | paired t | loss |" in text

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dynbatch_bench.reproduce import convergence, epochs_to, interval_verdict, time_to, time_verdict, verdict
+from dynbatch_bench.verdicts import Changes
 
 
 @pytest.mark.parametrize("lo, hi, published_gain, expected", [
@@ -52,25 +53,25 @@ def test_epochs_to_counts_only_evaluated_epochs(tmp_path):
 
 
 def test_convergence_reproduced_when_edba_is_faster_on_every_seed(tmp_path):
-    base = [fake_run(tmp_path, f"b{s}", step_curve(r)) for s, r in enumerate((30, 31, 33))]
-    edba = [fake_run(tmp_path, f"e{s}", step_curve(10 + s)) for s in range(3)]
-    finding, claim = convergence(base, edba, 40)
+    base = [fake_run(tmp_path, f"b-s{s}", step_curve(r)) for s, r in enumerate((30, 31, 33))]
+    edba = [fake_run(tmp_path, f"e-s{s}", step_curve(10 + s)) for s in range(3)]
+    finding, claim = convergence(base, edba, 40, Changes())
     assert claim == "reproduced"
     assert "baseline 32, 32, 36" in finding and "EDBA 12, 12, 12" in finding
 
 
 def test_convergence_counts_a_run_that_never_gets_there_as_a_lower_bound(tmp_path):
-    base = [fake_run(tmp_path, f"b{s}", step_curve(20)) for s in range(3)]
-    edba = [fake_run(tmp_path, f"e{s}", step_curve(20, top=0.4)) for s in range(3)]  # never reaches 95 % of 0.6
-    finding, claim = convergence(base, edba, 40)
+    base = [fake_run(tmp_path, f"b-s{s}", step_curve(20)) for s in range(3)]
+    edba = [fake_run(tmp_path, f"e-s{s}", step_curve(20, top=0.4)) for s in range(3)]  # never reaches 95 % of 0.6
+    finding, claim = convergence(base, edba, 40, Changes())
     assert claim == "refuted"
     assert "EDBA >40, >40, >40" in finding
 
 
 def test_convergence_inconclusive_when_seeds_disagree(tmp_path):
-    base = [fake_run(tmp_path, f"b{s}", step_curve(r)) for s, r in enumerate((12, 28, 20))]
-    edba = [fake_run(tmp_path, f"e{s}", step_curve(r)) for s, r in enumerate((28, 12, 20))]
-    assert convergence(base, edba, 40)[1] == "inconclusive"
+    base = [fake_run(tmp_path, f"b-s{s}", step_curve(r)) for s, r in enumerate((12, 28, 20))]
+    edba = [fake_run(tmp_path, f"e-s{s}", step_curve(r)) for s, r in enumerate((28, 12, 20))]
+    assert convergence(base, edba, 40, Changes())[1] == "inconclusive"
 
 
 @pytest.mark.parametrize("times, base, expected", [
@@ -80,7 +81,7 @@ def test_convergence_inconclusive_when_seeds_disagree(tmp_path):
     ([50.0, None, 52.0], [80.0, 84.0, 79.0], "slower"),  # a seed that never gets there
 ])
 def test_fast_recipe_time_verdict(times, base, expected):
-    assert time_verdict(times, base)[1] == expected
+    assert time_verdict(dict(enumerate(times)), dict(enumerate(base)))[1] == expected
 
 
 def test_time_to_sums_the_epochs_own_seconds(tmp_path):

@@ -49,6 +49,7 @@ class DataSource:
     pad_mode: str = "zero"
     flip_mode: str = "random"
     y_train_clean: np.ndarray | None = None  # the true training labels when y_train was corrupted (label noise)
+    label_file_sha256: str | None = None  # of the label file (and index map) y_train was read from
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
-from dynbatch.data.noise import corrupt_labels, parse_label_noise
+from dynbatch.data.noise import LabelFile, corrupt_labels, parse_label_noise, read_label_file
 from dynbatch.distributed import Dist
 from dynbatch.errors import UserError
 from dynbatch.info import cpu_name, package_versions
@@ -98,7 +98,11 @@ def _data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceData, SubsetRed
     noise = parse_label_noise(cfg.label_noise)
     if noise is not None:  # after the subsets are drawn from the true labels: the same images as a clean run
         src.y_train_clean = src.y_train
-        src.y_train = corrupt_labels(src.y_train, noise, src.num_classes, cfg.seed)
+        if isinstance(noise, LabelFile):
+            src.y_train, src.label_file_sha256 = read_label_file(noise, len(src.y_train), src.num_classes,
+                                                                 cfg.label_index_map or None)
+        else:
+            src.y_train = corrupt_labels(src.y_train, noise, src.num_classes, cfg.seed)
     return DeviceData(src, device, subset, augment_seed=cfg.seed + 3), redraw
 
 
@@ -219,7 +223,8 @@ def describe(parts, given: dict[str, Any]) -> dict[str, Any]:
                    else cpu_name(), "torch_threads": torch.get_num_threads()},
         "data": {"name": src.name, "train_samples": len(parts.data.train), "test_samples": len(parts.data.test),
                  "num_classes": src.num_classes, "image_shape": list(src.image_shape)},
-        "label_noise": {"asked": parts.cfg.label_noise, "measured": parts.data.train_label_noise}
+        "label_noise": {"asked": parts.cfg.label_noise, "measured": parts.data.train_label_noise,
+                        **({"sha256": src.label_file_sha256} if src.label_file_sha256 else {})}
         if parts.cfg.label_noise else None,
         "precision": parts.precision.name, "amp_bf16": parts.precision.bf16, "channels_last": parts.channels_last,
         "amp_decided_by": parts.precision.decided_by,

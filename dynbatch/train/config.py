@@ -102,8 +102,11 @@ class TrainConfig:
                        check=one_of("random", "alternate", "none", hint="random is the default"), group=_D)
     label_noise: str = option("", "label noise on the training split, seeded by --seed (test labels stay clean): "
                               "symmetric:R (uniform over the other classes), pair:R (c -> c+1) or asymmetric:R "
-                              "(CIFAR-10's truck->automobile, bird->airplane, cat<->dog, deer->horse), R in [0, 1)",
-                              check=_label_noise_check, group=_D)
+                              "(CIFAR-10's truck->automobile, bird->airplane, cat<->dog, deer->horse), R in [0, 1); or "
+                              "real noisy labels from file:PATH (.npy) or file:PATH#KEY (.npz, .pt; e.g. CIFAR-10N's "
+                              "#worse_label), one per training image", check=_label_noise_check, group=_D)
+    label_index_map: str = option("", "with --label-noise file:PATH whose rows are a superset of the training "
+                                  "images: a .npy of each training image's row in the label file", group=_D)
     model: str = option("preresnet20", f"one of {_choices(MODELS)}, or package.module:factory (a callable taking "
                         "num_classes and in_channels that returns an nn.Module)", group=_M)
     policy: str = option("fixed", f"one of {_choices(POLICIES)}", group=_M)
@@ -235,6 +238,9 @@ class TrainConfig:
         if self.redraw_subset != "never" and self.train_samples is None and self.train_fraction is None:
             raise OptionError("{redraw_subset} redraws a {train_samples} (or {train_fraction}) subset; give one, "
                               "or drop {redraw_subset}")
+        if self.label_index_map and not self.label_noise.startswith("file:"):
+            raise OptionError("{label_index_map} maps training images to the rows of a label file; give {label_noise} "
+                              "file:PATH, or drop {label_index_map}")
 
     def torch_hyperparameters(self) -> tuple[float, float]:
         """(lr, weight decay) as torch's optimizers take them for a mean loss over ``batch_size`` samples. In the

@@ -27,6 +27,7 @@ def resume(trainer_cls, run: Path, epochs: int | None, stop_after_steps: int | N
         t = trainer_cls(cfg, run, given=saved.get("given") if isinstance(saved.get("given"), dict) else {},
                         recorded_bf16=recorded_bf16, **kw)
         t._lock = lock
+        _require_same_labels(saved, t.data.source.label_file_sha256)
         saved_world = checkpoint.get("world_size", 1)
         if saved_world != t.dist.world:
             raise UserError(f"{run} was trained on {saved_world} process(es), this launch has {t.dist.world}; "
@@ -40,6 +41,14 @@ def resume(trainer_cls, run: Path, epochs: int | None, stop_after_steps: int | N
         records.unlock_run(lock)
         raise
     return t
+
+
+def _require_same_labels(saved: dict, sha256: str | None) -> None:
+    """A run trained on a label file resumes only on the same labels: the file (and index map) it started with."""
+    recorded = (saved.get("label_noise") or {}).get("sha256") if isinstance(saved.get("label_noise"), dict) else None
+    if recorded and recorded != sha256:
+        raise UserError(f"the label file {saved['label_noise'].get('asked', '')!r} (or its index map) changed since "
+                        "the run started; restore the original file to resume, or start a new run")
 
 
 def _extend(t, epochs: int) -> None:

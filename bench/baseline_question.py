@@ -1,0 +1,151 @@
+"""Does the engine's fixed arm train worse than a plain loop? (issue #46) ``dynbatch train --policy fixed`` with the
+noisy study's settings at 40 % symmetric noise against ``bench/plain_noisy.py`` (no dynbatch code in its training
+path), paired by seed, on the same noise draws, on one machine, in fp32.
+
+    python bench/baseline_question.py [--only GLOB] [--seeds 5] [--out bench/results/baseline-question]
+
+The noise draw of seed S is the study's own (``dynbatch.data.noise.corrupt_labels``, exported here before training
+as ``labels-sS.npy``); the engine arm reads it back with ``--label-noise file:labels-sS.npy``, so both arms train on
+identical labels. Runs alternate engine, plain within a seed and go one seed at a time, so that two invocations with
+``--only '*-s[024]'`` and ``--only '*-s[13]'`` finish whole pairs first; an engine run resumes, a plain run that was
+stopped starts again. ``table.md`` is written from whatever has finished.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.noisy_study import NOISES, NOISY_EPOCHS, NOISY_OPT  # noqa: E402
+from bench.run_folders import DATA, final_acc, finished, machine_of, thin, train_run  # noqa: E402
+
+OUT = REPO / "bench" / "results" / "baseline-question"
+STUDY = REPO / "bench" / "results" / "repro" / "noisy"
+NOISE = NOISES["sym40"]
+RULE = ("Rule, stated before the runs: per seed, engine − plain final test accuracy (fp32, one thread each, one "
+        "machine, the same noise draw); the engine trains **worse** when the 95 % interval of the mean difference "
+        "lies below 0, **better** when above, and **no difference found** otherwise (the interval's width says how "
+        "small a difference that rules out).")
+
+
+def export_labels(out: Path, seed: int) -> Path:
+    """The study's noisy training labels of ``seed`` as ``labels-s<seed>.npy`` (written once)."""
+    import numpy as np
+
+    from dynbatch.data.noise import corrupt_labels, parse_label_noise
+
+    path = out / f"labels-s{seed}.npy"
+    if not path.is_file():
+        with np.load(DATA) as z:
+            y = z["y_train"].astype(np.int64)
+        np.save(path, corrupt_labels(y, parse_label_noise(NOISE), 10, seed).astype(np.uint8))
+    return path
+
+
+def runs(out: Path, seeds: int):
+    """(name, kind, seed) in the order they run: engine then plain, seed by seed."""
+    for seed in range(seeds):
+        yield f"engine-s{seed}", "engine", seed
+        yield f"plain-s{seed}", "plain", seed
+
+
+def run_one(out: Path, name: str, kind: str, seed: int) -> None:
+    labels = export_labels(out, seed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kind == "engine":
+        run = out / name
+        if finished(run, NOISY_EPOCHS):
+            return
+        args = [*NOISY_OPT, "--policy", "fixed", "--epochs", str(NOISY_EPOCHS), "--seed", str(seed),
+                "--label-noise", f"file:{labels}"]
+        if train_run(run, args, env=env) == 0 and finished(run, NOISY_EPOCHS):
+            thin(run)
+        return
+    result = out / f"{name}.json"
+    if result.is_file():
+        return
+    subprocess.run([sys.executable, str(REPO / "bench" / "plain_noisy.py"), "--data", str(DATA), "--labels",
+                    str(labels), "--seed", str(seed), "--epochs", str(NOISY_EPOCHS), "--json", str(result) + ".part"],
+                   env=env, stdout=subprocess.DEVNULL, check=True)
+    from dynbatch.info import cpu_name
+
+    done = json.loads(Path(str(result) + ".part").read_text())
+    result.write_text(json.dumps({**done, "cpu": cpu_name()}, indent=1))
+    Path(str(result) + ".part").unlink()
+
+
+def pairs(out: Path, seeds: int) -> dict[str, dict[int, float]]:
+    """Final test accuracy (fractions) by arm and seed, of the finished runs; the study's own fixed arm beside."""
+    arms = {"engine": {}, "plain": {}, "study": {}}
+    for seed in range(seeds):
+        if finished(out / f"engine-s{seed}", NOISY_EPOCHS):
+            arms["engine"][seed] = final_acc(out / f"engine-s{seed}")
+        if (out / f"plain-s{seed}.json").is_file():
+            arms["plain"][seed] = json.loads((out / f"plain-s{seed}.json").read_text())["final_acc"]
+        if finished(STUDY / f"sym40-fixed-s{seed}", NOISY_EPOCHS):
+            arms["study"][seed] = final_acc(STUDY / f"sym40-fixed-s{seed}")
+    return arms
+
+
+def machines(out: Path, seeds: int) -> str:
+    names = {machine_of(out / f"engine-s{s}") for s in range(seeds) if (out / f"engine-s{s}").is_dir()}
+    names |= {json.loads(p.read_text()).get("cpu", "unknown") for p in out.glob("plain-s*.json")}
+    return ", ".join(sorted(names)) or "–"
+
+
+def table(out: Path, seeds: int) -> list[str]:
+    from bench import verdicts
+
+    arms = pairs(out, seeds)
+    lines = ["# Does the engine's fixed arm train worse than a plain loop?", "",
+             "Command: `python bench/baseline_question.py`; PreResNet-20 on the 5,085 real CIFAR-10 images, the "
+             "noisy study's fixed arm at 40 % symmetric noise (SGD 0.05 / 0.9 / 5e-4, cosine per step, batch 128, "
+             f"crop + flip, {NOISY_EPOCHS} epochs, fp32), 1,017 clean test images. Machine: {machines(out, seeds)}.",
+             "", RULE, "", "| seed | engine final % | plain final % | engine − plain | study's fixed arm % |",
+             "|---|---|---|---|---|"]
+    for seed in range(seeds):
+        e, p, s = (arms[k].get(seed) for k in ("engine", "plain", "study"))
+        cell = [f"{100 * v:.1f}" if v is not None else "–" for v in (e, p)]
+        diff = f"{100 * (e - p):+.1f}" if e is not None and p is not None else "–"
+        lines.append(f"| {seed} | {cell[0]} | {cell[1]} | {diff} | {100 * s:.1f} |" if s is not None else
+                     f"| {seed} | {cell[0]} | {cell[1]} | {diff} | – |")
+    comparisons = [("engine", "plain", "engine − plain (the question)"),
+                   ("engine", "study", "engine here − the study's fixed arm (same seed and draw, its machine)")]
+    lines += ["", verdicts.TABLE_HEADER, verdicts.TABLE_RULE]
+    for a, b, what in comparisons:
+        c = verdicts.compare(arms[a], arms[b], scale=100)
+        if c is None:
+            lines.append(f"| {what} | – | – | – | not enough seeds yet |")
+            continue
+        word = {"below": "worse", "above": "better", "straddles": "no difference found"}[c.side(0.0)]
+        lines.append(f"| {what} | {c.cell()} | {c.how} | {c.n} | {word} |")
+    return lines + ["", verdicts.RULE, ""]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="*", help="run only these runs (a glob over engine-sN, plain-sN; 'none': none)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, kind, seed in runs(out, a.seeds):
+        if fnmatch.fnmatch(name, a.only):
+            print(f"[baseline] {name}", flush=True)
+            run_one(out, name, kind, seed)
+    (out / "table.md").write_text("\n".join(table(out, a.seeds)) + "\n")
+    print(f"[baseline] wrote {out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""A study's run folders as the bench scripts read and write them: where the data is, how a run is trained
+(``dynbatch train --autoresume``, so every command resumes), its rows through dynbatch's one metrics reader, its
+final numbers, the machine it ran on, and thinning a finished run for the repository."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
+
+
+def rows_of(run: Path, kind: str) -> list[dict]:
+    """The run's rows of ``kind`` (none before it has started), through dynbatch's one metrics reader."""
+    from dynbatch.train.records import read_metrics
+
+    if not (run / "metrics.jsonl").is_file():
+        return []
+    return [r for r in read_metrics(run) if r["kind"] == kind]
+
+
+def all_epochs_in(epoch_rows: list[dict], epochs: int) -> bool:
+    """Whether a run's epoch rows reach its last epoch (of ``epochs``)."""
+    return bool(epoch_rows) and epoch_rows[-1]["epoch"] + 1 >= epochs
+
+
+def finished(run: Path, epochs: int) -> bool:
+    """All epochs recorded (checkpoints are not committed, so a clone's finished runs count from their metrics)."""
+    return all_epochs_in(rows_of(run, "epoch"), epochs)
+
+
+def train_run(run: Path, args: list[str], *extra: str, env: dict | None = None) -> int:
+    """``dynbatch train`` into ``run`` on the shared CIFAR-10 subset; its exit code."""
+    # --autoresume starts a new folder or continues the run in it; settings must match the folder's.
+    return subprocess.run([sys.executable, "-m", "dynbatch", "train", "--no-progress", "--util-interval", "5",
+                           "--data", f"npz:{DATA}", "--out", str(run), "--autoresume", *args, *extra], cwd=REPO,
+                          stdout=subprocess.DEVNULL, env=env).returncode
+
+
+def checkpoint_step(run: Path) -> int:
+    """The step the run's checkpoint was written at (0 before the first)."""
+    import torch
+
+    if not (run / "checkpoint.pt").is_file():
+        return 0
+    return int(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["progress"]["step"])
+
+
+def final_acc(run: Path) -> float:
+    return [r for r in rows_of(run, "epoch") if r.get("test_acc") is not None][-1]["test_acc"]
+
+
+def best_acc(run: Path) -> float:
+    return max(r["test_acc"] for r in rows_of(run, "epoch") if r.get("test_acc") is not None)
+
+
+def wall(run: Path) -> float:
+    return rows_of(run, "epoch")[-1]["wall_s"]
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def seed_of(run: Path) -> int:
+    """The seed in a run folder's name, ``<name>-s<seed>``."""
+    name, sep, seed = run.name.rpartition("-s")
+    if not sep or not seed.isdigit():
+        raise ValueError(f"{run.name!r} does not end in -s<seed>")
+    return int(seed)
+
+
+def by_seed(runs, value) -> dict:
+    """``value(run)`` of each run, keyed by its seed (the key a study's arms are paired on)."""
+    return {seed_of(run): value(run) for run in runs}
+
+
+def machine_of(run: Path) -> str:
+    """The CPU model (or GPU) named in the run's ``config.json``; "unknown" where it was not recorded (runs before
+    the CPU model was recorded name only the architecture, e.g. "x86_64")."""
+    try:
+        return str(json.loads((run / "config.json").read_text())["device"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+def thin(run: Path, every: int = 20) -> None:
+    """Keep a finished run light for the repository: the evaluated epoch rows and every ``every``-th epoch and
+    step row (its command regenerates the rest). Done once; the checkpoint (not committed) no longer matches the
+    file and is removed."""
+    from dynbatch.errors import UserError
+    from dynbatch.train.records import lock_run, unlock_run
+
+    try:
+        fd = lock_run(run)  # a run still writing its last files is left alone
+    except UserError:
+        return
+    try:
+        _thin(run, every)
+    finally:
+        unlock_run(fd)
+
+
+def _thin(run: Path, every: int) -> None:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    def keep(row: dict) -> bool:
+        if row["kind"] == "epoch":
+            return row.get("test_acc") is not None or row["epoch"] % every == 0
+        return row["step"] % every == 0
+
+    kept = [line for line in lines if keep(json.loads(line))]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(kept) + "\n")
+        tmp.replace(path)
+        (run / "checkpoint.pt").unlink(missing_ok=True)
