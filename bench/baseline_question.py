@@ -6,7 +6,9 @@ path), paired by seed, on the same noise draws, on one machine, in fp32.
 
 The noise draw of seed S is the study's own (``dynbatch.data.noise.corrupt_labels``, exported here before training
 as ``labels-sS.npy``); the engine arm reads it back with ``--label-noise file:labels-sS.npy``, so both arms train on
-identical labels. Runs alternate engine, plain within a seed and go one seed at a time, so that two invocations with
+identical labels. The engine arm stops at the ends of epochs 2, 5, 10 and 20 to score its training samples
+(``dynbatch score``: question 1 of the study, with the feature norm's AUROC), which exact resume leaves unchanged.
+Runs alternate engine, plain within a seed and go one seed at a time, so that two invocations with
 ``--only '*-s[024]'`` and ``--only '*-s[13]'`` finish whole pairs first; an engine run resumes, a plain run that was
 stopped starts again. ``table.md`` is written from whatever has finished.
 """
@@ -24,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.noisy_study import NOISES, NOISY_EPOCHS, NOISY_OPT  # noqa: E402
-from bench.run_folders import DATA, final_acc, finished, machine_of, thin, train_run  # noqa: E402
+from bench.noisy_study import NOISES, NOISY_EPOCHS, NOISY_OPT, SCORE_AT, STEPS_PER_EPOCH  # noqa: E402
+from bench.run_folders import DATA, final_acc, finished, machine_of, thin, train_scoring  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "baseline-question"
 STUDY = REPO / "bench" / "results" / "repro" / "noisy"
@@ -66,7 +68,7 @@ def run_one(out: Path, name: str, kind: str, seed: int) -> None:
             return
         args = [*NOISY_OPT, "--policy", "fixed", "--epochs", str(NOISY_EPOCHS), "--seed", str(seed),
                 "--label-noise", f"file:{labels}"]
-        if train_run(run, args, env=env) == 0 and finished(run, NOISY_EPOCHS):
+        if train_scoring(run, args, SCORE_AT, STEPS_PER_EPOCH, env) == 0 and finished(run, NOISY_EPOCHS):
             thin(run)
         return
     result = out / f"{name}.json"

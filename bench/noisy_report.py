@@ -117,16 +117,20 @@ def signal_lines(groups: dict) -> list[str]:
                             table[(noise, epoch, score)].append(value)
     if not table:
         return []
-    scores = sorted({k[2] for k in table}, key=["loss", "residual_norm", "grad_norm", "agreement", "consensus",
+    scores = sorted({k[2] for k in table}, key=["loss", "residual_norm", "grad_norm", "feature_norm", "agreement", "consensus",
                                                  "class_agreement", "class_consensus"].index)
     lines = ["## Question 1: which score detects mislabeled samples (AUROC, noisy baseline)", "",
+             "Each cell: the mean AUROC over seeds ± its standard deviation (not an interval), and the number of "
+             "seeds. 0.5 is chance; below 0.5 the score ranks mislabeled samples *lower* (see `SIGN` in "
+             "`dynbatch/train/scores.py`: the agreement scores are negated). `feature_norm` is ‖a‖ (with the bias "
+             "column), ‖g‖ / ‖e‖.", "",
              "| noise | epoch | " + " | ".join(scores) + " |", "|---|---|" + "---|" * len(scores)]
     for noise in NOISES:
         for epoch in SCORE_AT:
             cells = []
             for score in scores:
                 v = table.get((noise, epoch, score), [])
-                cells.append("–" if not v else verdicts.sd_cell(v, scale=1.0, digits=3) + f" (n={len(v)})")
+                cells.append("–" if not v else verdicts.sd_cell(v, scale=1.0, digits=3, mark=False) + f" ({len(v)})")
             if any(c != "–" for c in cells):
                 lines.append(f"| {noise} | {epoch} | " + " | ".join(cells) + " |")
     return lines + [""]

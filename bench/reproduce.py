@@ -14,7 +14,6 @@ import argparse
 import json
 import fnmatch
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -28,8 +27,8 @@ if str(REPO) not in sys.path:  # run as a script: bench.* (the noisy study's rep
 from bench.noisy_study import (EDBA_OPT, NOISES, NOISY_OPT, STEPS_PER_EPOCH, noisy_methods,  # noqa: E402
                                noisy_runs)
 from bench import verdicts  # noqa: E402
-from bench.run_folders import (DATA, best_acc, by_seed, checkpoint_step, final_acc, finished,  # noqa: E402
-                               pyplot, rows_of, thin, train_run, wall)
+from bench.run_folders import (DATA, best_acc, by_seed, final_acc, finished,  # noqa: E402
+                               pyplot, rows_of, thin, train_run, train_scoring, wall)
 
 
 PUBLISHED_EDBA = {100: (23.8, 90.7), 500: (40.5, 91.5), 5085: (71.7, 91.6)}  # CIFAR-10 test acc, baseline vs EDBA
@@ -211,34 +210,13 @@ def execute(name: str, out: Path, budget: str, only: str) -> list[tuple[Path, di
         else:
             print(f"[{name}] {run_name}: {'resuming' if (run / 'checkpoint.pt').is_file() else 'starting'}",
                   flush=True)
-            rc = _train_scoring(run, args, meta.get("score_at", ()))
+            rc = train_scoring(run, args, meta.get("score_at", ()), STEPS_PER_EPOCH)
             if rc:  # e.g. another invocation is training this run (its lock): go on with the others
                 print(f"[{name}] {run_name}: not finished (dynbatch exit {rc}); rerun to continue it", flush=True)
             elif finished(run, epochs):
                 thin(run)
         runs.append((run, meta))
     return runs
-
-
-def _train_scoring(run: Path, args: list[str], score_at: tuple[int, ...]) -> int:
-    """Train ``run``, stopping at the end of each epoch of ``score_at`` to score its training samples there."""
-    for epoch in score_at:
-        step = epoch * STEPS_PER_EPOCH
-        if (run / "scores" / f"step-{step}.json").is_file():
-            continue
-        now = checkpoint_step(run)
-        if now > step:  # resumed past it (a checkpoint written later): that score cannot be made any more
-            print(f"  {run.name}: past epoch {epoch} already; its scores are missing", flush=True)
-            continue
-        if now < step:
-            rc = train_run(run, args, "--stop-after-steps", str(step - now))
-            if rc or checkpoint_step(run) != step:
-                return rc or 1
-        rc = subprocess.run([sys.executable, "-m", "dynbatch", "score", str(run)], cwd=REPO,
-                            stdout=subprocess.DEVNULL).returncode
-        if rc:
-            return rc
-    return train_run(run, args)
 
 
 VERDICT_RULE = ("Verdict rule (stated once, used for every claim): the 95 % interval of the difference in final test "
@@ -476,7 +454,7 @@ def report_split(runs, out: Path) -> list[str]:
              "verdict when its runs and the fixed runs have all finished). Epoch time: the median epoch of the "
              "finished runs, "
              "which a paused or crowded epoch does not move.", "",
-             "| criterion | seeds finished | final test acc | best test acc | − fixed (final), 95 % CI | "
+             "| criterion | seeds finished | final test acc | best test acc | − fixed (final), paired 95 % CI | "
              "epoch time / fixed | chosen 1 / 2 / 4 | verdict |", "|" + "---|" * 8]
     fixed = done.get("fixed", [])
     fixed_epoch = median_epoch(fixed) if fixed else None
@@ -528,7 +506,7 @@ def report_adabatch(runs, out: Path) -> list[str]:
              + VERDICT_RULE.split(" A claimed")[0] + " The claim is **reproduced** when the interval of "
              "(AdaBatch − fixed) lies within [−1, +1] points, **refuted** when it lies wholly outside, "
              "**inconclusive** otherwise.", "",
-             "| method | seeds finished | final test acc | best test acc | − fixed (final), 95 % CI | wall time | "
+             "| method | seeds finished | final test acc | best test acc | − fixed (final), paired 95 % CI | wall time | "
              "verdict |", "|" + "---|" * 7]
     fixed = done.get("fixed", [])
     for method in ("fixed", "adabatch"):

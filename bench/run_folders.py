@@ -48,6 +48,29 @@ def checkpoint_step(run: Path) -> int:
     return int(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["progress"]["step"])
 
 
+def train_scoring(run: Path, args: list[str], score_at: tuple[int, ...], steps_per_epoch: int,
+                  env: dict | None = None) -> int:
+    """Train ``run``, stopping at the end of each epoch of ``score_at`` (``steps_per_epoch`` steps each) to score its
+    training samples there (``dynbatch score``); exact resume makes the stops leave the run unchanged."""
+    for epoch in score_at:
+        step = epoch * steps_per_epoch
+        if (run / "scores" / f"step-{step}.json").is_file():
+            continue
+        now = checkpoint_step(run)
+        if now > step:  # resumed past it (a checkpoint written later): that score cannot be made any more
+            print(f"  {run.name}: past epoch {epoch} already; its scores are missing", flush=True)
+            continue
+        if now < step:
+            rc = train_run(run, args, "--stop-after-steps", str(step - now), env=env)
+            if rc or checkpoint_step(run) != step:
+                return rc or 1
+        rc = subprocess.run([sys.executable, "-m", "dynbatch", "score", str(run)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL).returncode
+        if rc:
+            return rc
+    return train_run(run, args, env=env)
+
+
 def final_acc(run: Path) -> float:
     return [r for r in rows_of(run, "epoch") if r.get("test_acc") is not None][-1]["test_acc"]
 

@@ -16,6 +16,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 LEVEL = 0.95
@@ -161,13 +162,16 @@ def old_interval(a: Arm, b: Arm | None = None, scale: float = 1.0) -> tuple[floa
     return scale * lo, scale * hi
 
 
-def sd_cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    """``mean ± sd (sd)`` of ``values`` times ``scale``; the mean alone for one value, "–" for none."""
+def sd_cell(values: Sequence[float], scale: float = 100.0, digits: int = 1, mark: bool = True) -> str:
+    """``mean ± sd (sd)`` of ``values`` times ``scale`` (without "(sd)" where ``mark`` is off: a table whose header
+    says so); the mean alone for one value, "–" for none."""
     if not values:
         return "–"
     xs = [scale * v for v in values]
     m = statistics.fmean(xs)
-    return f"{m:.{digits}f} ± {statistics.stdev(xs):.{digits}f} (sd)" if len(xs) > 1 else f"{m:.{digits}f}"
+    if len(xs) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(xs):.{digits}f}" + (" (sd)" if mark else "")
 
 
 # ---- what changed -----------------------------------------------------------------------------------------------------
@@ -240,5 +244,20 @@ def coverage_table(draws: int = 4000) -> list[str]:
     return lines
 
 
+def main(argv=None) -> int:
+    """``python -m bench.verdicts [--out FILE]``: the coverage table, printed and written."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The simulated coverage of each 95 % interval procedure.")
+    ap.add_argument("--draws", type=int, default=4000)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "verdicts" / "coverage.md"))
+    a = ap.parse_args(argv)
+    text = "\n".join(["# Do the intervals keep their coverage at 3–8 seeds?", "", *coverage_table(a.draws)]) + "\n"
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text)
+    print(text, end="")
+    return 0
+
+
 if __name__ == "__main__":
-    print("\n".join(coverage_table()))
+    raise SystemExit(main())

@@ -198,9 +198,12 @@ def test_score_writes_every_sample_and_the_noise_aurocs(tmp_path, capsys, tiny_n
     arrays = np.load(run / "scores" / "step-6.npz")
     summary = json.loads((run / "scores" / "step-6.json").read_text())
     assert arrays["loss"].shape == (96,) and arrays["mislabeled"].mean() == pytest.approx(summary["mislabeled"])
-    assert set(summary["auroc"]) == {"loss", "residual_norm", "grad_norm", "agreement", "consensus",
+    assert set(summary["auroc"]) == {"loss", "residual_norm", "grad_norm", "feature_norm", "agreement", "consensus",
                                      "class_agreement", "class_consensus"}
     assert all(0 <= v <= 1 for v in summary["auroc"].values())
+    # the feature norm is ||g|| / ||e||: the head's input with its bias column, so never below 1
+    assert np.allclose(arrays["feature_norm"] * arrays["residual_norm"], arrays["grad_norm"], rtol=1e-5)
+    assert arrays["feature_norm"].min() >= 1 - 1e-5
     assert (arrays["label"] != arrays["clean_label"]).tolist() == arrays["mislabeled"].tolist()
     assert run_cli(capsys, "train", "--resume", run, "--epochs", "2")[0] == 0  # the run is left resumable
     assert_one_line_error(*run_cli(capsys, "score", tmp_path / "none")[::2], "holds no checkpoint.pt")

@@ -22,7 +22,7 @@ from dynbatch.ops import SCORES
 
 # A mislabeled sample is expected to score high on these and low on the agreement scores: each AUROC is that of
 # SIGN x score for "mislabeled", so 0.5 is chance and 1 a perfect separation whatever the score.
-SIGN = {"loss": 1, "residual_norm": 1, "grad_norm": 1, "agreement": -1, "consensus": -1, "class_agreement": -1,
+SIGN = {"loss": 1, "residual_norm": 1, "grad_norm": 1, "feature_norm": 1, "agreement": -1, "consensus": -1, "class_agreement": -1,
         "class_consensus": -1}
 
 
@@ -58,7 +58,11 @@ def score_split(model, split, *, batch: int, seed: int, autocast, label_smoothin
             table[:, idx] = scorer(x, y, label_smoothing=label_smoothing, autocast=autocast).table
     finally:
         model.train()
-    return dict(zip(SCORES, table.cpu().numpy()))
+    scores = dict(zip(SCORES, table.cpu().numpy()))
+    # ||g_i|| = ||e_i|| ||a_i|| (a_i with the bias column): the head's input norm, the factor ||g|| adds to ||e||.
+    scores["feature_norm"] = np.divide(scores["grad_norm"], scores["residual_norm"],
+                                       out=np.zeros_like(scores["grad_norm"]), where=scores["residual_norm"] > 0)
+    return scores
 
 
 def score_run(run: Path, *, batch: int = 1024, seed: int = 0, log=print) -> dict[str, Any]:
