@@ -27,7 +27,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.noisy_study import NOISES, NOISY_EPOCHS, NOISY_OPT, SCORE_AT, STEPS_PER_EPOCH  # noqa: E402
-from bench.run_folders import DATA, final_acc, finished, machine_of, thin, train_scoring  # noqa: E402
+from bench.run_folders import (DATA, aurocs, final_acc, finished, machine_of, thin,  # noqa: E402
+                               train_scoring)
 
 OUT = REPO / "bench" / "results" / "baseline-question"
 STUDY = REPO / "bench" / "results" / "repro" / "noisy"
@@ -129,7 +130,38 @@ def table(out: Path, seeds: int) -> list[str]:
             continue
         word = {"below": "worse", "above": "better", "straddles": "no difference found"}[c.side(0.0)]
         lines.append(f"| {what} | {c.cell()} | {c.how} | {c.n} | {word} |")
-    return lines + ["", verdicts.RULE, ""]
+    return lines + ["", verdicts.RULE, ""] + signal(out, seeds)
+
+
+def signal(out: Path, seeds: int) -> list[str]:
+    """Question 1 of the noisy study again, on the engine arm's scores: each score's AUROC for the mislabeled
+    samples at each scored epoch, with the feature norm ‖a‖ = ‖g‖ / ‖e‖ that the study's own scores lack."""
+    from bench import verdicts
+
+    table = {}  # (epoch, score) -> {seed: AUROC}
+    for seed in range(seeds):
+        for key, value in aurocs(out / f"engine-s{seed}", SCORE_AT, STEPS_PER_EPOCH).items():
+            table.setdefault(key, {})[seed] = value
+    if not table:
+        return []
+    scores = ["loss", "residual_norm", "grad_norm", "feature_norm"]
+    lines = ["## The noise signal of each score, with the feature norm", "",
+             "The engine arm's training samples scored at the ends of epochs 2, 5, 10 and 20 (`dynbatch score`): "
+             "each score's AUROC for the mislabeled samples, mean over seeds [95 % t-interval] (seeds). Below 0.5 a "
+             "score ranks the mislabeled samples *lower*. ‖g‖ = ‖e‖ ‖a‖, so the feature norm ‖a‖ (with the bias "
+             "column) is the factor ‖g‖ adds to ‖e‖.", "",
+             "| epoch | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
+    for epoch in SCORE_AT:
+        cells = []
+        for score in scores:
+            by_seed = table.get((epoch, score), {})
+            if len(by_seed) >= 2:
+                iv = verdicts.mean_interval(list(by_seed.values()))
+                cells.append(f"{iv.mean:.3f} [{iv.lo:.3f}, {iv.hi:.3f}] ({iv.n})")
+            else:
+                cells.append(", ".join(f"{v:.3f}" for v in by_seed.values()) or "–")
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv=None) -> int:

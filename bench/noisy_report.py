@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import verdicts
 from .noisy_study import NOISES, SCORE_AT, STEPS_PER_EPOCH
-from .run_folders import all_epochs_in, pyplot, rows_of
+from .run_folders import all_epochs_in, aurocs, pyplot, rows_of
 
 # The rules, stated before the runs (issue #30).
 GAIN = 2.0  # points of clean test accuracy that count as a gain (at 40 % symmetric noise Co-teaching-style methods
@@ -109,16 +109,12 @@ def signal_lines(groups: dict) -> list[str]:
         if method != "fixed":
             continue
         for run in runs:
-            for epoch in SCORE_AT:
-                f = run.folder / "scores" / f"step-{epoch * STEPS_PER_EPOCH}.json"
-                if f.is_file():
-                    for score, value in json.loads(f.read_text()).get("auroc", {}).items():
-                        if value is not None:
-                            table[(noise, epoch, score)].append(value)
+            for (epoch, score), value in aurocs(run.folder, SCORE_AT, STEPS_PER_EPOCH).items():
+                table[(noise, epoch, score)].append(value)
     if not table:
         return []
-    scores = sorted({k[2] for k in table}, key=["loss", "residual_norm", "grad_norm", "feature_norm", "agreement", "consensus",
-                                                 "class_agreement", "class_consensus"].index)
+    scores = sorted({k[2] for k in table}, key=["loss", "residual_norm", "grad_norm", "feature_norm", "agreement",
+                                                 "consensus", "class_agreement", "class_consensus"].index)
     lines = ["## Question 1: which score detects mislabeled samples (AUROC, noisy baseline)", "",
              "Each cell: the mean AUROC over seeds ± its standard deviation (not an interval), and the number of "
              "seeds. 0.5 is chance; below 0.5 the score ranks mislabeled samples *lower* (see `SIGN` in "

@@ -71,6 +71,18 @@ def train_scoring(run: Path, args: list[str], score_at: tuple[int, ...], steps_p
     return train_run(run, args, env=env)
 
 
+def aurocs(run: Path, epochs, steps_per_epoch: int) -> dict[tuple[int, str], float]:
+    """The AUROCs ``dynbatch score`` wrote for ``run`` at the ends of ``epochs``: (epoch, score) -> value."""
+    found = {}
+    for epoch in epochs:
+        f = run / "scores" / f"step-{epoch * steps_per_epoch}.json"
+        if f.is_file():
+            for score, value in json.loads(f.read_text()).get("auroc", {}).items():
+                if value is not None:
+                    found[(epoch, score)] = value
+    return found
+
+
 def final_acc(run: Path) -> float:
     return [r for r in rows_of(run, "epoch") if r.get("test_acc") is not None][-1]["test_acc"]
 

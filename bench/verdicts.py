@@ -24,7 +24,7 @@ RULE = ("Intervals (`bench/verdicts.py`): 95 %, arms paired by seed — the diff
         "then Student's t on their mean (n − 1 degrees of freedom) — and Welch's unpaired t-interval where they "
         "share fewer than two seeds; a one-arm quantity per seed gets the one-sample t-interval. Every ± is a "
         "standard deviation over seeds (marked sd); intervals are written [low, high].")
-TABLE_HEADER = "| comparison | mean [95 % interval] | interval | seeds | verdict |"
+TABLE_HEADER = "| comparison | mean [95 % interval] | procedure | seeds | verdict |"
 TABLE_RULE = "|---|---|---|---|---|"
 
 Arm = Mapping[int, float] | Sequence[float]  # values by seed (pairable) or a plain list (not)
