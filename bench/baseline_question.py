@@ -15,6 +15,7 @@ stopped starts again. ``table.md`` is written from whatever has finished.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import json
 import os
@@ -75,6 +76,18 @@ def run_one(out: Path, name: str, kind: str, seed: int) -> None:
     result = out / f"{name}.json"
     if result.is_file():
         return
+    with open(out / f".{name}.lock", "w") as lock:
+        try:  # another invocation running the same plain run: leave it to that one (the kernel frees a dead one's)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[baseline] {name}: running in another invocation", flush=True)
+            return
+        plain(out, name, seed, labels, env)
+
+
+def plain(out: Path, name: str, seed: int, labels: Path, env: dict) -> None:
+    """``bench/plain_noisy.py`` for ``seed``, its result written as ``<name>.json`` with the machine's CPU."""
+    result = out / f"{name}.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "plain_noisy.py"), "--data", str(DATA), "--labels",
                     str(labels), "--seed", str(seed), "--epochs", str(NOISY_EPOCHS), "--json", str(result) + ".part"],
                    env=env, stdout=subprocess.DEVNULL, check=True)

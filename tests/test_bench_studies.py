@@ -1,0 +1,44 @@
+"""The side-by-side studies' own arithmetic: the fast recipe's paired time ratio, and the plain noisy loop's
+augmentation (a plain loop the engine is compared with must crop and flip as it says)."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.fast_recipe import paired  # noqa: E402
+from bench.plain_noisy import augment  # noqa: E402
+
+
+def _result(seconds, acc):
+    return {"epochs": [{"epoch": 1, "train_s": seconds, "test_acc": acc}], "test_acc_tta": None}
+
+
+def test_the_time_ratio_is_the_geometric_mean_of_the_per_seed_ratios_with_a_t_interval():
+    results = {"seeds": [0, 1, 2], "engine": [_result(s, a) for s, a in ((90, .70), (110, .72), (100, .71))],
+               "plain": [_result(s, a) for s, a in ((100, .71), (100, .71), (100, .70))]}
+    text = "\n".join(paired(results))
+    logs = [math.log(0.9), math.log(1.1), 0.0]
+    mean = sum(logs) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in logs) / 2)
+    half = 4.302652729749462 * sd / math.sqrt(3)
+    assert f"**{math.exp(mean):.2f}×** [{math.exp(mean - half):.2f}, {math.exp(mean + half):.2f}]" in text
+    assert "| 0 | 90 | 100 | 0.90× | -1.0 |" in text and "+0.3 [-2.5, +3.2] points** (paired t)" in text
+
+
+def test_the_plain_loops_crops_are_windows_of_the_zero_padded_image_flipped_or_not():
+    x = torch.arange(4 * 3 * 32 * 32, dtype=torch.float32).reshape(4, 3, 32, 32)
+    out = augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(4):
+        windows = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_plain_loops_augmentation_is_seeded(seed):
+    x = torch.randn(8, 3, 32, 32)
+    a = augment(x, torch.Generator().manual_seed(seed))
+    assert torch.equal(a, augment(x, torch.Generator().manual_seed(seed)))
