@@ -3,7 +3,9 @@ recipe, no engine code), side by side on one machine: same data, seeds, epochs, 
 alternating so that both see the same load. Reports final test accuracy (and with test-time augmentation),
 training wall time (evaluation excluded) and the time to reach fixed accuracies, and compares the two paired by
 seed: the ratio of training times (its interval from the per-seed log ratios) and the accuracy difference. Every run
-names its CPU model; a seed whose two runs ran on different models is refused, so one table is one machine.
+names its CPU model; a seed whose two runs ran on different models is refused, so one table is one machine. The
+engine runs in fp32 (``--amp none``), as the plain script does, so that a CPU with native bf16 does not change the
+engine's precision alone; its other defaults (channels-last on CPU) are the engine's.
 
     python bench/fast_recipe.py [--seeds 0,1,2,3,4] [--epochs 10] [--batch-size 128] [--out bench/results/fast-recipe]
 """
@@ -35,8 +37,8 @@ def engine_run(out: Path, seed: int, epochs: int, batch: int, env: dict) -> dict
     if not (run / "metrics.jsonl").is_file():
         subprocess.run([sys.executable, "-m", "dynbatch", "train", "--recipe", "airbench94", "--data", f"npz:{DATA}",
                         "--batch-size", str(batch), "--epochs", str(epochs), "--seed", str(seed), "--out", str(run),
-                        "--overwrite", "--no-progress", "--util-interval", "5"], cwd=REPO, env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+                        "--overwrite", "--no-progress", "--util-interval", "5", "--amp", "none"], cwd=REPO, env=env,
+                       check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs_rows = [r for r in rows if r["kind"] == "epoch"]
     t, log = 0.0, []
@@ -123,7 +125,7 @@ def main() -> int:
     cpu = cpus.pop()
     lines = ["# The fast recipe: the engine against a plain script of the same recipe", "",
              f"Machine: {cpu}, {a.threads} threads, no GPU. Data: the CIFAR-10 subset (5,085 train / 1,017 test). "
-             f"`--recipe airbench94 --batch-size {a.batch_size} --epochs {a.epochs}`; "
+             f"`--recipe airbench94 --batch-size {a.batch_size} --epochs {a.epochs} --amp none` (fp32, as the plain script); "
              f"command: `python bench/fast_recipe.py --seeds {a.seeds}` ({time.time() - t0:.0f} s).", ""]
     lines += summary(results)
     (out / "table.md").write_text("\n".join(lines) + "\n")
