@@ -28,7 +28,7 @@ from bench.noisy_study import (EDBA_OPT, NOISES, NOISY_OPT, STEPS_PER_EPOCH, noi
                                noisy_runs)
 from bench import verdicts  # noqa: E402
 from bench.run_folders import (DATA, best_acc, by_seed, final_acc, finished,  # noqa: E402
-                               pyplot, rows_of, thin, train_run, train_scoring, wall)
+                               machine_of, pyplot, rows_of, thin, train_run, train_scoring, wall)
 
 
 PUBLISHED_EDBA = {100: (23.8, 90.7), 500: (40.5, 91.5), 5085: (71.7, 91.6)}  # CIFAR-10 test acc, baseline vs EDBA
@@ -679,6 +679,18 @@ def report_fast(runs, out: Path) -> list[str]:
     return lines + [""] + changes.lines()
 
 
+def machines_line(runs) -> str:
+    """Which machines the runs name in their config.json, with how many runs each (pairing by machine is only
+    possible where they name one)."""
+    from collections import Counter
+
+    named = Counter(machine_of(run) for run, _ in runs if (run / "config.json").is_file())
+    shown = ", ".join(f"{name} ({count} runs)" for name, count in sorted(named.items()))
+    note = (" `x86_64` is what runs recorded before they named their CPU model (2026-12-06): those runs' machine "
+            "is not known, so their arms cannot be paired by machine." if "x86_64" in named else "")
+    return f"Machines (`device.name` in each run's config.json): {shown or 'none yet'}." + note
+
+
 REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch, "noisy": report_noisy,
            "fast": report_fast}
 
@@ -709,7 +721,7 @@ def main(argv=None) -> int:
         runs = execute(name, out, a.budget, a.only)
         lines = [f"# {name}: reproduction on the CIFAR-10 subset", "",
                  f"Command: `python bench/reproduce.py {name}" + (" --budget smoke" if a.budget == "smoke" else "")
-                 + "`; 1,017 real test images.", ""] + REPORTS[name](runs, out)
+                 + "`; 1,017 real test images.", "", machines_line(runs), ""] + REPORTS[name](runs, out)
         (out / "table.md").write_text("\n".join(lines) + "\n")
         print(f"[{name}] wrote {out / 'table.md'} ({time.time() - t0:.0f} s this invocation)")
     return 0
