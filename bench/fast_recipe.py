@@ -125,7 +125,8 @@ def main() -> int:
     cpu = cpus.pop()
     lines = ["# The fast recipe: the engine against a plain script of the same recipe", "",
              f"Machine: {cpu}, {a.threads} threads, no GPU. Data: the CIFAR-10 subset (5,085 train / 1,017 test). "
-             f"`--recipe airbench94 --batch-size {a.batch_size} --epochs {a.epochs} --amp none` (fp32, as the plain script); "
+             f"`--recipe airbench94 --batch-size {a.batch_size} --epochs {a.epochs} --amp none` (fp32, as the plain "
+             "script); "
              f"command: `python bench/fast_recipe.py --seeds {a.seeds}` ({time.time() - t0:.0f} s).", ""]
     lines += summary(results)
     (out / "table.md").write_text("\n".join(lines) + "\n")

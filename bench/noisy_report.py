@@ -29,8 +29,9 @@ RULES = f"""## Rules (stated before the runs)
   over seeds (one-sample t) lies entirely below 0; **does not filter** when it lies at or above 0; inconclusive
   otherwise. EDBA's paper's hypothesis ("EDBA filters noisy samples") is reproduced or refuted by this rule.
 - **Question 3 (accuracy)**: the 95 % interval of (method − fixed) and of (method − its random control) in final
-  accuracy, paired by seed (the arms of a seed share the initialisation, the data order and the noise draw). **Gain** when the interval lies entirely at or above +{GAIN:g} points; **loss** when it lies
-  entirely below 0; **no gain** when it lies below +{GAIN:g} but reaches 0 or above; inconclusive when it straddles
+  accuracy, paired by seed (the arms of a seed share the initialisation, the data order and the noise draw).
+  **Gain** when the interval lies entirely at or above +{GAIN:g} points; **loss** when it lies entirely below 0;
+  **no gain** when it lies below +{GAIN:g} but reaches 0 or above; inconclusive when it straddles
   +{GAIN:g}.
 - Seeds: 3 per cell, 5 where an interval straddles a bound. A cell without all its seeds gets no verdict.
 - Intervals (re-derived under #46; the runs had used a percentile bootstrap of unpaired seed means, whose coverage
@@ -218,7 +219,8 @@ def accuracy_lines(done: dict, planned: Counter, compared: dict[tuple, Compariso
     """Question 3's table from ``comparisons(done, planned)``, and the cells whose inconclusive verdicts the seed
     rule extends."""
     lines = ["## Question 3: clean test accuracy against fixed and against the random control", "",
-             "| noise | method | seeds | final acc % | best acc % | − fixed: paired 95 % interval | verdict | − control: "
+             "| noise | method | seeds | final acc % | best acc % | − fixed: paired 95 % interval | verdict | "
+             "− control: "
              "paired 95 % interval | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     extend = set()
     for (noise, method), runs in sorted(done.items()):

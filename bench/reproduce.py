@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:  # run as a script: bench.* (the noisy study's rep
 from bench.noisy_study import (EDBA_OPT, NOISES, NOISY_OPT, STEPS_PER_EPOCH, noisy_methods,  # noqa: E402
                                noisy_runs)
 from bench import verdicts  # noqa: E402
+from bench.verdicts import sd_cell  # noqa: E402
 from bench.run_folders import (DATA, best_acc, by_seed, final_acc, finished,  # noqa: E402
                                machine_of, pyplot, rows_of, thin, train_run, train_scoring, wall)
 
@@ -328,7 +329,8 @@ def report_edba(runs, out: Path) -> list[str]:
              "subset's 1,017 real CIFAR-10 test images. Final = after the last epoch; best = the best evaluated "
              "epoch (selection on the test split, as the authors' template reports).", "", VERDICT_RULE, "",
              PLATEAU_RULE, "",
-             "| row | method | seeds finished | final test acc | best test acc | EDBA − baseline (final), paired 95 % CI | "
+             "| row | method | seeds finished | final test acc | best test acc | "
+             "EDBA − baseline (final), paired 95 % CI | "
              "published baseline → EDBA | verdict |", "|" + "---|" * 8]
     for row in EDBA_ROWS:
         planned = {meth: len(row.seeds) for meth in row.methods}
@@ -350,7 +352,7 @@ def report_edba(runs, out: Path) -> list[str]:
                                                               lambda lo, hi: verdict(lo, hi, gain)), base)
             label = f"{row.key}: {row.label}" if meth == row.methods[0] else ""
             lines.append(f"| {label} | {'baseline' if meth == 'fixed' else 'EDBA'} | {_status(rs, planned[meth])} | "
-                         f"{verdicts.sd_cell([final_acc(r) for r in rs])} | {verdicts.sd_cell([best_acc(r) for r in rs])} | {diff} | "
+                         f"{sd_cell([final_acc(r) for r in rs])} | {sd_cell([best_acc(r) for r in rs])} | {diff} | "
                          f"{pub} | {verdict_txt or ('–' if not complete else '')} |")
     notes = ["", "Per-row notes (finished runs only):"]
     for row in EDBA_ROWS:
@@ -476,8 +478,8 @@ def report_split(runs, out: Path) -> list[str]:
                     picks[r["chosen_split"]] += 1
         total = sum(picks.values())
         share = " / ".join(f"{picks[k] / total:.2f}" for k in (1, 2, 4)) if total else "–"
-        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {verdicts.sd_cell([final_acc(r) for r in rs])} | "
-                     f"{verdicts.sd_cell([best_acc(r) for r in rs])} | {diff} | {ratio} | {share} | "
+        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {sd_cell([final_acc(r) for r in rs])} | "
+                     f"{sd_cell([best_acc(r) for r in rs])} | {diff} | {ratio} | {share} | "
                      f"{verdict_txt or '–'} |")
     if fixed:
         lines += ["", PLATEAU_RULE + ANNEALED, plateau_note("fixed", fixed)]
@@ -506,7 +508,8 @@ def report_adabatch(runs, out: Path) -> list[str]:
              + VERDICT_RULE.split(" A claimed")[0] + " The claim is **reproduced** when the interval of "
              "(AdaBatch − fixed) lies within [−1, +1] points, **refuted** when it lies wholly outside, "
              "**inconclusive** otherwise.", "",
-             "| method | seeds finished | final test acc | best test acc | − fixed (final), paired 95 % CI | wall time | "
+             "| method | seeds finished | final test acc | best test acc | − fixed (final), paired 95 % CI | "
+             "wall time | "
              "verdict |", "|" + "---|" * 7]
     fixed = done.get("fixed", [])
     for method in ("fixed", "adabatch"):
@@ -519,8 +522,8 @@ def report_adabatch(runs, out: Path) -> list[str]:
                 verdict_txt = qualified(changes.judge("AdaBatch − fixed", iv, old,
                                                       lambda lo, hi: interval_verdict(lo, hi, -1.0, 1.0)), fixed)
         wall_s = f"{statistics.fmean(wall(r) for r in rs):.0f} s" if rs else "–"
-        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {verdicts.sd_cell([final_acc(r) for r in rs])} | "
-                     f"{verdicts.sd_cell([best_acc(r) for r in rs])} | {diff} | {wall_s} | {verdict_txt or '–'} |")
+        lines.append(f"| {method} | {_status(rs, len(groups[method]))} | {sd_cell([final_acc(r) for r in rs])} | "
+                     f"{sd_cell([best_acc(r) for r in rs])} | {diff} | {wall_s} | {verdict_txt or '–'} |")
     if fixed:
         lines += ["", PLATEAU_RULE + ANNEALED, plateau_note("fixed", fixed)]
     # The source of AdaBatch's speed-up: throughput at each batch size, measured on its own (measure_throughput),
@@ -650,10 +653,10 @@ def report_fast(runs, out: Path) -> list[str]:
              if level else "| method | seeds finished | final test acc |", "|" + "---|" * (10 if level else 3)]
     for method in FAST_METHODS:
         rs, planned = done.get(method, []), len(groups[method])
-        row = [method, _status(rs, planned), verdicts.sd_cell([final_acc(r) for r in rs])]
+        row = [method, _status(rs, planned), sd_cell([final_acc(r) for r in rs])]
         if level:
             tta = [rows_of(r, "epoch")[-1].get("test_acc_tta") for r in rs]
-            row.append(verdicts.sd_cell(tta) if rs and None not in tta else "–")
+            row.append(sd_cell(tta) if rs and None not in tta else "–")
             complete = len(rs) == planned and len(fixed) == len(groups["fixed"])
             diff = acc_v = t_diff = t_v = ""
             times = by_seed(rs, lambda r: time_to(r, level))

@@ -174,7 +174,7 @@ def sd_cell(values: Sequence[float], scale: float = 100.0, digits: int = 1, mark
     return f"{m:.{digits}f} ± {statistics.stdev(xs):.{digits}f}" + (" (sd)" if mark else "")
 
 
-# ---- what changed -----------------------------------------------------------------------------------------------------
+# ---- what changed --------------------------------------------------------------------------------------------------
 @dataclass
 class Changes:
     """The verdicts a report gives under this module's rule beside those the old percentile bootstrap gave on the
@@ -196,15 +196,15 @@ class Changes:
         head = [f"## {title}", "",
                 "Every verdict above was re-derived with `bench/verdicts.py` (seeds paired, Student's t). Here the "
                 "old rule (a percentile bootstrap of the unpaired difference of seed means, whose coverage is about "
-                f"80 % at 3 seeds: `bench/results/verdicts/coverage.md`) is applied to the same runs; {len(changed)} of {len(self.rows)} verdicts "
-                "differ.", ""]
+                "80 % at 3 seeds: `bench/results/verdicts/coverage.md`) is applied to the same runs; "
+                f"{len(changed)} of {len(self.rows)} verdicts differ.", ""]
         if not changed:
             return head
         return head + ["| comparison | old interval | old verdict | new interval | how | new verdict |",
                        "|---|---|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in changed), ""]
 
 
-# ---- coverage, simulated ------------------------------------------------------------------------------------------------
+# ---- coverage, simulated -------------------------------------------------------------------------------------------
 def coverage(n: int, draws: int, method: str, shape: str = "normal", shift: float = 0.0, shared: float = 1.0,
              seed: int = 0) -> float:
     """The share of ``draws`` simulated studies with ``n`` seeds an arm whose 95 % interval of (a − b) holds the true

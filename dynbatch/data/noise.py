@@ -123,7 +123,8 @@ def _torch_load_arrays(path: Path):
 
     dtypes = [type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64, np.bool_, np.float32, np.float64)]
-    with torch.serialization.safe_globals([np._core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]):
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed core to _core
+    with torch.serialization.safe_globals([multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

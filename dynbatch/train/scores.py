@@ -22,8 +22,8 @@ from dynbatch.ops import SCORES
 
 # A mislabeled sample is expected to score high on these and low on the agreement scores: each AUROC is that of
 # SIGN x score for "mislabeled", so 0.5 is chance and 1 a perfect separation whatever the score.
-SIGN = {"loss": 1, "residual_norm": 1, "grad_norm": 1, "feature_norm": 1, "agreement": -1, "consensus": -1, "class_agreement": -1,
-        "class_consensus": -1}
+SIGN = {"loss": 1, "residual_norm": 1, "grad_norm": 1, "feature_norm": 1, "agreement": -1, "consensus": -1,
+        "class_agreement": -1, "class_consensus": -1}
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
