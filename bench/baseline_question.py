@@ -34,10 +34,17 @@ from bench.run_folders import (DATA, aurocs, final_acc, finished, machine_of, th
 OUT = REPO / "bench" / "results" / "baseline-question"
 STUDY = REPO / "bench" / "results" / "repro" / "noisy"
 NOISE = NOISES["sym40"]
+# The plain arms: the loop's padding of its crops. "plain" pads the normalised images with zeros (the mean colour);
+# "plainblack" pads the raw images with zeros (black), as dynbatch's --pad-mode zero and torchvision's RandomCrop do.
+PLAIN_PADDING = {"plain": "mean", "plainblack": "black"}
 RULE = ("Rule, stated before the runs: per seed, engine − plain final test accuracy (fp32, one thread each, one "
-        "machine, the same noise draw); the engine trains **worse** when the 95 % interval of the mean difference "
-        "lies below 0, **better** when above, and **no difference found** otherwise (the interval's width says how "
-        "small a difference that rules out).")
+        "machine, the same noise draw); the engine trains **worse** (\"lower\") when the 95 % interval of the mean "
+        "difference lies below 0, **better** (\"higher\") when above, and **no difference found** otherwise (the "
+        "interval's width says how small a difference that rules out).")
+PADDING_RULE = ("The padding hypothesis, stated after the first five pairs and before the plainblack runs: the "
+                "engine pads its crops with black (zeros of the raw images), the plain loop with the mean colour "
+                "(zeros of the normalised images). The padding explains the gap when plainblack − plain lies below 0 "
+                "and engine − plainblack holds 0; the same rule and intervals as above.")
 
 
 def export_labels(out: Path, seed: int) -> Path:
@@ -55,10 +62,10 @@ def export_labels(out: Path, seed: int) -> Path:
 
 
 def runs(out: Path, seeds: int):
-    """(name, kind, seed) in the order they run: engine then plain, seed by seed."""
+    """(name, kind, seed) in the order they run: engine, plain, plainblack, seed by seed."""
     for seed in range(seeds):
-        yield f"engine-s{seed}", "engine", seed
-        yield f"plain-s{seed}", "plain", seed
+        for kind in ("engine", *PLAIN_PADDING):
+            yield f"{kind}-s{seed}", kind, seed
 
 
 def run_one(out: Path, name: str, kind: str, seed: int) -> None:
@@ -82,15 +89,15 @@ def run_one(out: Path, name: str, kind: str, seed: int) -> None:
         except BlockingIOError:
             print(f"[baseline] {name}: running in another invocation", flush=True)
             return
-        plain(out, name, seed, labels, env)
+        plain(out, name, seed, labels, env, PLAIN_PADDING[kind])
 
 
-def plain(out: Path, name: str, seed: int, labels: Path, env: dict) -> None:
+def plain(out: Path, name: str, seed: int, labels: Path, env: dict, pad: str) -> None:
     """``bench/plain_noisy.py`` for ``seed``, its result written as ``<name>.json`` with the machine's CPU."""
     result = out / f"{name}.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "plain_noisy.py"), "--data", str(DATA), "--labels",
-                    str(labels), "--seed", str(seed), "--epochs", str(NOISY_EPOCHS), "--json", str(result) + ".part"],
-                   env=env, stdout=subprocess.DEVNULL, check=True)
+                    str(labels), "--seed", str(seed), "--epochs", str(NOISY_EPOCHS), "--pad", pad, "--json",
+                    str(result) + ".part"], env=env, stdout=subprocess.DEVNULL, check=True)
     from dynbatch.info import cpu_name
 
     done = json.loads(Path(str(result) + ".part").read_text())
@@ -100,12 +107,13 @@ def plain(out: Path, name: str, seed: int, labels: Path, env: dict) -> None:
 
 def pairs(out: Path, seeds: int) -> dict[str, dict[int, float]]:
     """Final test accuracy (fractions) by arm and seed, of the finished runs; the study's own fixed arm beside."""
-    arms = {"engine": {}, "plain": {}, "study": {}}
+    arms = {"engine": {}, **{kind: {} for kind in PLAIN_PADDING}, "study": {}}
     for seed in range(seeds):
         if finished(out / f"engine-s{seed}", NOISY_EPOCHS):
             arms["engine"][seed] = final_acc(out / f"engine-s{seed}")
-        if (out / f"plain-s{seed}.json").is_file():
-            arms["plain"][seed] = json.loads((out / f"plain-s{seed}.json").read_text())["final_acc"]
+        for kind in PLAIN_PADDING:
+            if (out / f"{kind}-s{seed}.json").is_file():
+                arms[kind][seed] = json.loads((out / f"{kind}-s{seed}.json").read_text())["final_acc"]
         if finished(STUDY / f"sym40-fixed-s{seed}", NOISY_EPOCHS):
             arms["study"][seed] = final_acc(STUDY / f"sym40-fixed-s{seed}")
     return arms
@@ -113,35 +121,40 @@ def pairs(out: Path, seeds: int) -> dict[str, dict[int, float]]:
 
 def machines(out: Path, seeds: int) -> str:
     names = {machine_of(out / f"engine-s{s}") for s in range(seeds) if (out / f"engine-s{s}").is_dir()}
-    names |= {json.loads(p.read_text()).get("cpu", "unknown") for p in out.glob("plain-s*.json")}
+    names |= {json.loads(p.read_text()).get("cpu", "unknown") for p in out.glob("plain*-s*.json")}
     return ", ".join(sorted(names)) or "–"
+
+
+COMPARISONS = [("engine", "plain", "engine − plain (the question)"),
+               ("engine", "study", "engine here − the study's fixed arm (same seed and draw, its machine)"),
+               ("plainblack", "plain", "plainblack − plain (the padding, in the plain loop)"),
+               ("engine", "plainblack", "engine − plainblack (what is left)")]
 
 
 def table(out: Path, seeds: int) -> list[str]:
     from bench import verdicts
 
     arms = pairs(out, seeds)
+    shown = ("engine", *PLAIN_PADDING, "study")
     lines = ["# Does the engine's fixed arm train worse than a plain loop?", "",
              "Command: `python bench/baseline_question.py`; PreResNet-20 on the 5,085 real CIFAR-10 images, the "
              "noisy study's fixed arm at 40 % symmetric noise (SGD 0.05 / 0.9 / 5e-4, cosine per step, batch 128, "
-             f"crop + flip, {NOISY_EPOCHS} epochs, fp32), 1,017 clean test images. Machine: {machines(out, seeds)}.",
-             "", RULE, "", "| seed | engine final % | plain final % | engine − plain | study's fixed arm % |",
-             "|---|---|---|---|---|"]
+             f"crop + flip, {NOISY_EPOCHS} epochs, fp32), 1,017 clean test images. Machine: {machines(out, seeds)}. "
+             "Arms: engine (`dynbatch train --policy fixed`), plain (`bench/plain_noisy.py`, crops padded with the "
+             "mean colour), plainblack (the same loop, padded with black as the engine pads), study (the noisy "
+             "study's committed fixed arm: the same seed and noise draw, run on the machine it ran on).", "", RULE,
+             "", PADDING_RULE, "", "| seed | " + " | ".join(f"{k} final %" for k in shown) + " |",
+             "|---|" + "---|" * len(shown)]
     for seed in range(seeds):
-        e, p, s = (arms[k].get(seed) for k in ("engine", "plain", "study"))
-        cell = [f"{100 * v:.1f}" if v is not None else "–" for v in (e, p)]
-        diff = f"{100 * (e - p):+.1f}" if e is not None and p is not None else "–"
-        lines.append(f"| {seed} | {cell[0]} | {cell[1]} | {diff} | {100 * s:.1f} |" if s is not None else
-                     f"| {seed} | {cell[0]} | {cell[1]} | {diff} | – |")
-    comparisons = [("engine", "plain", "engine − plain (the question)"),
-                   ("engine", "study", "engine here − the study's fixed arm (same seed and draw, its machine)")]
+        cells = [f"{100 * arms[k][seed]:.1f}" if seed in arms[k] else "–" for k in shown]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines += ["", verdicts.TABLE_HEADER, verdicts.TABLE_RULE]
-    for a, b, what in comparisons:
+    for a, b, what in COMPARISONS:
         c = verdicts.compare(arms[a], arms[b], scale=100)
         if c is None:
             lines.append(f"| {what} | – | – | – | not enough seeds yet |")
             continue
-        word = {"below": "worse", "above": "better", "straddles": "no difference found"}[c.side(0.0)]
+        word = {"below": "lower", "above": "higher", "straddles": "no difference found"}[c.side(0.0)]
         lines.append(f"| {what} | {c.cell()} | {c.how} | {c.n} | {word} |")
     return lines + ["", verdicts.RULE, ""] + signal(out, seeds)
 

@@ -2,13 +2,15 @@
 path: the reference that ``bench/baseline_question.py`` pairs ``dynbatch train --policy fixed`` with.
 
     python bench/plain_noisy.py --data cifar10_subset.npz --labels labels.npy --seed 0 --json OUT [--bf16]
+        [--pad mean|black]
 
 PreResNet-20 (He et al. 2016, pre-activation, widths 16/32/64, Kaiming-normal convolutions), SGD lr 0.05,
 momentum 0.9, weight decay 5e-4 on every parameter, cosine annealing per step to 0 over 30 epochs, batch 128 (the
-last batch of an epoch partial), each epoch a new permutation; random crops of the zero-padded (4 pixels) image and
-random horizontal flips; images scaled by the training split's per-channel mean and std. Trains on ``--labels`` (a
-.npy of one label per training image: the noisy draw), tests on the clean test labels after every epoch. fp32, or
-bf16 autocast with ``--bf16``. One thread unless OMP_NUM_THREADS says otherwise.
+last batch of an epoch partial), each epoch a new permutation; random crops of the image padded by 4 pixels (of the
+mean colour, or black with ``--pad black``) and random horizontal flips; images scaled by the training split's
+per-channel mean and std. Trains on ``--labels`` (a .npy of one label per training image: the noisy draw), tests on
+the clean test labels after every epoch. fp32, or bf16 autocast with ``--bf16``. One thread unless OMP_NUM_THREADS
+says otherwise.
 """
 from __future__ import annotations
 
@@ -58,10 +60,11 @@ class PreResNet20(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 32x32 crops of the 4-pixel zero-padded batch and random horizontal flips, (B, 3, 32, 32)."""
+def augment(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Random 32x32 crops of the batch padded by 4 pixels of ``fill`` (a value of the normalised images, or one per
+    channel as (1, C, 1, 1)) and random horizontal flips, (B, 3, 32, 32)."""
     b, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
+    padded = F.pad(x - fill, (4, 4, 4, 4)) + fill
     dy, dx = torch.randint(0, 9, (b,), generator=gen), torch.randint(0, 9, (b,), generator=gen)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, 3, h, w + 8)
     crops = padded.gather(2, rows)
@@ -81,8 +84,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> 
     return correct / len(x)
 
 
-def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, bf16: bool = False) -> dict:
-    """Train once; returns the per-epoch test accuracies and training seconds (evaluation excluded)."""
+def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, bf16: bool = False,
+          pad: str = "mean") -> dict:
+    """Train once; returns the per-epoch test accuracies and training seconds (evaluation excluded). ``pad``: the
+    crops' padding, "mean" (zeros of the normalised images: the mean colour) or "black" (zeros of the raw images,
+    as torchvision's ``RandomCrop(padding=4)`` on a PIL image, and dynbatch's ``--pad-mode zero``)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     z = np.load(data)
@@ -90,6 +96,7 @@ def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128,
     mean, std = x_train.mean((0, 2, 3), keepdim=True), x_train.std((0, 2, 3), keepdim=True)
     x_train = (x_train - mean) / std
     x_test = (torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    fill = -mean / std if pad == "black" else 0.0
     y_train = torch.from_numpy(np.load(labels).astype(np.int64))
     y_test = torch.from_numpy(z["y_test"].astype(np.int64))
     model = PreResNet20(int(z["y_train"].max()) + 1)
@@ -104,7 +111,7 @@ def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128,
                 g["lr"] = 0.5 * 0.05 * (1 + math.cos(math.pi * step / total))
             idx = order[i:i + batch]
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(augment(x_train[idx], gen)), y_train[idx])
+                loss = F.cross_entropy(model(augment(x_train[idx], gen, fill)), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -112,7 +119,7 @@ def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128,
         seconds = time.perf_counter() - t0
         curve.append({"epoch": epoch, "test_acc": evaluate(model, x_test, y_test, bf16), "epoch_s": seconds})
         print(f"epoch {epoch + 1}: test {100 * curve[-1]['test_acc']:.1f} %, {seconds:.1f} s", flush=True)
-    return {"seed": seed, "labels": labels, "bf16": bf16, "epochs": curve, "final_acc": curve[-1]["test_acc"],
+    return {"seed": seed, "labels": labels, "bf16": bf16, "pad": pad, "epochs": curve, "final_acc": curve[-1]["test_acc"],
             "threads": torch.get_num_threads()}
 
 
@@ -123,9 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--pad", choices=("mean", "black"), default="mean",
+                    help="the crops' padding: the mean colour (zeros after normalising) or black (before)")
     ap.add_argument("--json", help="write the result here")
     a = ap.parse_args(argv)
-    result = train(a.data, a.labels, a.seed, a.epochs, bf16=a.bf16)
+    result = train(a.data, a.labels, a.seed, a.epochs, bf16=a.bf16, pad=a.pad)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
