@@ -135,6 +135,23 @@ def test_alternate_flips_invert_every_other_epoch_and_reflect_pads():
                                F.pad(torch.from_numpy(x[:1, :, :, 0]).float()[None], (2,) * 4, mode="reflect")[0, 0])
 
 
+def test_mean_padding_is_the_mean_colour_so_that_padded_pixels_normalise_to_about_zero():
+    """--pad-mode mean: the border a loop that pads its normalised tensors with zeros sees (within uint8 rounding:
+    half a grey level over the std)."""
+    from dynbatch.data.device_data import DeviceSplit
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 5, 5, 3), dtype=np.uint8)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    split = DeviceSplit(x, np.zeros(3, dtype=np.int64), mean, std, torch.device("cpu"), 2, False, pad_mode="mean")
+    assert torch.equal(split.x[:, 2:-2, 2:-2], torch.from_numpy(x))  # the image itself untouched
+    corner = split._normalise(split.x[:, :2, :2])  # (N, C, 2, 2) of border pixels
+    assert corner.abs().max() <= 0.5 / 255 / min(std) + 1e-6
+    zero = DeviceSplit(x, np.zeros(3, dtype=np.int64), mean, std, torch.device("cpu"), 2, False)
+    assert int(zero.x[:, :2].max()) == 0  # the default stays black
+
+
 @pytest.mark.slow
 def test_the_recipe_trains_resumes_exactly_and_records_its_settings(tmp_path, capsys, tiny_npz):
     args = ("train", "--recipe", "airbench94", "--data", f"npz:{tiny_npz}", "--batch-size", "16", "--epochs", "2",

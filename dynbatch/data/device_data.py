@@ -11,6 +11,21 @@ import torch
 from dynbatch.data.sources import DataSource
 
 
+def _pad(x: torch.Tensor, p: int, mode: str, mean) -> torch.Tensor:
+    """uint8 images (N, H, W, C) padded by ``p`` pixels on each side: "zero" (black, as torchvision's RandomCrop
+    pads a PIL image), "reflect", or "mean" (the split's mean colour, rounded to uint8: what a loop that pads its
+    normalised tensors with zeros sees)."""
+    if mode == "reflect":  # through a float view, exact for uint8 values
+        return (torch.nn.functional.pad(x.permute(0, 3, 1, 2).float(), (p,) * 4, mode="reflect")
+                .round().to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+    out = torch.nn.functional.pad(x, (0, 0, p, p, p, p))
+    if mode == "mean":
+        border = torch.ones(out.shape[1:3], dtype=torch.bool)
+        border[p:-p, p:-p] = False
+        out[:, border] = torch.tensor([round(255 * m) for m in mean], dtype=torch.uint8)
+    return out
+
+
 class DeviceSplit:
     """One split on ``device``.
 
@@ -24,10 +39,7 @@ class DeviceSplit:
         self.flip = flip
         xt = torch.from_numpy(np.ascontiguousarray(x))
         if padding:
-            # (N, H, W, C): reflect pads through a float view, exact for uint8 values
-            xt = (torch.nn.functional.pad(xt.permute(0, 3, 1, 2).float(), (padding,) * 4, mode="reflect")
-                  .round().to(torch.uint8).permute(0, 2, 3, 1).contiguous() if pad_mode == "reflect"
-                  else torch.nn.functional.pad(xt, (0, 0, padding, padding, padding, padding)))
+            xt = _pad(xt, padding, pad_mode, mean)
         self.x = xt.to(device)
         # alternate flips (airbench's): each image's own flip, drawn once, inverted every other epoch
         self.flip_base = ((torch.rand(self.n, generator=torch.Generator().manual_seed(seed)) < 0.5).to(device)

@@ -32,7 +32,7 @@ class DataSource:
     """A whole data set in host memory.
 
     x_*: uint8 (N, H, W, C); y_*: int64 (N,); mean/std: per channel, for images scaled to [0, 1].
-    crop_padding: pixels of padding for the random-crop (translation) augmentation, ``pad_mode`` zero or reflect;
+    crop_padding: pixels of padding for the random-crop (translation) augmentation, ``pad_mode`` zero, reflect or mean;
     flip: whether horizontal flips are valid, ``flip_mode`` how they are drawn (random, alternate).
     """
 

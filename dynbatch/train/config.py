@@ -95,8 +95,9 @@ class TrainConfig:
     translate: int | None = option(None, "random translation of up to N pixels (a crop of the padded image; "
                                    "default: the data set's, 4 for CIFAR)", check=non_negative("e.g. 2 or 4"),
                                    group=_D)
-    pad_mode: str = option("zero", "padding for the translation: zero or reflect",
-                           check=one_of("zero", "reflect", hint="zero is the default"), group=_D)
+    pad_mode: str = option("zero", "padding for the translation: zero (black, as torchvision's RandomCrop), "
+                           "reflect, or mean (the training images' mean colour: zeros after normalising)",
+                           check=one_of("zero", "reflect", "mean", hint="zero is the default"), group=_D)
     flip: str = option("random", "horizontal flips: random (each image, each epoch), alternate (a random "
                        "image's flip, then all flipped every other epoch: airbench's) or none",
                        check=one_of("random", "alternate", "none", hint="random is the default"), group=_D)
