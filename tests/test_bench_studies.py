@@ -42,3 +42,32 @@ def test_the_plain_loops_augmentation_is_seeded(seed):
     x = torch.randn(8, 3, 32, 32)
     a = augment(x, torch.Generator().manual_seed(seed))
     assert torch.equal(a, augment(x, torch.Generator().manual_seed(seed)))
+
+
+def test_the_engines_preresnet20_and_sgd_step_are_the_plain_loops_bit_for_bit():
+    """The baseline question's engine arm and plain arm differ only in their random streams (initial draw, order,
+    augmentation) and the loop around the step: from the same weights the model's forward and three SGD steps
+    (lr 0.05, momentum 0.9, weight decay 5e-4 on every parameter) agree exactly."""
+    import torch.nn.functional as F
+
+    from bench.plain_noisy import PreResNet20
+    from dynbatch.models import build_model
+    from dynbatch.train.optim import build_optimizer
+
+    def plain_name(name):  # the two modules name the stem and the projection shortcut differently
+        return ("stem." + name[5:] if name.startswith("conv.") else name).replace("shortcut", "project")
+
+    torch.manual_seed(0)
+    engine, plain = build_model("preresnet20", 10), PreResNet20(10)
+    plain.load_state_dict({plain_name(k): v for k, v in engine.state_dict().items()})
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    assert torch.equal(engine(x), plain(x))
+    opt_e = build_optimizer("sgd", engine, lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        for model, opt in ((engine, opt_e), (plain, opt_p)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    plain_params = dict(plain.named_parameters())
+    assert all(torch.equal(p, plain_params[plain_name(k)]) for k, p in engine.named_parameters())
