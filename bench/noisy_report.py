@@ -256,7 +256,7 @@ def extend_lines(extend: set) -> list[str]:
     cells = ", ".join(f"`{noise}-{method}`" for noise, method in sorted(extend))
     return ["## Seeds the rule adds", "",
             f"An interval over 3 seeds leaves its verdict inconclusive for {cells}: by the seed rule each gets seeds "
-            "3 and 4. Add them to `FIVE_SEEDS` in `bench/reproduce.py` and run `python bench/reproduce.py noisy "
+            "3 and 4. Add them to `FIVE_SEEDS` in `bench/noisy_study.py` and run `python bench/reproduce.py noisy "
             "--only '<noise>-<method>-s[34]'`; until then their verdicts stand as inconclusive.", ""]
 
 

@@ -1,7 +1,8 @@
 """Paired runs: does a precision or layout setting change what training learns? Same seeds, same data, same
-model; only ``--amp`` / ``--channels-last`` differ. A setting agrees with the reference when the mean of the
-paired differences of final test accuracy is within 2 standard errors of zero or within 1 point — the check
-behind a change of the CPU defaults.
+model; only ``--amp`` / ``--channels-last`` differ. A setting **agrees** with the reference when the 95 % interval
+of the paired differences of final test accuracy (``bench/verdicts.py``: Student's t over the seeds) lies within
+±1 point, **differs** when it lies wholly outside, and is **undecided** otherwise — the check behind a change of
+the CPU defaults.
 
     python -m dynbatch_bench.paired_precision [--epochs 30] [--seeds 0 1 2] [--settings none,off none,on ...]
         [--out bench/results/cpu/paired_precision.md]
@@ -12,11 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import verdicts
+else:
+    from . import verdicts
+from dynbatch.info import cpu_name  # noqa: E402
+
+BAND = 1.0  # points of final test accuracy within which a setting agrees with the reference
 
 
 def train(setting: str, seed: int, epochs: int, folder: Path) -> list[float]:
@@ -28,6 +39,16 @@ def train(setting: str, seed: int, epochs: int, folder: Path) -> list[float]:
                    stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["test_acc"] for r in rows if r["kind"] == "epoch"]
+
+
+def band_verdict(iv: verdicts.Interval | None, reference: bool) -> str:
+    if reference:
+        return "reference"
+    if iv is None:
+        return "undecided (one seed)"
+    if -BAND <= iv.lo and iv.hi <= BAND:
+        return "agrees"
+    return "differs" if iv.hi < -BAND or iv.lo > BAND else "undecided"
 
 
 def main(argv=None) -> int:
@@ -45,20 +66,16 @@ def main(argv=None) -> int:
              f"{ref.split(',')[1]}`", "",
              f"`dynbatch train` (digits, PreResNet-20), {a.epochs} epochs, seeds {a.seeds}; command: "
              f"`python -m dynbatch_bench.paired_precision --epochs {a.epochs} --seeds {' '.join(map(str, a.seeds))} "
-             f"--settings {' '.join(a.settings)}`.", "",
-             "| --amp, --channels-last | final test acc (mean ± std) | paired difference (mean ± s.e.) | "
+             f"--settings {' '.join(a.settings)}`. Machine: {cpu_name()}, {os.cpu_count()} cores.", "",
+             f"A setting agrees when the paired 95 % interval lies within ±{BAND:g} point, differs when it lies "
+             "wholly outside, and is undecided otherwise. " + verdicts.RULE, "",
+             "| --amp, --channels-last | final test acc (mean ± sd) | − reference, paired 95 % interval | "
              "largest per-epoch gap, mean over seeds | verdict |", "|---|---|---|---|---|"]
     for s in a.settings:
-        accs = final[s]
-        diffs = [x - y for x, y in zip(accs, final[ref])]
-        mean_d = statistics.fmean(diffs)
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        iv = verdicts.compare(dict(enumerate(final[s])), dict(enumerate(final[ref])), scale=100)
         gap = statistics.fmean(max(abs(x - y) for x, y in zip(c, r)) for c, r in zip(curves[s], curves[ref]))
-        ok = abs(mean_d) <= 0.01 or abs(mean_d) <= 2 * se
-        verdict = "reference" if s == ref else ("agrees within seed noise" if ok else "differs")
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {s} | {100 * statistics.fmean(accs):.2f} ± {100 * std:.2f} | "
-                     f"{100 * mean_d:+.2f} ± {100 * se:.2f} | {100 * gap:.2f} | {verdict} |")
+        lines.append(f"| {s} | {verdicts.sd_cell(final[s], digits=2, mark=False)} | "
+                     f"{iv.cell(2) if s != ref and iv else '–'} | {100 * gap:.2f} | {band_verdict(iv, s == ref)} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -71,3 +71,13 @@ def test_the_engines_preresnet20_and_sgd_step_are_the_plain_loops_bit_for_bit():
             opt.step()
     plain_params = dict(plain.named_parameters())
     assert all(torch.equal(p, plain_params[plain_name(k)]) for k, p in engine.named_parameters())
+
+
+@pytest.mark.parametrize("lo, hi, expected", [(-0.5, 0.8, "agrees"), (-1.0, 1.0, "agrees"), (-1.5, 0.2, "undecided"),
+                                              (1.2, 2.0, "differs"), (-3.0, -1.1, "differs")])
+def test_a_precision_setting_agrees_when_its_paired_interval_lies_within_a_point(lo, hi, expected):
+    from bench.paired_precision import band_verdict
+    from bench.verdicts import Interval
+
+    assert band_verdict(Interval((lo + hi) / 2, lo, hi, "paired t", "3"), reference=False) == expected
+    assert band_verdict(None, reference=True) == "reference"
