@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -26,9 +25,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import verdicts  # noqa: E402
+from bench.run_folders import DATA  # noqa: E402
 from dynbatch.info import cpu_name  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 LEVELS = (0.65, 0.70, 0.75)
 
 
@@ -64,20 +62,16 @@ def time_to(log: list[dict], level: float) -> float | None:
 
 
 def summary(results: dict[str, list[dict]]) -> list[str]:
-    def cell(values, fmt="{:.1f}"):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "–"
-        m = statistics.fmean(values)
-        return fmt.format(m) + (f" ± {fmt.format(statistics.stdev(values))} (sd)" if len(values) > 1 else "")
+    def cell(values, digits=1):
+        return verdicts.sd_cell([v for v in values if v is not None], scale=1.0, digits=digits)
 
     lines = ["| run | seeds | final test acc % | with TTA % | training s | "
              + " | ".join(f"s to {int(100 * v)} %" for v in LEVELS) + " |", "|---|---|---|---|---|" + "---|" * len(LEVELS)]
     for name, runs in ((k, results[k]) for k in ("engine", "plain")):
         lines.append(f"| {name} | {len(runs)} | {cell([100 * r['epochs'][-1]['test_acc'] for r in runs])} | "
                      f"{cell([100 * r['test_acc_tta'] for r in runs if r['test_acc_tta'] is not None])} | "
-                     f"{cell([r['epochs'][-1]['train_s'] for r in runs], '{:.0f}')} | "
-                     + " | ".join(cell([time_to(r["epochs"], v) for r in runs], "{:.0f}") for v in LEVELS) + " |")
+                     f"{cell([r['epochs'][-1]['train_s'] for r in runs], 0)} | "
+                     + " | ".join(cell([time_to(r["epochs"], v) for r in runs], 0) for v in LEVELS) + " |")
     return lines + [""] + paired(results)
 
 

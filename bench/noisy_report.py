@@ -171,16 +171,16 @@ def filtering_lines(done: dict, planned: Counter, changes: verdicts.Changes) -> 
         if len(d) < want:
             lines.append(f"| {noise} | {method} | {_seeds(len(d), want)} | – | – | not enough seeds yet |")
             continue
-        iv = verdicts.mean_interval(d)
+        iv = verdicts.mean_interval(d, scale=100)  # points
         if min(r.kept_share for r in runs) >= KEEPS_ALL:
             verdict = "keeps all it draws (no verdict)"
         else:
-            verdict = changes.judge(f"{noise} {method}: trained − drawn noise", verdicts.mean_interval(d, 100),
-                                    verdicts.old_interval(d, scale=100), lambda lo, hi: filtering_verdict(lo, hi))
+            verdict = changes.judge(f"{noise} {method}: trained − drawn noise", iv, verdicts.old_interval(d, scale=100),
+                                    filtering_verdict)
             if verdict == "inconclusive":
                 extend |= to_extend(planned, (noise, method))
         lines.append(f"| {noise} | {method} | {len(d)} | {100 * statistics.fmean(d):+.1f} | "
-                     f"[{100 * iv.lo:+.1f}, {100 * iv.hi:+.1f}] | {verdict} |")
+                     f"{iv.bounds()} | {verdict} |")
     return lines + ["", f"A method that trains on at least {100 * KEEPS_ALL:g} % of what it draws (fixed: all of it) "
                     "gets no verdict: its difference is 0 up to the few samples it left out, by construction. Nor "
                     "does it get extra seeds.", ""], extend

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -180,10 +180,7 @@ class Changes:
     """The verdicts a report gives under this module's rule beside those the old percentile bootstrap gave on the
     same runs; ``lines()`` lists the ones that differ (old → new)."""
 
-    rows: list = None
-
-    def __post_init__(self):
-        self.rows = []
+    rows: list = field(default_factory=list)  # (comparison, old interval, old verdict, new interval, how, new)
 
     def judge(self, what: str, new: Interval, old: tuple[float, float], rule: Callable[[float, float], str]) -> str:
         """The verdict ``rule(lo, hi)`` under the new interval, noting the old one's beside it."""
