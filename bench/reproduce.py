@@ -26,6 +26,8 @@ if str(REPO) not in sys.path:  # run as a script: bench.* (the noisy study's rep
 
 from bench.noisy_study import (EDBA_OPT, NOISES, NOISY_OPT, STEPS_PER_EPOCH, noisy_methods,  # noqa: E402
                                noisy_runs)
+from bench.fast_study import (FAST_EPOCHS, FAST_METHODS, fast_runs, frontier_runs,  # noqa: E402
+                              measure_frontier_cost, report_frontier, report_tune, tune_runs)
 from bench import verdicts  # noqa: E402
 from bench.verdicts import sd_cell  # noqa: E402
 from bench.run_folders import (DATA, best_acc, by_seed, final_acc, finished,  # noqa: E402
@@ -165,34 +167,8 @@ def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
                                                "epoch": epochs, "methods": methods}, indent=1))
 
 
-# The dynamic-batch methods on the fast recipe (#31): airbench94's recipe at batch 128 (bench/fast_recipe.py's
-# setting), 10 epochs on all 5,085 images, fp32 pinned. In its decoupled hyperparameters a step on part of the batch
-# (the selection methods, EDBA) takes its share of the rate; split's 1/k and AdaBatch's factors are on the step.
-FAST_EPOCHS = 10
-FAST_OPT = ["--recipe", "airbench94", "--batch-size", "128", "--amp", "none", "--eval-every", "1"]
-FAST_METHODS = {
-    "fixed": ["--policy", "fixed"],
-    "adabatch": ["--policy", "adabatch", "--resize-every", "3"],  # 128 -> 1024 by epoch 9: the end grows
-    "split": ["--policy", "split", "--base-batch", "128"],  # 1 x 128, 2 x 64, 4 x 32, by min loss
-    "edba": ["--policy", "edba"],  # the recipe's optimizer (the tuned reading), from batch 128
-    "importance": ["--policy", "importance"],
-    "selective-backprop": ["--policy", "selective-backprop"],
-    "small-loss": ["--policy", "small-loss"],
-    "consensus": ["--policy", "consensus"],
-}
-
-
-def fast_runs(budget: str):
-    smoke = budget == "smoke"
-    epochs = 1 if smoke else FAST_EPOCHS
-    for seed in range(1 if smoke else 3):  # seeds outermost: a partial session finishes whole seeds first
-        for method, margs in FAST_METHODS.items():
-            args = [*FAST_OPT, *margs, "--epochs", str(epochs), "--seed", str(seed)]
-            yield f"{method}-s{seed}", args, {"method": method, "seed": seed, "epochs": epochs}
-
-
 EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs, "noisy": noisy_runs,
-               "fast": fast_runs}
+               "fast": fast_runs, "frontier": frontier_runs, "tune": tune_runs}
 
 
 def execute(name: str, out: Path, budget: str, only: str) -> list[tuple[Path, dict]]:
@@ -695,7 +671,7 @@ def machines_line(runs) -> str:
 
 
 REPORTS = {"edba": report_edba, "split": report_split, "adabatch": report_adabatch, "noisy": report_noisy,
-           "fast": report_fast}
+           "fast": report_fast, "frontier": report_frontier, "tune": report_tune}
 
 
 def main(argv=None) -> int:
@@ -707,8 +683,8 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput", action="store_true",
                     help="adabatch: first measure training samples/s at each batch size (quiet machine, ~1 min)")
     ap.add_argument("--cost", action="store_true",
-                    help="noisy: first measure each method's seconds per epoch and selection share (quiet machine, "
-                         "~10 min)")
+                    help="noisy, frontier: first measure each method's seconds per epoch (and the noisy study's "
+                         "selection share; quiet machine, ~10 min)")
     a = ap.parse_args(argv)
     if not DATA.is_file():
         print(f"reproduce: {DATA} not found; these experiments need the shared CIFAR-10 subset", file=sys.stderr)
@@ -721,10 +697,13 @@ def main(argv=None) -> int:
             measure_throughput(out)
         if a.cost and name == "noisy":
             measure_noisy_cost(out)
+        if a.cost and name == "frontier":
+            measure_frontier_cost(out)
         runs = execute(name, out, a.budget, a.only)
         lines = [f"# {name}: reproduction on the CIFAR-10 subset", "",
                  f"Command: `python bench/reproduce.py {name}" + (" --budget smoke" if a.budget == "smoke" else "")
-                 + "`; 1,017 real test images.", "", machines_line(runs), ""] + REPORTS[name](runs, out)
+                 + "`; " + ("1,000 training images held out for validation (the test set unread)." if name == "tune"
+                            else "1,017 real test images."), "", machines_line(runs), ""] + REPORTS[name](runs, out)
         (out / "table.md").write_text("\n".join(lines) + "\n")
         print(f"[{name}] wrote {out / 'table.md'} ({time.time() - t0:.0f} s this invocation)")
     return 0

@@ -56,6 +56,8 @@ def parts(suites: str = BENCH_SUITES[0]) -> list[Part]:
              ("-m", "dynbatch_bench.gpu_estimate", "--out", "{out}/estimate.md", "--json", "{out}/estimate.json"), 20),
         Part("bench", f"benchmarks ({suites})", ("-m", "dynbatch", "bench", "--suite", suites, "--out", "{out}/bench"),
              bench_s),
+        Part("selection", "proxy and InfoBatch steps beside fixed's (the proxy's side stream)",
+             ("-m", "dynbatch_bench.selection_gpu", "--data", "{data}", "--out", "{out}/selection.md"), 20),
         Part("train", "`dynbatch train --compile` on the CIFAR subset (2 epochs, 5,000 images)",
              ("-m", "dynbatch", "train", "--data", "{data}", "--epochs", "2", "--train-samples", "5000", "--compile",
               "--no-progress", "--out", "{out}/compile-run", "--overwrite"), 60),

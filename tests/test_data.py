@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
+from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, hold_out, load_dataset
 from dynbatch.errors import UserError
 
 
@@ -107,3 +107,19 @@ def test_sampler_variable_sizes_and_state():
     assert torch.equal(t.next(2), follow[0]) and torch.equal(t.next(5), follow[1])
     t.new_epoch()
     assert torch.equal(t.perm, nxt)
+
+
+def test_hold_out_makes_a_fixed_balanced_validation_split_of_the_training_images(tiny_npz):
+    src, again = load_dataset(f"npz:{tiny_npz}"), load_dataset(f"npz:{tiny_npz}")
+    x_all, y_all = src.x_train.copy(), src.y_train.copy()
+    hold_out(src, 30)
+    hold_out(again, 30)
+    assert len(src.y_train) == 66 and len(src.y_test) == 30
+    assert np.array_equal(src.x_test, again.x_test)  # one draw, whatever the run's seed
+    assert np.bincount(src.y_test).tolist() == [10, 10, 10]
+    rows = {x.tobytes() for x in x_all}
+    assert {x.tobytes() for x in src.x_test} | {x.tobytes() for x in src.x_train} == rows  # a partition
+    assert not {x.tobytes() for x in src.x_test} & {x.tobytes() for x in src.x_train}
+    with pytest.raises(UserError, match="must leave training images"):
+        hold_out(load_dataset(f"npz:{tiny_npz}"), 96)
+    assert y_all.shape == (96,)

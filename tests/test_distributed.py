@@ -137,3 +137,22 @@ def test_the_trainer_waits_for_its_peers_after_training_but_not_after_an_error(t
     with pytest.raises(ZeroDivisionError):
         main([str(a) for a in (*args, "--out", tmp_path / "c")])
     assert closed == [True, True, False]
+
+
+@pytest.mark.parametrize("policy", [("infobatch", "--ib-delta", "0", "--epochs", "2"),
+                                    ("proxy", "--proxy-every", "2", "--epochs", "1")], ids=["infobatch", "proxy"])
+def test_infobatch_and_proxy_two_ranks_follow_one_process_and_resume(tmp_path, capsys, tiny_npz, policy):
+    """InfoBatch: every rank holds the global table (the batch's losses gathered), so the ranks prune what one
+    process prunes; the proxy: every rank filters the global batch with its own identical proxy."""
+    args = ("train", "--data", f"npz:{tiny_npz}", "--policy", *policy, *EXACT)
+    single, ddp, resumed = tmp_path / "single", tmp_path / "ddp", tmp_path / "resumed"
+    assert run_cli(capsys, *args, "--out", single)[0] == 0
+    torchrun(*args, "--out", ddp)
+    s, d = rows(single, "step"), rows(ddp, "step")
+    assert [r["trained_samples"] for r in d] == [r["trained_samples"] for r in s]
+    assert [r["train_loss"] for r in d] == pytest.approx([r["train_loss"] for r in s], rel=1e-3)
+    assert_same_weights(single, ddp)
+    torchrun(*args, "--out", resumed, "--stop-after-steps", "4")
+    torchrun("train", "--resume", resumed)
+    for kind in ("step", "epoch"):
+        assert without_timing(rows(resumed, kind)) == without_timing(rows(ddp, kind))

@@ -91,3 +91,15 @@ def test_check_runs_every_part_without_network(tmp_path, tiny_npz, monkeypatch):
     assert "network blocked by the test" in (out / "logs" / "0-net.log").read_text()
     report = (out / "report.md").read_text()
     assert "| TIMEOUT |" in report and "Compiled training: test accuracy" in report
+
+
+@pytest.mark.slow
+def test_the_selection_part_measures_its_three_runs_on_a_cpu(tmp_path, tiny_npz):
+    from dynbatch_bench import selection_gpu
+
+    out = tmp_path / "selection.md"
+    assert selection_gpu.main(["--data", f"npz:{tiny_npz}", "--out", str(out), "--extra", "--train-samples", "96",
+                               "--batch-size", "8", "--model", "airbench-proxy", "--amp", "none"]) == 0
+    text = out.read_text()
+    assert "| fixed | steps |" in text and "| proxy | learning batches |" in text and "| infobatch | steps |" in text
+    assert "nan" not in text

@@ -164,7 +164,7 @@ def test_bad_method_options_are_one_line(tmp_path, capsys, argv, needle):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["importance_loop.py", "selective_backprop_loop.py", "small_loss_loop.py",
-                                  "consensus_loop.py"])
+                                  "consensus_loop.py", "infobatch_loop.py", "proxy_loop.py"])
 def test_each_method_example_runs_and_differs_from_the_plain_loop_by_at_most_fifteen_lines(name, capsys,
                                                                                             monkeypatch):
     changed = example_diff(name)

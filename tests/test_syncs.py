@@ -2,7 +2,8 @@
 a number from a tensor (``item``/``float``/``int``/``bool``, ``tolist``, ``numpy``), ``nonzero`` and boolean-mask
 indexing (whose output size the host must learn). Steps of the fixed and adabatch policies ask the device for
 nothing; their rows are read in blocks of ``FLUSH_EVERY`` steps, so at most 0.1 reads per step amortised, with
-label noise too (the mislabeled counts join the block). EDBA, split and the selection methods read their choice
+label noise too (the mislabeled counts join the block); InfoBatch and the proxy's filter too (the proxy's loss joins
+the block; InfoBatch reads once at an epoch's start). EDBA, split and the selection methods read their choice
 once per step (one packed copy), and nothing else."""
 import pytest
 import torch
@@ -93,6 +94,8 @@ NOISE = {"label_noise": "symmetric:0.3"}
     ("selective-backprop", {}, 120, 8, once_per_step, 1.1, NOISE),
     ("small-loss", {}, 120, 8, once_per_step, 1.1, NOISE),
     ("consensus", {"by_class": True}, 120, 8, once_per_step, 1.1, NOISE),
+    ("infobatch", {"ib_delta": 0.0}, 240, 4, per_block, 0.1, NOISE),  # its one read is at the epoch's start
+    ("proxy", {"proxy_every": 2}, 240, 8, per_block, 0.1, NOISE),  # the proxy's loss joins the block's read
 ])
 def test_reads_per_step(tmp_path, counted, policy, options, samples, batch, reads, per_step, extra):
     counter, wrap = counted

@@ -24,14 +24,15 @@ from torch.utils.data import Sampler
 class VariableBatchSampler:
     """Index batches over ``n`` samples; an epoch is one pass over a fresh seeded permutation.
 
-    The last batch of an epoch holds what is left (it may be smaller than asked). All state lives on the CPU and
-    round-trips through :meth:`state_dict`, so a resumed run draws the same batches. The permutation is also
-    copied to ``device`` once per epoch and batches are sliced from that copy: a GPU step then moves no indices
+    The last batch of an epoch holds what is left (it may be smaller than asked). An epoch may be restricted to
+    some of the samples (:meth:`restrict`, InfoBatch's pruning): ``n`` is then that epoch's count. All state lives on
+    the CPU and round-trips through :meth:`state_dict`, so a resumed run draws the same batches. The permutation is
+    also copied to ``device`` once per epoch and batches are sliced from that copy: a GPU step then moves no indices
     from the host (a copy from pageable memory would wait for the device).
     """
 
     def __init__(self, n: int, seed: int, device: torch.device | str = "cpu", shuffle: bool = True):
-        self.n = n
+        self.size = n  # the training split's samples; ``n`` is this epoch's
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.shuffle = shuffle
@@ -39,11 +40,23 @@ class VariableBatchSampler:
         self._set_perm(self._draw())
 
     def _draw(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        return torch.randperm(self.size, generator=self.generator) if self.shuffle else torch.arange(self.size)
 
     def _set_perm(self, perm: torch.Tensor) -> None:
         self.perm = perm
         self._perm_on_device = perm if self.device.type == "cpu" else perm.to(self.device)
+
+    @property
+    def n(self) -> int:
+        """Samples this epoch draws."""
+        return self.perm.numel()
+
+    def restrict(self, keep: torch.Tensor) -> None:
+        """Draw this epoch only the samples ``keep`` (bool (size,), CPU) marks, in the order of the permutation
+        already drawn: the generator's stream, and so every later epoch's permutation, is the unrestricted one."""
+        if self.pos:
+            raise RuntimeError("restrict() at an epoch's start only")
+        self._set_perm(self.perm[keep[self.perm]])
 
     @property
     def remaining(self) -> int:

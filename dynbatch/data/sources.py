@@ -232,3 +232,18 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         rest = np.setdiff1d(np.arange(len(labels)), picked)
         picked = np.concatenate([picked, rng.permutation(rest)[: n - len(picked)]])
     return np.sort(picked)
+
+
+VALIDATION_SEED = 0x5EED  # one validation split for every seed of a study: runs tuned on it are paired
+
+
+def hold_out(src, n: int) -> None:
+    """Make ``n`` class-balanced training images of ``src`` its evaluation split, in place; the test split is
+    dropped, so nothing tuned on the run's rows has seen it. The normalisation statistics stay the full training
+    split's (pixel means, no labels)."""
+    if not 1 <= n < len(src.y_train):
+        raise UserError(f"--validation {n} must leave training images: give 1..{len(src.y_train) - 1}")
+    held = balanced_subset(src.y_train, n, VALIDATION_SEED)
+    rest = np.setdiff1d(np.arange(len(src.y_train)), held)
+    src.x_test, src.y_test = src.x_train[held], src.y_train[held]
+    src.x_train, src.y_train = src.x_train[rest], src.y_train[rest]

@@ -10,6 +10,8 @@ help, validation), its state and pure functions, the component for your own loop
 - ``selective_backprop``: Selective Backprop (:class:`SelectiveBackprop`).
 - ``small_loss``: small-loss selection (:class:`SmallLoss`).
 - ``consensus``: gradient-consensus selection (:class:`ConsensusFilter`).
+- ``infobatch``: InfoBatch, per-epoch pruning of low-loss samples, rescaled (:class:`InfoBatch`).
+- ``proxy``: proxy filtering, a small network's highest-loss share of each batch (:class:`ProxyFilter`).
 
 The four selection methods share ``scored`` (:class:`BatchScorer`, the scoring forward, and the adapter).
 
@@ -23,7 +25,8 @@ from importlib import import_module
 from dynbatch.errors import UserError
 from dynbatch.methods.base import ForwardStep, GradientStep, Plan, Policy, ReuseStep, StepContext, TrainStep
 
-_MODULES = ("fixed", "split", "edba", "adabatch", "importance", "selective_backprop", "small_loss", "consensus")
+_MODULES = ("fixed", "split", "edba", "adabatch", "importance", "selective_backprop", "small_loss", "consensus",
+            "infobatch", "proxy")
 
 
 def _policies() -> dict[str, type[Policy]]:
@@ -53,6 +56,8 @@ _EXPORTS = {
     "SelectiveBackprop": "selective_backprop", "SelectiveBackpropOptions": "selective_backprop",
     "SmallLoss": "small_loss", "SmallLossOptions": "small_loss",
     "ConsensusFilter": "consensus", "ConsensusOptions": "consensus",
+    "InfoBatch": "infobatch", "InfoBatchOptions": "infobatch",
+    "ProxyFilter": "proxy", "ProxyOptions": "proxy",
     "BatchScorer": "scored",
 }
 

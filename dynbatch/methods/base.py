@@ -73,7 +73,8 @@ TrainStep = ForwardStep | ReuseStep | GradientStep
 @dataclass(slots=True)
 class Plan:
     """What to do with one loader batch: optimizer steps, and fields for this step's row in ``metrics.jsonl``
-    (host values only; the executor supplies the loss, accuracy and sample counts of every kind of step)."""
+    (host values, or 0-d device tensors, read with the block of rows they join; the executor supplies the loss,
+    accuracy and sample counts of every kind of step)."""
 
     steps: list[TrainStep]
     record: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +103,12 @@ class StepContext:
     # bool (B,) on the device: which samples of this step's (global) batch carry a corrupted label; set by the
     # trainer when the run has label noise, for the rows' mislabeled fractions. Policies must not read it to choose.
     mislabeled: torch.Tensor | None = None
+    indices: torch.Tensor | None = None  # int64 (B,) on the device: the batch's rows of the training split
+    lr: float = 0.0  # the step's scheduled learning rate (torch's form), before a step's ``lr_scale``
+    # The run's recipe for a second network (InfoBatch needs none; the proxy policy one): a model of that name built
+    # and initialised as the run's own, on its device; an optimizer with the run's settings over a model's weights.
+    make_model: Callable[[str, str | None], nn.Module] | None = None  # (name, a run folder to load or None)
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
 
     def __post_init__(self):
         if self.dist is None:
@@ -162,8 +169,22 @@ class Policy(ABC):
             return 1.0
         return trained / self.base_batch_size
 
+    def attach(self, ctx: StepContext) -> None:
+        """Called once when the run is built, before a checkpoint is loaded: build what needs the run's device,
+        model or recipe (the proxy policy's network and optimizer)."""
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first batch of every epoch (0-based), also after a resume."""
+
+    def epoch_samples(self, epoch: int, n: int) -> torch.Tensor | None:
+        """Bool (n,) on the CPU: which of the training split's n samples epoch ``epoch`` draws (None: all of them).
+        Called at the epoch's start, after :meth:`on_epoch_start` (not again on a resume mid-epoch: the sampler's
+        state holds the epoch's draw)."""
+        return None
+
+    def epoch_record(self) -> dict[str, Any]:
+        """Fields for the epoch's row (host values)."""
+        return {}
 
     @abstractmethod
     def plan(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> Plan:

@@ -23,6 +23,7 @@ MODELS = {
     "resnet18": ResNet18,
     "vgg16_bn": VGG16BN,
     "airbench": AirbenchNet,
+    "airbench-proxy": partial(AirbenchNet, widths=(32, 64, 64)),
 }
 
 

@@ -1,6 +1,6 @@
 """The network of airbench94 (Keller Jordan's cifar10-airbench): a 2 x 2 convolution meant to be whitened
 (``--whiten``), then three groups of conv -> max-pool -> BatchNorm -> GELU -> conv -> BatchNorm -> GELU (widths 64,
-256, 256), a 3 x 3 max-pool and a linear head without bias whose output is scaled by 1/9.
+256, 256; ``airbench-proxy``: 32, 64, 64, the proxy of airbench96_faster's data filtering), a 3 x 3 max-pool and a linear head without bias whose output is scaled by 1/9.
 
 The recipe's other parts are engine options applied to it (see ``dynbatch/recipes/airbench94.json``): dirac
 initialisation, BatchNorm momentum, epsilon and frozen weights, whitening, the BatchNorm-bias lr scaler.
@@ -41,14 +41,15 @@ class ConvGroup(nn.Module):
 
 
 class AirbenchNet(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64, whiten_kernel: int = 2,
-                 scale: float = 1 / 9):
+    """``widths``: the three groups' channels (airbench94's 64/256/256; airbench96_faster's proxy 32/64/64)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int] = (64, 256, 256),
+                 whiten_kernel: int = 2, scale: float = 1 / 9):
         super().__init__()
         whiten_width = 2 * in_channels * whiten_kernel**2
         self.whiten = nn.Conv2d(in_channels, whiten_width, whiten_kernel, padding=0, bias=True)
-        self.groups = nn.Sequential(ConvGroup(whiten_width, width), ConvGroup(width, 4 * width),
-                                    ConvGroup(4 * width, 4 * width))
-        self.head = ScaledLinear(4 * width, num_classes, scale)
+        self.groups = nn.Sequential(*(ConvGroup(a, b) for a, b in zip((whiten_width, *widths[:-1]), widths)))
+        self.head = ScaledLinear(widths[-1], num_classes, scale)
         nn.init.zeros_(self.whiten.bias)
 
     def forward(self, x):

@@ -4,6 +4,7 @@ the run folder is touched, so bad input never leaves a partial run behind."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 import sys
 from dataclasses import dataclass, fields
 from functools import partial
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, load_dataset
+from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, hold_out, load_dataset
 from dynbatch.data.noise import LabelFile, corrupt_labels, parse_label_noise, read_label_file
 from dynbatch.distributed import Dist
 from dynbatch.errors import UserError
@@ -22,6 +23,7 @@ from dynbatch.methods.scored import SelectionPolicy
 from dynbatch.models import build_model
 from dynbatch.models.init import dirac_init, first_conv, set_batchnorm, whiten_conv
 from dynbatch.train import precision as precisions
+from dynbatch.train import records
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.executor import PlanExecutor
 from dynbatch.train.lookahead import Lookahead
@@ -90,6 +92,8 @@ def _data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceData, SubsetRed
         src.flip = False
     if not cfg.augment:
         src.crop_padding = 0
+    if cfg.validation is not None:
+        hold_out(src, cfg.validation)
     train_samples = cfg.train_samples
     if cfg.train_fraction is not None:
         train_samples = max(1, round(cfg.train_fraction * len(src.y_train)))
@@ -175,6 +179,32 @@ def _auto_amp(cfg: TrainConfig, precision, model, data: DeviceData, dist: Dist, 
     return dist.gather_objects(decided)[0]
 
 
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The run's optimizer over ``model``'s weights."""
+    lr, weight_decay = cfg.torch_hyperparameters()
+    return build_optimizer(cfg.optimizer, model, lr=lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+                           weight_decay=weight_decay, bias_lr_scale=cfg.bias_lr_scale)
+
+
+def _second_model(cfg: TrainConfig, data: DeviceData, device: torch.device, channels_last: bool,
+                  name: str, weights_from: str | None = None) -> torch.nn.Module:
+    """A model of ``name`` initialised as the run's (``StepContext.make_model``), in train mode on the device; its
+    initial weights drawn from the run's seed, apart from the main model's, or a finished run's (``weights_from``,
+    a run folder of that model)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 0x9E37)
+        model = build_model(name, data.source.num_classes, data.source.image_shape[0]).to(device)
+        _initialise(cfg, model, data)
+    if weights_from is not None:
+        run = Path(weights_from)
+        trained = records.read_config(run)["config"].get("model")
+        if trained != name:
+            raise UserError(f"{run} trained --model {trained}, not {name}; give a run of {name} or its name")
+        model.load_state_dict(records.load_checkpoint(run / "checkpoint.pt", ("model",))["model"])
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
+    return model.train()
+
+
 def build_run(cfg: TrainConfig, log: Callable[[str], None], recorded_bf16: bool | None = None) -> RunParts:
     """The parts of a run of ``cfg`` (resolved and validated here); ``recorded_bf16``: a resumed run's choice of
     ``--amp auto``."""
@@ -187,16 +217,17 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None], recorded_bf16: bool 
     device, dist = _place(cfg)
     data, redraw = _data(cfg, device)
     model, step_model, precision = _model(cfg, data, device, dist, log, recorded_bf16)
-    lr, weight_decay = cfg.torch_hyperparameters()
-    optimizer = build_optimizer(cfg.optimizer, model, lr=lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
-                                weight_decay=weight_decay, bias_lr_scale=cfg.bias_lr_scale)
+    optimizer = _optimizer(cfg, model)
     policy = policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
     policy.check_world_size(dist.world)
     executor = PlanExecutor(step_model, optimizer, cfg.micro_batch, dist=dist,
                             restore_buffers_on_skip=cfg.on_nonfinite == "skip")
     loss_fn = partial(F.cross_entropy, reduction="none", label_smoothing=cfg.label_smoothing)
     ctx = StepContext(model=step_model, module=model, loss_fn=loss_fn, autocast=precision.autocast, device=device,
-                      seed=cfg.seed, label_smoothing=cfg.label_smoothing, dist=dist)
+                      seed=cfg.seed, label_smoothing=cfg.label_smoothing, dist=dist,
+                      make_model=partial(_second_model, cfg, data, device, precision.channels_last),
+                      make_optimizer=partial(_optimizer, cfg))
+    policy.attach(ctx)
     return RunParts(cfg=cfg, device=device, dist=dist, data=data, redraw=redraw, model=model, step_model=step_model,
                     precision=precision, channels_last=precision.channels_last, optimizer=optimizer, policy=policy,
                     executor=executor, loss_fn=loss_fn, ctx=ctx,

@@ -90,6 +90,9 @@ class TrainConfig:
                                        group=_D)
     train_fraction: float | None = option(None, "class-balanced seeded subset, a fraction in (0, 1]",
                                           check=within("(0, 1]", lambda v: 0 < v <= 1, "e.g. 0.1 for 10%"), group=_D)
+    validation: int | None = option(None, "hold out N class-balanced training images (one fixed draw, whatever "
+                                    "the seed) and evaluate on them instead of the test set: tune on this",
+                                    check=positive("e.g. 1000"), group=_D)
     augment: bool = option(True, "train without random crops and flips (augmentation is on otherwise)",
                            flag="--no-augment", group=_D)
     translate: int | None = option(None, "random translation of up to N pixels (a crop of the padded image; "

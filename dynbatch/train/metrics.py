@@ -84,7 +84,15 @@ class MetricsSink:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        values = torch.stack([t for p in pending for t in p.stats]).view(len(pending), -1).tolist()
+        stats = torch.stack([t for p in pending for t in p.stats])
+        # A record's 0-d device tensors (a policy's per-step statistic, e.g. the proxy's loss) join the same read.
+        late = [(p.record, k) for p in pending for k, v in p.record.items() if isinstance(v, torch.Tensor)]
+        if late:
+            stats = torch.cat([stats.double(), torch.stack([r[k].reshape(()).double() for r, k in late])])
+        flat, width = stats.tolist(), len(pending[0].stats)
+        for i, (r, k) in enumerate(late):
+            r[k] = flat[len(pending) * width + i]
+        values = [flat[i * width:(i + 1) * width] for i in range(len(pending))]
         row = None
         for p, (loss_sum, correct, trained, skipped, *mislabeled) in zip(pending, values):
             correct, trained, skipped = int(correct), int(round(trained)), int(skipped)

@@ -117,7 +117,7 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 if self.sampler.pos == 0:
                     self._start_epoch()
-                self.sink.open_bar(cfg.progress, len(self.data.train), self.sampler.pos,
+                self.sink.open_bar(cfg.progress, self.sampler.n, self.sampler.pos,
                                    f"epoch {self.epoch + 1}/{cfg.epochs}")
                 self._train_step()
                 steps += 1
@@ -148,6 +148,9 @@ class Trainer:
             if indices is not None:
                 self.data.use_train_subset(indices)
         self.policy.on_epoch_start(self.epoch)
+        keep = self.policy.epoch_samples(self.epoch, self.sampler.size)
+        if keep is not None:
+            self.sampler.restrict(keep)
         self._epoch_freezing()
 
     def _epoch_freezing(self) -> None:
@@ -166,7 +169,7 @@ class Trainer:
         x, y = self.data.train.batch(idx, self.aug_gen, p.epoch)  # --no-augment zeroed padding and flips
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        self.ctx.step, self.ctx.epoch = p.step, p.epoch
+        self.ctx.step, self.ctx.epoch, self.ctx.indices, self.ctx.lr = p.step, p.epoch, idx, lr
         if self.data.train.mislabeled is not None:  # label noise: which drawn samples carry a corrupted label
             self.ctx.mislabeled = self.data.train.mislabeled[idx.to(self.device, non_blocking=True)]
         plan = self.policy.plan(x, y, self.ctx)
@@ -214,8 +217,8 @@ class Trainer:
         row = {"epoch": p.epoch, "step": p.step, "train_loss": a["loss_sum"] / max(a["n"], 1),
                "train_acc": a["correct"] / max(a["n"], 1), "test_loss": test_loss, "test_acc": test_acc,
                "epoch_s": a["time"], "steps": a["steps"], "trained_samples": a["n"], "samples_seen": p.samples_seen,
-               "samples_per_s": len(self.data.train) / max(a["time"], 1e-9), "wall_s": p.wall_s + self._elapsed(),
-               **monitor.epoch_summary(self.dist)}
+               "samples_per_s": self.sampler.n / max(a["time"], 1e-9), "wall_s": p.wall_s + self._elapsed(),
+               **monitor.epoch_summary(self.dist), **self.policy.epoch_record()}
         if self.redraw is not None:
             row["distinct_train_images"] = self.redraw.distinct
         if last and self.cfg.tta:
