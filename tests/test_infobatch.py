@@ -112,6 +112,7 @@ def test_resume_continues_exactly(tmp_path, capsys, tiny_npz, stop):
     (("--ib-ratio", "1"), "--ib-ratio must be in [0, 1)"),
     (("--ib-delta", "1.5"), "--ib-delta must be in [0, 1]"),
     (("--ib-initial", "nan"), "--ib-initial"),
+    (("--train-samples", "50", "--redraw-subset", "every-epoch"), "drop --redraw-subset"),
 ])
 def test_bad_options_are_one_line(tmp_path, capsys, argv, needle):
     rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--policy", "infobatch", *argv)

@@ -337,19 +337,26 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, capsys):
-    """Eight interruptions at seeded random moments, by SIGTERM, SIGINT and kill -9, two of them inside a
-    checkpoint write (eight, not twelve: each costs a process start, and the suite has a 15-minute budget); after each, the run resumes, and in the end every row equals an uninterrupted run's."""
+@pytest.mark.parametrize("policy, faults", [
+    ((), ["term", "int", "kill", "ckpt"] * 2),
+    # The policies with state of their own beside the model's (InfoBatch's score table, the proxy's network and
+    # optimizer): one fault of each kind.
+    (("--policy", "infobatch", "--ib-delta", "0.25"), ["term", "int", "kill", "ckpt"]),
+    (("--policy", "proxy", "--proxy-every", "2"), ["term", "int", "kill", "ckpt"]),
+], ids=["fixed", "infobatch", "proxy"])
+def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, capsys, policy, faults):
+    """Interruptions at seeded random moments, by SIGTERM, SIGINT and kill -9, some inside a checkpoint write (eight
+    for fixed, four for the policies with their own state: each costs a process start, and the suite has a 15-minute
+    budget); after each, the run resumes, and in the end every row equals an uninterrupted run's."""
     import random
 
-    args = ("--epochs", "8", "--train-samples", "60", "--batch-size", "12", *FAST)  # 5 steps an epoch
+    args = ("--epochs", "8", "--train-samples", "60", "--batch-size", "12", *FAST, *policy)  # 5 steps an epoch
     clean, run = tmp_path / "clean", tmp_path / "faulty"
     assert run_cli(capsys, "train", "--out", clean, *args)[0] == 0
     reference = {k: without_timing(rows(clean, k)) for k in ("step", "epoch")}
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(KILL_IN_CHECKPOINT)
     rng = random.Random(1234)
-    faults = ["term", "int", "kill", "ckpt"] * 2
     rng.shuffle(faults)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     landed = 0
@@ -378,7 +385,7 @@ def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, cap
         # included: they are cut on resume and computed again identically).
         so_far = without_timing([r for r in records.read_metrics(run) if r["kind"] == "step"])
         assert so_far == reference["step"][: len(so_far)]
-    assert landed >= 6
+    assert landed >= len(faults) - 2
     assert run_cli(capsys, "train", "--out", run, *args, "--autoresume")[0] == 0
     for kind in ("step", "epoch"):
         assert without_timing(rows(run, kind)) == reference[kind]

@@ -91,3 +91,46 @@ def test_time_to_sums_the_epochs_own_seconds(tmp_path):
             for ep, acc in enumerate([0.5, 0.7, 0.8])]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert time_to(run, 0.7) == 21.0 and time_to(run, 0.9) is None
+
+
+# ---- the frontier rule (bench/fast_study.py, #47) -------------------------------------------------------------------
+def frontier_of(points):
+    from dynbatch_bench.fast_study import Frontier
+
+    return Frontier({seed: list(points) for seed in range(3)})
+
+
+def test_the_frontier_interpolates_between_its_points_and_says_where_it_ends():
+    f = frontier_of([(100.0, 0.70), (200.0, 0.78)])
+    assert f.at(0, 99.0) is None  # before its first point: no verdict
+    assert f.at(0, 150.0) == (pytest.approx(0.74), "on") and f.at(0, 200.0) == (0.78, "on")
+    assert f.at(0, 250.0) == (0.78, "beyond") and f.at(7, 150.0) is None  # a seed it lacks
+
+
+def selection_runs(tmp_path, samples, accs):
+    """Runs ``m-s<seed>`` whose last epoch row holds the loader samples drawn and the final accuracy."""
+    runs = []
+    for seed, acc in enumerate(accs):
+        run = tmp_path / f"m-s{seed}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 0, "samples_seen": samples,
+                                                       "test_acc": acc}) + "\n")
+        runs.append(run)
+    return runs
+
+
+@pytest.mark.parametrize("samples, accs, expected", [
+    (150, [0.785, 0.790, 0.788], "pays"),          # above the frontier (0.74) at 150 s, past fixed-10's 0.78
+    (150, [0.760, 0.770, 0.765], "inconclusive"),  # above the frontier, short of fixed-10's accuracy
+    (150, [0.700, 0.710, 0.705], "costs"),         # below it
+    (150, [0.700, 0.780, 0.740], "inconclusive"),  # the interval straddles 0
+    (250, [0.800, 0.805, 0.810], "inconclusive"),  # beyond the last point: may cost, never pays
+    (250, [0.700, 0.705, 0.710], "costs"),
+    (90, [0.9, 0.9, 0.9], "no verdict"),           # before the first point
+])
+def test_the_frontier_verdict_boundaries(tmp_path, samples, accs, expected):
+    from dynbatch_bench.fast_study import judge_on_frontier
+
+    f = frontier_of([(100.0, 0.70), (200.0, 0.78)])
+    cells = judge_on_frontier(selection_runs(tmp_path, samples, accs), 1.0, f, {s: 0.78 for s in range(3)}, 200.0)
+    assert cells["verdict"].startswith(expected)

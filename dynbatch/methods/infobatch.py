@@ -138,6 +138,9 @@ class InfoBatchPolicy(Policy):
 
     def __init__(self, options=None, *, batch_size, config=None):
         super().__init__(options, batch_size=batch_size, config=config)
+        if config is not None and config.redraw_subset != "never":
+            raise UserError("--policy infobatch keeps a score per training image, which --redraw-subset would swap "
+                            "under it; drop --redraw-subset")
         self.table: InfoBatch | None = None  # built for the training split's size at the first epoch
         self._pending: dict[str, Any] | None = None  # a checkpoint's table, before the size is known
         self.device, self.seed = torch.device("cpu"), 0  # the run's, from attach()
