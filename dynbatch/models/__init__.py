@@ -24,6 +24,7 @@ MODELS = {
     "vgg16_bn": VGG16BN,
     "airbench": AirbenchNet,
     "airbench-proxy": partial(AirbenchNet, widths=(32, 64, 64)),
+    "airbench-proxy-wide": partial(AirbenchNet, widths=(64, 128, 128)),
 }
 
 
