@@ -4,10 +4,10 @@ the run folder is touched, so bad input never leaves a partial run behind."""
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 import sys
 from dataclasses import dataclass, fields
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
