@@ -119,10 +119,8 @@ def measure_frontier_cost(out: Path, epochs: int = 2) -> None:
     import tempfile
     import time
 
-    import torch
-
     from bench.common import machine
-    from bench.run_folders import rows_of, train_run
+    from bench.run_folders import cost_run, write_cost
 
     old = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else {}
     if old and old["cpu"] != machine()["cpu"]:
@@ -132,17 +130,13 @@ def measure_frontier_cost(out: Path, epochs: int = 2) -> None:
         for i, (key, margs) in enumerate(costed_settings().items()):
             if key in methods:
                 continue
-            run = Path(tmp) / str(i)
             args = [*FAST_OPT, *margs, "--epochs", str(epochs), "--eval-every", str(epochs)]  # the last --epochs
-            if rc := train_run(run, args):
-                raise SystemExit(f"reproduce: the cost run of `{key}` failed (dynbatch exit {rc}); rerun --cost")
-            first, last = rows_of(run, "epoch")[-2:]
+            first, last = cost_run(Path(tmp) / str(i), args, f"`{key}`")[-2:]
             drawn = last["samples_seen"] - first["samples_seen"]
-            methods[key] = {"epoch_s": last["epoch_s"], "loader_samples": drawn, "s_per_sample": last["epoch_s"] / drawn,
-                            "measured": time.strftime("%Y-%m-%d %H:%M")}
+            methods[key] = {"epoch_s": last["epoch_s"], "loader_samples": drawn,
+                            "s_per_sample": last["epoch_s"] / drawn, "measured": time.strftime("%Y-%m-%d %H:%M")}
             print(f"[frontier] cost of `{key}`: {1e3 * last['epoch_s'] / drawn:.2f} ms a loader sample", flush=True)
-    (out / "cost.json").write_text(json.dumps({"threads": torch.get_num_threads(), "cpu": machine()["cpu"],
-                                               "epoch": epochs, "methods": methods}, indent=1))
+    write_cost(out / "cost.json", epochs, methods)
 
 
 @dataclass
@@ -231,8 +225,8 @@ def report_frontier(runs, out) -> list[str]:
               "and the two new policies ran on this machine, and every method's seconds were measured here. AdaBatch's "
               "and EDBA's cost per sample is measured on their first epochs (batch 128, and EDBA's first sizes); both "
               "change batch size later.", "",
-              "| method | runs | seeds | seconds (x fixed-10) | final test acc | − frontier at its seconds, paired 95 % "
-              "CI | reaches fixed-10's acc | verdict |", "|---|---|---|---|---|---|---|---|"]
+              "| method | runs | seeds | seconds (x fixed-10) | final test acc | − frontier at its seconds, "
+              "paired 95 % CI | reaches fixed-10's acc | verdict |", "|---|---|---|---|---|---|---|---|"]
     judged = {}
     for method, rs, where in _judged_arms(runs, out):
         if per.get(method) is None or not rs:
@@ -294,7 +288,7 @@ def _frontier_chart(frontier: Frontier, judged: dict, target: tuple[float, float
 
 
 # Tuning of the new policies (#47), on a validation split of 1,000 training images (--validation: one fixed draw,
-# the test set never read), 2 seeds, the recipe's 10 epochs: each arm's validation accuracy and its trained share.
+# the test set never read), 2 seeds, the recipe's 10 epochs: each arm's validation accuracy and its seconds.
 TUNE_VALIDATION = 1000
 TUNE_SEEDS = range(2)
 TUNE_ARMS = {
@@ -315,8 +309,9 @@ TUNE_ARMS = {
 
 
 TUNE_RULE = ("Choice (written while the tuning ran: after the fixed and r = 0.3 arms had finished, before any other "
-             "arm and before any run on the test set): for each policy, the arm with the highest mean validation accuracy "
-             "among those whose training seconds are at most 0.80x fixed's (the target), else the most accurate; "
+             "arm and before any run on the test set): for each policy, the arm with the highest mean validation "
+             "accuracy among those whose training seconds are at most 0.80x fixed's (the target), else the most "
+             "accurate; "
              "seconds are the runs' loader samples times the quiet-machine cost per loader sample of the arm's "
              "settings (`frontier/cost.json`).")
 
@@ -332,8 +327,8 @@ def tune_runs(budget: str):
 
 
 def report_tune(runs, out) -> list[str]:
-    """Validation accuracy and trained share per arm (the test set is not read by these runs)."""
-    from bench.run_folders import final_acc, finished, rows_of
+    """Validation accuracy and training seconds per arm (the test set is not read by these runs)."""
+    from bench.run_folders import final_acc, finished
     from bench.verdicts import sd_cell
 
     lines = [f"Validation: {TUNE_VALIDATION} training images held out (`--validation`); accuracy on them, not on "
@@ -345,15 +340,15 @@ def report_tune(runs, out) -> list[str]:
              "|---|---|---|---|"]
     measured = s_per_sample(out.parent / "frontier")
     cost_of = measured[0] if measured else (lambda margs: None)
+    done = {arm: [r for r, m in runs if m["method"] == arm and finished(r, m["epochs"])] for arm in TUNE_ARMS}
 
     def seconds(arm: str) -> float | None:
-        rs = [r for r, m in runs if m["method"] == arm and finished(r, m["epochs"])]
         each = cost_of(TUNE_ARMS[arm])
-        return statistics.fmean(rows_of(r, "epoch")[-1]["samples_seen"] * each for r in rs) if rs and each else None
+        return statistics.fmean(_run_seconds(r, each) for r in done[arm]) if done[arm] and each else None
 
-    for arm in TUNE_ARMS:
-        rs = [r for r, m in runs if m["method"] == arm and finished(r, m["epochs"])]
-        t, t_fixed = seconds(arm), seconds("fixed")
+    t_fixed = seconds("fixed")
+    for arm, rs in done.items():
+        t = seconds(arm)
         lines.append(f"| {arm} | {len(rs)} | {sd_cell([final_acc(r) for r in rs])} | "
                      f"{f'{t / t_fixed:.2f}' if t and t_fixed else '–'} |")
     return lines

@@ -30,8 +30,8 @@ from bench.fast_study import (FAST_EPOCHS, FAST_METHODS, fast_runs, frontier_run
                               measure_frontier_cost, report_frontier, report_tune, tune_runs)
 from bench import verdicts  # noqa: E402
 from bench.verdicts import sd_cell  # noqa: E402
-from bench.run_folders import (DATA, best_acc, by_seed, final_acc, finished,  # noqa: E402
-                               machine_of, pyplot, rows_of, thin, train_run, train_scoring, wall)
+from bench.run_folders import (DATA, best_acc, by_seed, cost_run, final_acc, finished,  # noqa: E402
+                               machine_of, pyplot, rows_of, thin, train_scoring, wall, write_cost)
 
 
 PUBLISHED_EDBA = {100: (23.8, 90.7), 500: (40.5, 91.5), 5085: (71.7, 91.6)}  # CIFAR-10 test acc, baseline vs EDBA
@@ -144,10 +144,6 @@ def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
     ``python bench/reproduce.py noisy --only none --cost`` (about 10 minutes on 2 cores)."""
     import tempfile
 
-    import torch
-
-    from bench.common import machine
-
     methods = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method, margs in noisy_methods(NOISES["sym40"]).items():
@@ -156,15 +152,12 @@ def measure_noisy_cost(out: Path, epochs: int = 2) -> None:
             run = Path(tmp) / method
             args = [*NOISY_OPT, *margs, "--label-noise", NOISES["sym40"], "--epochs", str(epochs),
                     "--eval-every", str(epochs)]
-            if rc := train_run(run, args):
-                raise SystemExit(f"reproduce: the cost run of {method} failed (dynbatch exit {rc}); rerun --cost")
-            last = rows_of(run, "epoch")[-1]
+            last = cost_run(run, args, method)[-1]
             steps = [r for r in rows_of(run, "step") if r["epoch"] == last["epoch"]]
             methods[method] = {"epoch_s": last["epoch_s"], "step_s": sum(r["step_s"] for r in steps),
                                "selection_s": sum(r.get("selection_s", 0.0) for r in steps), "steps": len(steps)}
             print(f"[noisy] cost of {method}: {last['epoch_s']:.1f} s an epoch", flush=True)
-    (out / "cost.json").write_text(json.dumps({"threads": torch.get_num_threads(), "cpu": machine()["cpu"],
-                                               "epoch": epochs, "methods": methods}, indent=1))
+    write_cost(out / "cost.json", epochs, methods)
 
 
 EXPERIMENTS = {"edba": edba_runs, "split": split_runs, "adabatch": adabatch_runs, "noisy": noisy_runs,

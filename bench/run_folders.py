@@ -39,6 +39,24 @@ def train_run(run: Path, args: list[str], *extra: str, env: dict | None = None) 
                           stdout=subprocess.DEVNULL, env=env).returncode
 
 
+def cost_run(run: Path, args: list[str], label: str) -> list[dict]:
+    """A quiet-machine cost measurement's run of ``args`` into ``run``: its epoch rows (the caller reads the last,
+    the first having warmed the allocator); exits naming ``label`` when the run fails."""
+    if rc := train_run(run, args):
+        raise SystemExit(f"reproduce: the cost run of {label} failed (dynbatch exit {rc}); rerun --cost")
+    return rows_of(run, "epoch")
+
+
+def write_cost(path: Path, epochs: int, methods: dict) -> None:
+    """``cost.json``: each setting's measured cost, with the machine and threads that measured it."""
+    import torch
+
+    from bench.common import machine
+
+    path.write_text(json.dumps({"threads": torch.get_num_threads(), "cpu": machine()["cpu"], "epoch": epochs,
+                                "methods": methods}, indent=1))
+
+
 def checkpoint_step(run: Path) -> int:
     """The step the run's checkpoint was written at (0 before the first)."""
     import torch

@@ -87,7 +87,9 @@ def test_ratio_zero_writes_the_fixed_policy_rows(tmp_path, capsys, tiny_npz):
     fixed, ib = tmp_path / "fixed", tmp_path / "ib"
     assert run_cli(capsys, *_args(tiny_npz, fixed, "--epochs", "2"))[0] == 0
     assert run_cli(capsys, *_args(tiny_npz, ib, "--epochs", "2", "--policy", "infobatch", "--ib-ratio", "0"))[0] == 0
-    drop = lambda rs: [{k: v for k, v in r.items() if not k.startswith("ib_")} for r in without_timing(rs)]  # noqa: E731
+    def drop(rs):
+        return [{k: v for k, v in r.items() if not k.startswith("ib_")} for r in without_timing(rs)]
+
     for kind in ("step", "epoch"):
         assert drop(rows(ib, kind)) == drop(rows(fixed, kind))
 

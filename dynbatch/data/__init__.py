@@ -3,5 +3,5 @@ from dynbatch.data.device_data import DeviceData, DeviceSplit
 from dynbatch.data.sampler import DynamicBatchSampler, VariableBatchSampler
 from dynbatch.data.sources import DATASET_NAMES, DataSource, balanced_subset, hold_out, load_dataset
 
-__all__ = ["DATASET_NAMES", "DataSource", "DeviceData", "DeviceSplit", "DynamicBatchSampler", "VariableBatchSampler", "balanced_subset", "hold_out",
-           "load_dataset"]
+__all__ = ["DATASET_NAMES", "DataSource", "DeviceData", "DeviceSplit", "DynamicBatchSampler", "VariableBatchSampler",
+           "balanced_subset", "hold_out", "load_dataset"]

@@ -103,7 +103,8 @@ class InfoBatch:
         return keep_cpu
 
     def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """The kept samples of epoch ``epoch`` in batches of ``batch_size``, in a permutation seeded by (seed, epoch)."""
+        """The kept samples of epoch ``epoch`` in batches of ``batch_size`` (int64 each), in a permutation seeded by
+        (seed, epoch)."""
         keep = self.prune(epoch)
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         yield from order[keep[order]].split(batch_size)
@@ -177,8 +178,10 @@ class InfoBatchPolicy(Policy):
         with ctx.autocast():  # the training forward, through the wrapper that trains (DDP syncs its backward)
             logits = ctx.model(xl)
         losses = ctx.loss_fn(logits.float(), yl)
-        weight = table.observe(d.local(ctx.indices), losses) if not d.enabled else \
-            table.observe(ctx.indices, d.all_gather_rows(losses.detach()))[d.share(y.shape[0])]
+        if d.enabled:  # every rank records the whole batch's losses: the tables stay equal
+            weight = table.observe(ctx.indices, d.all_gather_rows(losses.detach()))[d.share(y.shape[0])]
+        else:
+            weight = table.observe(ctx.indices, losses)
         step = ReuseStep(losses, logits.detach(), yl, sample_weight=weight, mean_over_count=True)
         return Plan([step], self._shares())
 

@@ -12,8 +12,9 @@ Per loader batch of B samples:
   form: ``proxy_from`` starts it from a finished run's weights (a run of ``--model <proxy_model>``), and
   ``proxy_every 0`` keeps it frozen.
 
-On CUDA the proxy's backward and step run on a side stream while the main network steps (the split policy's stream
-pattern); the next batch's proxy forward waits for them. On the CPU they run in turn and compute the same numbers.
+On CUDA all of the proxy's work (forward, backward, step) runs on one side stream: the main stream waits only for
+its forward (the rows need its losses), so its backward and step run beside the main network's step, and its next
+forward follows them on the same stream. On the CPU they run in turn and compute the same numbers.
 The proxy's weights, BatchNorm statistics and optimizer are part of the checkpoint: a resumed run continues exactly.
 Under DDP every rank runs the proxy on the whole global batch (it is small), so all ranks keep the same samples and
 hold the same proxy without a collective; each trains the main network on its share of the kept rows.

@@ -1,6 +1,7 @@
 """The network of airbench94 (Keller Jordan's cifar10-airbench): a 2 x 2 convolution meant to be whitened
 (``--whiten``), then three groups of conv -> max-pool -> BatchNorm -> GELU -> conv -> BatchNorm -> GELU (widths 64,
-256, 256; ``airbench-proxy``: 32, 64, 64, the proxy of airbench96_faster's data filtering), a 3 x 3 max-pool and a linear head without bias whose output is scaled by 1/9.
+256, 256; ``airbench-proxy``: 32, 64, 64, the proxy of airbench96_faster's data filtering), a 3 x 3 max-pool and
+a linear head without bias whose output is scaled by 1/9.
 
 The recipe's other parts are engine options applied to it (see ``dynbatch/recipes/airbench94.json``): dirac
 initialisation, BatchNorm momentum, epsilon and frozen weights, whitening, the BatchNorm-bias lr scaler.
