@@ -23,10 +23,16 @@ try:
     from dynbatch.ops import select_subset
 except ImportError:  # before the restructure (#28)
     from dynbatch.selection.functional import select_subset
+try:  # the spec, built once, from #48 on
+    from dynbatch.ops import SubsetSpec
+    spec = SubsetSpec(16)
+    select = lambda *head, **kw: select_subset(*head, spec, **kw)
+except ImportError:
+    select = lambda *head, **kw: select_subset(*head, num_subsets=16, **kw)
 g = torch.Generator().manual_seed(0)
 logits, targets = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
 features, loss = torch.randn(8, 64, generator=g).relu(), torch.tensor(1.0)
-call = lambda: select_subset(logits, targets, features, num_subsets=16, seed=1, loss=loss, loss_ema=1.1,
+call = lambda: select(logits, targets, features, seed=1, loss=loss, loss_ema=1.1,
                              grad_ema=0.2).stats
 for _ in range(500):
     call()
@@ -41,7 +47,14 @@ print(statistics.median(times), min(times))
 
 
 def probe(checkout: Path) -> tuple[float, float]:
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(Path(tempfile.gettempdir()) / f"dynbatch-ext-{checkout.name}"))
+    # The checkout's own kernels and C++ source under their installed names, ahead of the installed copies
+    names = Path(tempfile.gettempdir()) / f"dynbatch-packages-{checkout.name}"
+    names.mkdir(exist_ok=True)
+    for name, folder in (("dynbatch_kernels", "kernels"), ("dynbatch_csrc", "csrc")):
+        if not (names / name).exists():
+            (names / name).symlink_to(checkout / folder)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(Path(tempfile.gettempdir()) / f"dynbatch-ext-{checkout.name}"),
+               PYTHONPATH=os.pathsep.join([str(names), str(checkout), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", PROBE, str(checkout)], env=env, capture_output=True, text=True,
                          check=True, cwd=checkout)
     median, best = out.stdout.split()[-2:]

@@ -60,17 +60,18 @@ def measured_ms(b: int, n: int, rounds: int, device: str) -> float:
     CUDA), fp32 inputs, ms; each call ends with the read of its choice, as EDBA's step does."""
     import torch
 
-    from dynbatch.ops import select_subset
+    from dynbatch.ops import SubsetSpec, select_subset
 
     g = torch.Generator().manual_seed(0)
     logits, feats = torch.randn(b, C, generator=g).to(device), torch.randn(b, D, generator=g).to(device)
     y = torch.randint(0, C, (b,), generator=g).to(device)
-    kw = dict(num_subsets=n, seed=1, loss=1.0, loss_ema=1.1, grad_ema=0.5)
-    select_subset(logits, y, feats, **kw).index.item()  # compiles / loads the extension
+    kw = dict(seed=1, loss=1.0, loss_ema=1.1, grad_ema=0.5)
+    spec = SubsetSpec(n)
+    select_subset(logits, y, feats, spec, **kw).index.item()  # compiles / loads the extension
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
-        select_subset(logits, y, feats, **kw).index.item()
+        select_subset(logits, y, feats, spec, **kw).index.item()
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
 

@@ -24,7 +24,7 @@ def tiny_mlp(num_classes: int, in_channels: int) -> nn.Module:
 def trainer(policy: str, batch: int, out: Path, **options):
     """A dynbatch Trainer on the digits (8x8, device-resident, no augmentation) with ``tiny_mlp``, ready for
     ``_train_step()`` calls: what ``dynbatch train`` runs per step, rows written to ``out``."""
-    from dynbatch.train import records
+    from dynbatch.train import run_folder
     from dynbatch.train.config import TrainConfig
     from dynbatch.train.metrics import Clock, MetricsSink
     from dynbatch.train.trainer import Trainer
@@ -34,7 +34,7 @@ def trainer(policy: str, batch: int, out: Path, **options):
                       util_interval=60.0, lr=0.05, momentum=0.9, policy_options=options)
     t = Trainer(cfg, out, log=lambda m: None)
     out.mkdir(parents=True, exist_ok=True)
-    t.sink = MetricsSink(records.MetricsWriter(out / "metrics.jsonl"), [], Clock(t.device))
+    t.sink = MetricsSink(run_folder.MetricsWriter(out / "metrics.jsonl"), [], Clock(t.device))
     return t
 
 
@@ -97,15 +97,16 @@ class MinimalEDBA(MinimalFixed):
         self.head.register_forward_hook(lambda mod, inp, out: setattr(self, "feats", inp[0]))
 
     def block(self) -> tuple[float, int]:
-        from dynbatch.ops import select_subset
+        from dynbatch.ops import SubsetSpec, select_subset
 
+        spec = SubsetSpec(self.subsets)
         for _ in range(BLOCK):
             x, y = self.next_batch(self.batch)
             with torch.no_grad():
                 logits = self.model(x)
                 loss = F.cross_entropy(logits, y)
-            sel = select_subset(logits, y, self.feats, num_subsets=self.subsets, seed=self.step, loss=loss,
-                                loss_ema=self.loss_ema, grad_ema=self.grad_ema)
+            sel = select_subset(logits, y, self.feats, spec, seed=self.step, loss=loss, loss_ema=self.loss_ema,
+                                grad_ema=self.grad_ema)
             batch_loss, grad_norm, _, size, _ = sel.stats.tolist()  # the step's one read
             rows = torch.argsort((~sel.mask).to(torch.uint8), stable=True)[:int(size)]
             self.train_on(x[rows], y[rows])

@@ -119,7 +119,7 @@ def signal_lines(groups: dict) -> list[str]:
     lines = ["## Question 1: which score detects mislabeled samples (AUROC, noisy baseline)", "",
              "Each cell: the mean AUROC over seeds ± its standard deviation (not an interval), and the number of "
              "seeds. 0.5 is chance; below 0.5 the score ranks mislabeled samples *lower* (see `SIGN` in "
-             "`dynbatch/train/scores.py`: the agreement scores are negated). `feature_norm` is ‖a‖ (with the bias "
+             "`dynbatch/train/checkpoint_scores.py`: the agreement scores are negated). `feature_norm` is ‖a‖ (with the bias "
              "column), ‖g‖ / ‖e‖.", "",
              "| noise | epoch | " + " | ".join(scores) + " |", "|---|---|" + "---|" * len(scores)]
     for noise in NOISES:

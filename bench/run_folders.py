@@ -14,7 +14,7 @@ DATA = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 
 def rows_of(run: Path, kind: str) -> list[dict]:
     """The run's rows of ``kind`` (none before it has started), through dynbatch's one metrics reader."""
-    from dynbatch.train.records import read_metrics
+    from dynbatch.train.run_folder import read_metrics
 
     if not (run / "metrics.jsonl").is_file():
         return []
@@ -150,7 +150,7 @@ def thin(run: Path, every: int = 20) -> None:
     step row (its command regenerates the rest). Done once; the checkpoint (not committed) no longer matches the
     file and is removed."""
     from dynbatch.errors import UserError
-    from dynbatch.train.records import lock_run, unlock_run
+    from dynbatch.train.run_folder import lock_run, unlock_run
 
     try:
         fd = lock_run(run)  # a run still writing its last files is left alone

@@ -26,7 +26,7 @@ RUNS = {  # name: policy arguments; every run has 2 epochs of 5,000 images
 def measure(data: str, tmp: Path, extra: list[str]) -> dict[str, dict[str, float]]:
     """{run: {what: median step seconds}} over the second epoch's steps."""
     from dynbatch.cli import main
-    from dynbatch.train.records import read_metrics
+    from dynbatch.train.run_folder import read_metrics
 
     out = {}
     for name, args in RUNS.items():

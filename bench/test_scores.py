@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .common import DEVICE, FULL, peer_missing, peer_per_sample_grads, run
 from dynbatch import baselines
 from dynbatch.monitor.memory import peak_growth
-from dynbatch.ops import sample_scores
+from dynbatch.ops import sample_scores, using_backend
 
 BS, CS, DS = (128, 256, 1024), (10, 100), (64, 512)
 SHAPES = list(itertools.product(BS, CS, DS)) if FULL else [(256, 10, 64), (1024, 100, 512), (128, 100, 512)]
@@ -46,8 +46,8 @@ def case_for(b, c, d) -> ScoreCase:
 
 def implementation(case: ScoreCase, impl: str, by_class: bool):
     """A function computing the scores with ``impl``: a dict or a ``Scores``."""
-    if impl in ("torch", "auto"):
-        return lambda: sample_scores(case.logits, case.targets, case.features, by_class=by_class, backend=impl)
+    if impl in ("torch", "auto"):  # timed under using_backend(impl)
+        return lambda: sample_scores(case.logits, case.targets, case.features, by_class=by_class)
     if impl == "naive":
         grads = lambda: baselines.naive_per_sample_grads(case.features, case.targets, case.weight, case.bias)  # noqa: E731
     elif impl == "functorch":
@@ -73,6 +73,11 @@ def test_scores(benchmark, impl, by_class, b, c, d):
     case = case_for(b, c, d)
     fn = implementation(case, impl, by_class)
     want = sample_scores(case.logits, case.targets, case.features, by_class=by_class, backend="torch")
+    with using_backend(impl if impl in ("torch", "auto") else "auto", DEVICE.type):
+        _check_and_run(benchmark, fn, want, by_class, extra)
+
+
+def _check_and_run(benchmark, fn, want, by_class, extra):
     got = fn()
     for name in ("grad_norm", "agreement", "consensus") + (("class_consensus",) if by_class else ()):
         value = got[name] if isinstance(got, dict) else getattr(got, name)

@@ -11,7 +11,7 @@ import torch
 
 from .common import DEVICE, FULL, NAIVE_MAX_N, SelectionCase, peer_missing, peer_subset_norms, run
 from dynbatch import baselines
-from dynbatch.ops import select_subset, subset_grad_norms
+from dynbatch.ops import SubsetSpec, select_subset, subset_grad_norms, using_backend
 from dynbatch_kernels.reference import choose_route
 
 BS, CS, D = (100, 256, 1000), (10, 100), 64
@@ -27,23 +27,20 @@ def case_for(b, c, n) -> SelectionCase:
     return _cases[(b, c, n)]
 
 
+BACKEND_OF = {"torch_direct": "torch", "torch_gram": "torch", "native": "native", "triton": "triton"}
+
+
 def impls(case: SelectionCase):
     ref = lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks, backend="torch")  # noqa: E731
-    out = {
+    out = {  # timed under using_backend(BACKEND_OF[impl]): the dispatcher's registration, chosen once
         "torch_direct": lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks,
-                                                  backend="torch", route="direct"),
-        "torch_gram": lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks,
-                                                backend="torch", route="gram"),
-        "auto": lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks, backend="auto"),
+                                                  route="direct"),
+        "torch_gram": lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks, route="gram"),
+        "auto": lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks),
         "functorch": lambda: baselines.functorch_subset_grad_norms(case.features, case.targets, case.weight,
                                                                    case.bias, case.masks),
     }
-    if DEVICE.type == "cpu":
-        out["native"] = lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks,
-                                                  backend="native")
-    else:
-        out["triton"] = lambda: subset_grad_norms(case.logits, case.targets, case.features, case.masks,
-                                                  backend="triton")
+    out["native" if DEVICE.type == "cpu" else "triton"] = out["auto"]
     out.update({peer: peer_subset_norms(case, peer) for peer in ("opacus", "backpack") if not peer_missing(peer)})
     return ref, out
 
@@ -71,22 +68,25 @@ def test_subset_norms(benchmark, impl, b, c, n):
         run(benchmark, fn, budget_s=1.0, measured_N=n_eff, **extra)
         return
     ref, fns = impls(case)
-    fn = fns[impl]
-    torch.testing.assert_close(fn(), ref(), rtol=1e-3, atol=1e-4)
-    used = route if impl in ("auto", "native", "triton") else impl.split("_")[-1]
-    run(benchmark, fn, measured_N=n, macs=case.macs(used if used in ("direct", "gram") else route), **extra)
+    fn, want = fns[impl], ref()
+    with using_backend(BACKEND_OF.get(impl, "auto"), DEVICE.type):
+        torch.testing.assert_close(fn(), want, rtol=1e-3, atol=1e-4)
+        used = route if impl in ("auto", "native", "triton") else impl.split("_")[-1]
+        run(benchmark, fn, measured_N=n, macs=case.macs(used if used in ("direct", "gram") else route), **extra)
 
 
 @pytest.mark.parametrize("b, c, n", SHAPES)
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_select_subset(benchmark, backend, b, c, n):
     case = case_for(b, c, n)
-    fn = lambda: select_subset(case.logits, case.targets, case.features, num_subsets=n, seed=1, loss=1.0,  # noqa: E731
-                               loss_ema=1.1, grad_ema=0.2, backend=backend).index
-    assert int(fn()) == int(select_subset(case.logits, case.targets, case.features, num_subsets=n, seed=1,
-                                          loss=1.0, loss_ema=1.1, grad_ema=0.2, backend="torch").index)
-    run(benchmark, fn, suite="selection", impl=f"select_{backend}", B=b, C=c, D=D, N=n,
-        route=choose_route(b, c, D + 1), measured_N=n)
+    fn = lambda: select_subset(case.logits, case.targets, case.features, SubsetSpec(n), seed=1, loss=1.0,  # noqa: E731
+                               loss_ema=1.1, grad_ema=0.2).index
+    with using_backend("torch", DEVICE.type):
+        want = int(fn())
+    with using_backend(backend, DEVICE.type):  # the dispatcher's registration, chosen outside the timed call
+        assert int(fn()) == want
+        run(benchmark, fn, suite="selection", impl=f"select_{backend}", B=b, C=c, D=D, N=n,
+            route=choose_route(b, c, D + 1), measured_N=n)
 
 
 @pytest.mark.parametrize("b, c, n", SHAPES)
@@ -105,6 +105,8 @@ def test_select_fixed_cost(benchmark, backend):
     """``select_subset`` where the work is nil (B = 8, N = 16): what a call costs whatever the batch."""
     case = SelectionCase(8, 10, D, 16)
     loss = torch.tensor(1.0, device=DEVICE)
-    fn = lambda: select_subset(case.logits, case.targets, case.features, num_subsets=16, seed=1, loss=loss,  # noqa: E731
-                               loss_ema=1.1, grad_ema=0.2, backend=backend).stats
-    run(benchmark, fn, budget_s=1.0, suite="selection_fixed", impl=f"select_{backend}", B=8, N=16)
+    spec = SubsetSpec(16)
+    fn = lambda: select_subset(case.logits, case.targets, case.features, spec, seed=1, loss=loss,  # noqa: E731
+                               loss_ema=1.1, grad_ema=0.2).stats
+    with using_backend(backend, DEVICE.type):
+        run(benchmark, fn, budget_s=1.0, suite="selection_fixed", impl=f"select_{backend}", B=8, N=16)

@@ -216,7 +216,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
-    from dynbatch.train import records
+    from dynbatch.train import run_folder
     from dynbatch.train.trainer import Trainer
 
     given = _given(args)
@@ -238,8 +238,8 @@ def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
                             "(only --epochs and --stop-after-steps may change)")
     elif given.get("autoresume") and (Path(given["out"]) / "config.json").is_file():
         # The same command again (a scheduler's rerun, torchrun --max-restarts): continue the run it started.
-        records.require_same_config(Path(given["out"]), _config_from(given, opts).resolved(), ignore=NOT_COMPARED)
-        if records.has_checkpoint(Path(given["out"])):
+        run_folder.require_same_config(Path(given["out"]), _config_from(given, opts).resolved(), ignore=NOT_COMPARED)
+        if run_folder.has_checkpoint(Path(given["out"])):
             resume = given["out"]
     if resume is not None:
         trainer = Trainer.resume(Path(resume), epochs=given.get("epochs"),
@@ -249,7 +249,7 @@ def cmd_train(args: argparse.Namespace, opts: TrainOptions) -> int:
     else:
         cfg = _config_from(given, opts)
         out = Path(given.get("out") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.policy}-{cfg.model}")
-        overwrite = given.get("overwrite", False) or (given.get("autoresume", False) and records.is_restartable(out))
+        overwrite = given.get("overwrite", False) or (given.get("autoresume", False) and run_folder.is_restartable(out))
         trainer = Trainer.new(cfg, out, overwrite=overwrite, given=given, log=_say)
         trainer.log(f"run folder: {out}")  # rank 0 only under torchrun
     summary = trainer.run()
@@ -286,7 +286,7 @@ def cmd_plot(args: argparse.Namespace, opts=None) -> int:
 
 
 def cmd_score(args, opts=None) -> int:
-    from dynbatch.train.scores import score_run
+    from dynbatch.train.checkpoint_scores import score_run
 
     if args.batch < 2:
         raise UserError(f"--batch must be at least 2 (got {args.batch}); agreement needs a batch, e.g. 1024")

@@ -173,7 +173,7 @@ def write_report(out: Path, records: list[dict], chosen: list[Part], budget_s: f
     run = out / "compile-run" / "metrics.jsonl"
     if run.is_file():
         try:
-            from dynbatch.train.records import read_metrics
+            from dynbatch.train.run_folder import read_metrics
 
             ep = [r for r in read_metrics(run.parent) if r["kind"] == "epoch"]
             lines += ["", f"Compiled training: test accuracy {ep[-1]['test_acc']:.3f} after {len(ep)} epochs, "

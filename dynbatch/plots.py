@@ -6,7 +6,7 @@ from itertools import accumulate
 from pathlib import Path
 
 from dynbatch.errors import UserError
-from dynbatch.train.records import read_metrics
+from dynbatch.train.run_folder import read_metrics
 
 X_AXES = {"epochs": "epoch", "samples": "samples trained on"}
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -175,27 +176,29 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
     from dynbatch_kernels.subset_norms_gram import select_gram, subset_sq_sums_gram
 
     logits, y, feats = _case(b, c, d, dtype)
-    mode_id = {"masks": 0, "bernoulli": 1, "uniform_size": 2}["masks" if masks else mode]
-    mask_t = torch.zeros((n, b), dtype=torch.uint8) if masks else None
-    draw = dict(seed=7, thr=2**23, dot_dtype=dtype)
+    # The ops' argument tuples as the launchers read them (by name; the schemas live in dynbatch.ops)
+    args = SimpleNamespace(
+        logits=logits, targets=y, features=feats, bias=True, label_smoothing=0.0, by_class=True, num_subsets=n,
+        masks=torch.zeros((n, b), dtype=torch.uint8) if masks else None, seed=7, threshold=2**23,
+        mode={"masks": 0, "bernoulli": 1, "uniform_size": 2}["masks" if masks else mode], gram=route == "gram",
+        trend=torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64),  # the first step (NaN EMAs) is no other compile
+        sum_metric=False, eps=1e-8)
     with capture() as launches, configs.target(arch):
         for augmented in (False, True):  # per-sample norms alone; the direct route's inputs
-            residuals_and_norms(logits, y, feats, bias=True, label_smoothing=0.0, augmented=augmented)
-        sample_scores(logits, y, feats, bias=True, label_smoothing=0.0, by_class=True)  # subsets play no part
+            residuals_and_norms(args, augmented=augmented)
+        sample_scores(args)  # subsets play no part
         e = torch.randn(b, c)
         a = torch.randn(b, d + 1)
         if route == "gram":
-            subset_sq_sums_gram(logits, y, feats, n, bias=True, label_smoothing=0.0, masks=mask_t, mode=mode_id, **draw)
+            subset_sq_sums_gram(args, dtype)
         else:
-            subset_sq_sums_direct(e, a, n, masks=mask_t, mode=mode_id, **draw)
+            subset_sq_sums_direct(e, a, args, dtype)
         if not masks:  # select_subset: the subset kernels with the epilogue that picks the subset
-            trend = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)  # the first step (NaN EMAs) is no other compile
-            kw = dict(num_subsets=n, mode_id=mode_id, eps=1e-8, metric="mean", **draw)
             if route == "gram":
-                select_gram(logits, y, feats, trend, bias=True, label_smoothing=0.0, **kw)
+                select_gram(args, dtype)
             else:
-                select_direct(e, a, trend, **kw)
-            choose(torch.rand(n), torch.rand(n), trend, seed=7, mode_id=mode_id, thr=2**23, batch_size=b, eps=1e-8)
+                select_direct(e, a, args, dtype)
+            choose(torch.rand(n), torch.rand(n), args, b)
     return launches
 
 

@@ -114,13 +114,13 @@ def subset_sq_sums(e: torch.Tensor, a: torch.Tensor, masks: torch.Tensor, route:
     return _chunked_sq_sums(e, a, masks.shape[0], lambda lo, hi: masks[lo:hi], route, chunk)
 
 
-def seeded_subset_sq_sums(e: torch.Tensor, a: torch.Tensor, num_subsets: int, seed: int, mode_id: int, thr: int,
-                          route: str = "gram", chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`subset_sq_sums` of subsets 0..N-1 drawn from ``seed``, a chunk at a time (no N x B mask is held)."""
+def seeded_subset_sq_sums(e: torch.Tensor, a: torch.Tensor, args, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`subset_sq_sums` of subsets 0..N-1 drawn as ``args`` (an op's argument tuple: its ``num_subsets``,
+    ``seed``, ``mode``, ``threshold`` and ``gram`` are read) says, a chunk at a time (no N x B mask is held)."""
     def masks_for(lo, hi):
-        return draw_masks(seed, torch.arange(lo, hi, device=e.device), e.shape[0], mode_id, thr)
+        return draw_masks(args.seed, torch.arange(lo, hi, device=e.device), e.shape[0], args.mode, args.threshold)
 
-    return _chunked_sq_sums(e, a, num_subsets, masks_for, route, chunk)
+    return _chunked_sq_sums(e, a, args.num_subsets, masks_for, "gram" if args.gram else "direct", chunk)
 
 
 def _chunked_sq_sums(e, a, n, masks_for, route, chunk):
@@ -172,10 +172,10 @@ def margins(norms: torch.Tensor, counts: torch.Tensor, loss, loss_ema, grad_ema,
     return torch.where(counts > 0, m, torch.full_like(m, float("inf")))
 
 
-def choose(sq_sums: torch.Tensor, counts: torch.Tensor, trend: torch.Tensor, *, seed: int, mode_id: int, thr: int,
-           batch_size: int, eps: float, metric: str = "mean"):
-    """The selection's epilogue from every subset's (||sum||^2, |S|) (fp32 (N,) each) and ``trend`` float64 (3,) =
-    [batch loss, loss EMA, gradient-norm EMA], the EMAs NaN before the first step.
+def choose(sq_sums: torch.Tensor, counts: torch.Tensor, args, batch_size: int):
+    """The selection's epilogue from every subset's (||sum||^2, |S|) (fp32 (N,) each) and ``args``, the
+    ``select_subset`` op's argument tuple: its ``trend`` float64 (3,) = [batch loss, loss EMA, gradient-norm EMA]
+    (the EMAs NaN before the first step), ``seed``, ``mode``, ``threshold``, ``eps`` and ``sum_metric``.
 
     The subset with the least margin wins (first index on ties); before any EMA the largest subset does, as the
     closest to the whole batch. The winner's mask is regenerated from (seed, index); if every subset is empty the
@@ -183,28 +183,29 @@ def choose(sq_sums: torch.Tensor, counts: torch.Tensor, trend: torch.Tensor, *, 
     (B,), the contract of every backend's fused ``select``. No host read: the first step is told apart on the
     device.
     """
-    norms = subset_norms(sq_sums, counts, metric)
+    trend = args.trend
+    norms = subset_norms(sq_sums, counts, "sum" if args.sum_metric else "mean")
     t = trend.to(torch.float32)
     has_ema = ~(torch.isnan(t[1]) | torch.isnan(t[2]))
-    m = margins(norms, counts, t[0], t[1], t[2], eps)
+    m = margins(norms, counts, t[0], t[1], t[2], args.eps)
     # argmin: the first minimal margin; argmax: the first maximal count (empty subsets win only if all are empty)
     index = torch.where(has_ema, torch.argmin(m), torch.argmax(counts))
     m = torch.where(has_ema, m, torch.full_like(m, float("nan")))
     at = index.reshape(1)
-    mask = draw_masks(seed, at, batch_size, mode_id, thr)[0]
+    mask = draw_masks(args.seed, at, batch_size, args.mode, args.threshold)[0]
     mask = torch.where(counts.max() > 0, mask, torch.ones_like(mask))
     # index_select, not norms[index]: indexing with a 0-d tensor reads the index to the host.
     parts = (trend[:1], norms.index_select(0, at), m.index_select(0, at), mask.sum().reshape(1), at)
     return torch.cat([t.to(torch.float64) for t in parts]), mask
 
 
-def select(logits, targets, features, trend, *, num_subsets: int, seed: int, mode_id: int, thr: int, route: str,
-           bias: bool, label_smoothing: float, eps: float, metric: str = "mean"):
-    """The whole selection in torch operators: the reference of the native and Triton fused ``select``."""
-    e = residuals(logits, targets, label_smoothing)
-    a = augmented_features(features, bias)
-    q, c = seeded_subset_sq_sums(e, a, num_subsets, seed, mode_id, thr, route)
-    return choose(q, c, trend, seed=seed, mode_id=mode_id, thr=thr, batch_size=e.shape[0], eps=eps, metric=metric)
+def select(args):
+    """The whole selection in torch operators for ``args``, the ``select_subset`` op's argument tuple: the
+    reference of the native and Triton fused selection."""
+    e = residuals(args.logits, args.targets, args.label_smoothing)
+    a = augmented_features(args.features, args.bias)
+    q, c = seeded_subset_sq_sums(e, a, args)
+    return choose(q, c, args, e.shape[0])
 
 
 def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoothing=0.0, route="auto"):

@@ -57,11 +57,12 @@ def _residuals_kernel(logits_ptr, targets_ptr, feat_ptr, e_ptr, norm_ptr, a_ptr,
     tl.store(norm_ptr + row, tl.sqrt(tl.sum(e * e, axis=0)) * tl.sqrt(a2_sum))
 
 
-def residuals_and_norms(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, *, bias: bool,
-                        label_smoothing: float, augmented: bool = False, losses: torch.Tensor | None = None):
-    """(E fp32 (B, C), per-sample gradient norms fp32 (B,)); logits (B, C) and features (B, D) in any float dtype.
+def residuals_and_norms(head, *, augmented: bool = False, losses: torch.Tensor | None = None):
+    """(E fp32 (B, C), per-sample gradient norms fp32 (B,)) of ``head``, an op's argument tuple (its ``logits``
+    (B, C) and ``features`` (B, D) in any float dtype, ``targets``, ``bias``, ``label_smoothing`` are read).
     With ``augmented`` also A = [h, 1] (or h without ``bias``) fp32 (B, D + bias), written by the same launch;
     ``losses`` (fp32 (B,), contiguous) receives each sample's cross-entropy, also from the same launch."""
+    logits, targets, features, bias = head.logits, head.targets, head.features, head.bias
     b, c = logits.shape
     d = features.shape[1]
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
@@ -73,7 +74,7 @@ def residuals_and_norms(logits: torch.Tensor, targets: torch.Tensor, features: t
         with on_device(logits):
             _residuals_kernel[(b,)](
                 logits, targets, features, e, norms, a, norms if losses is None else losses, c, d, logits.stride(0),
-                features.stride(0), float(label_smoothing), BIAS=bias, WRITE_A=augmented,
+                features.stride(0), float(head.label_smoothing), BIAS=bias, WRITE_A=augmented,
                 WRITE_LOSS=losses is not None, BLOCK_C=triton.next_power_of_2(c),
                 BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 1024),
             )

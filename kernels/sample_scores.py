@@ -119,16 +119,16 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))  # tl.dot needs every side >= 16
 
 
-def sample_scores(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, *, bias: bool,
-                  label_smoothing: float, by_class: bool) -> torch.Tensor:
-    """Scores fp32 (K, B), rows ``SCORES`` (+ ``CLASS_SCORES``); logits (B, C), features (B, D) any float dtype."""
+def sample_scores(args) -> torch.Tensor:
+    """Scores fp32 (K, B), rows ``SCORES`` (+ ``CLASS_SCORES``) for ``args``, the op's argument tuple (logits
+    (B, C), features (B, D) any float dtype)."""
+    logits, targets, by_class = args.logits, args.targets, args.by_class
     b, c = logits.shape
     out = torch.empty((len(SCORES) + len(CLASS_SCORES) * bool(by_class), b), dtype=torch.float32,
                       device=logits.device)
     if b == 0:
         return out
-    e, _, a = residuals_and_norms(logits, targets, features, bias=bias, label_smoothing=label_smoothing,
-                                  augmented=True, losses=out[0])
+    e, _, a = residuals_and_norms(args, augmented=True, losses=out[0])
     da = a.shape[1]
     g = e.T @ a  # (C, D'): the one product of the head's shape
     total_sq = g.square().sum()

@@ -154,20 +154,19 @@ def epilogue_constants(programs: int, batch_size: int, *, mode_id: int) -> dict:
                 BLOCK_MASK=min(triton.next_power_of_2(max(batch_size, 1)), 1024))
 
 
-def choose(sq_sums: torch.Tensor, counts: torch.Tensor, trend: torch.Tensor, *, seed: int, mode_id: int, thr: int,
-           batch_size: int, eps: float, metric: str = "mean",
-           block: int = 1024):
+def choose(sq_sums: torch.Tensor, counts: torch.Tensor, args, batch_size: int, block: int = 1024):
     """``reference.choose`` on given sums in one launch: (stats float64 (5,) = [loss, grad_norm, margin, size,
-    index], mask bool (B,)). sq_sums, counts: fp32 (N,); trend: float (3,) = [loss, loss EMA, gradient EMA]. The fused selection runs the
-    same device functions at the end of its subset kernel; this entry tests them on sums a test chooses."""
+    index], mask bool (B,)). sq_sums, counts: fp32 (N,); ``args``: the ``select_subset`` op's argument tuple (its
+    ``trend``, ``seed``, ``mode``, ``threshold``, ``eps`` and ``sum_metric`` are read). The fused selection runs
+    the same device functions at the end of its subset kernel; this entry tests them on sums a test chooses."""
     n = sq_sums.shape[0]
     dev = sq_sums.device
     programs = max(triton.cdiv(n, block), 1)
     part, pidx = workspace(dev, programs)
     stats, mask = outputs(dev, batch_size)
     with on_device(sq_sums):
-        _choose_kernel[(programs,)](sq_sums, counts, n, trend, float(eps), part, pidx,
-                                    arrival_counter(dev), seed, thr, batch_size, stats, mask,
-                                    SUM_METRIC=metric == "sum", BLOCK=block,
-                                    **epilogue_constants(programs, batch_size, mode_id=mode_id))
+        _choose_kernel[(programs,)](sq_sums, counts, n, args.trend, float(args.eps), part, pidx,
+                                    arrival_counter(dev), args.seed, args.threshold, batch_size, stats, mask,
+                                    SUM_METRIC=args.sum_metric, BLOCK=block,
+                                    **epilogue_constants(programs, batch_size, mode_id=args.mode))
     return stats, mask.view(torch.bool)

@@ -127,15 +127,16 @@ def _launch(e: torch.Tensor, a: torch.Tensor, n: int, dot_dtype: torch.dtype):
     return tiles, opts, n_blocks, split_j, j
 
 
-def subset_sq_sums_direct(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *, masks: torch.Tensor | None,
-                          seed: int, mode: int, thr: int, dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||sum_S g_i||^2, |S|), fp32 (N,) each. e: fp32 (B, C); a: fp32 (B, D'); masks: uint8 (N, B) when mode 0.
+def subset_sq_sums_direct(e: torch.Tensor, a: torch.Tensor, args,
+                          dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||sum_S g_i||^2, |S|), fp32 (N,) each, for ``args``, the ``subset_sq_sums`` op's argument tuple (its
+    ``masks`` uint8 (N, B) when ``mode`` is 0, else drawn from ``seed``). e: fp32 (B, C); a: fp32 (B, D').
 
     ``dot_dtype``: fp32 multiplies in IEEE fp32; bf16/fp16 feed G to the tensor cores in that type (masks are
     exact in it), accumulating in fp32.
     """
     b, c = e.shape
-    n = num_subsets
+    n, masks = args.num_subsets, args.masks
     tiles, opts, n_blocks, split_j, j = _launch(e, a, n, dot_dtype)
     sq = torch.empty((split_j, n), dtype=torch.float32, device=e.device)
     cnt = torch.empty((n,), dtype=torch.float32, device=e.device)
@@ -143,27 +144,27 @@ def subset_sq_sums_direct(e: torch.Tensor, a: torch.Tensor, num_subsets: int, *,
         return sq.sum(0), cnt
     with on_device(e):
         _direct_kernel[(n_blocks, split_j)](
-            e, a, masks if masks is not None else e, sq, cnt, n, b, c, a.shape[1], j, seed, thr,
-            MODE=mode, SPLIT_J=split_j, **tiles, **opts, **dot_dtype_args(dot_dtype),
+            e, a, masks if masks is not None else e, sq, cnt, n, b, c, a.shape[1], j, args.seed, args.threshold,
+            MODE=args.mode, SPLIT_J=split_j, **tiles, **opts, **dot_dtype_args(dot_dtype),
         )
     return sq.sum(0), cnt
 
 
-def select_direct(e: torch.Tensor, a: torch.Tensor, trend: torch.Tensor, *, num_subsets: int, seed: int, mode_id: int,
-                  thr: int, eps: float, metric: str,
-                  dot_dtype: torch.dtype):
+def select_direct(e: torch.Tensor, a: torch.Tensor, args, dot_dtype: torch.dtype):
     """The subset sums and the choice in one launch (after the residuals launch that wrote ``e`` and ``a``):
-    ``reference.select``'s (stats float64 (5,), mask bool (B,)) for ``num_subsets >= 1`` subsets from ``seed``."""
+    ``reference.select``'s (stats float64 (5,), mask bool (B,)) for ``args``, the ``select_subset`` op's argument
+    tuple (``num_subsets >= 1`` subsets from its ``seed``)."""
     b, c = e.shape
+    num_subsets = args.num_subsets
     dev = e.device
     tiles, opts, n_blocks, split_j, j = _launch(e, a, num_subsets, dot_dtype)
     partials = torch.empty((split_j, num_subsets) if split_j > 1 else (1,), dtype=torch.float32, device=dev)
     part, pidx = workspace(dev, n_blocks)
     stats, mask = outputs(dev, b)
-    epi = epilogue_constants(n_blocks, b, mode_id=mode_id)
+    epi = epilogue_constants(n_blocks, b, mode_id=args.mode)
     with on_device(e):
         _direct_select_kernel[(n_blocks, split_j)](
-            e, a, partials, num_subsets, b, c, a.shape[1], j, seed, thr, trend,
-            float(eps), part, pidx, arrival_counter(dev, 1 + n_blocks), stats, mask, SUM_METRIC=metric == "sum",
+            e, a, partials, num_subsets, b, c, a.shape[1], j, args.seed, args.threshold, args.trend,
+            float(args.eps), part, pidx, arrival_counter(dev, 1 + n_blocks), stats, mask, SUM_METRIC=args.sum_metric,
             SPLIT_J=split_j, **epi, **tiles, **opts, **dot_dtype_args(dot_dtype))
     return stats, mask.view(torch.bool)

@@ -126,10 +126,11 @@ def _gram_matrix_kernel(logits_ptr, targets_ptr, feat_ptr, k_ptr, B, C, D, strid
     tl.store(k_ptr + ri[:, None] * B + rj[None, :], ee * hh, mask=(ri[:, None] < B) & (rj[None, :] < B))
 
 
-def gram_matrix(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, *, bias: bool,
-                label_smoothing: float) -> torch.Tensor:
-    """K = (E E^T) o (A A^T), fp32 (B, B), in one launch straight from logits (B, C) and features (B, D) of any
-    float dtype (``reference.gram_matrix`` of the reference residuals and augmented features)."""
+def gram_matrix(head) -> torch.Tensor:
+    """K = (E E^T) o (A A^T), fp32 (B, B), in one launch straight from the op's head (its logits (B, C) and
+    features (B, D) of any float dtype; ``reference.gram_matrix`` of the reference residuals and augmented
+    features)."""
+    logits, targets, features = head.logits, head.targets, head.features
     b, c = logits.shape
     d = features.shape[1]
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
@@ -140,53 +141,51 @@ def gram_matrix(logits: torch.Tensor, targets: torch.Tensor, features: torch.Ten
     block = 32
     with on_device(logits):
         _gram_matrix_kernel[(triton.cdiv(b, block), triton.cdiv(b, block))](
-            logits, targets, features, k, b, c, d, logits.stride(0), features.stride(0), float(label_smoothing),
-            BIAS=bias, BLOCK=block, BLOCK_C=16, BLOCK_D=32)
+            logits, targets, features, k, b, c, d, logits.stride(0), features.stride(0), float(head.label_smoothing),
+            BIAS=head.bias, BLOCK=block, BLOCK_C=16, BLOCK_D=32)
     return k
 
 
-def subset_sq_sums_gram(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, num_subsets: int, *,
-                        bias: bool, label_smoothing: float, masks: torch.Tensor | None, seed: int, mode: int, thr: int,
-                        dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||sum_S g_i||^2, |S|), fp32 (N,) each, in two launches (K, then the subsets). logits (B, C), features
-    (B, D); masks: uint8 (N, B) when ``mode`` is 0, else drawn from ``seed``.
+def subset_sq_sums_gram(args, dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||sum_S g_i||^2, |S|), fp32 (N,) each, in two launches (K, then the subsets), for ``args``, the
+    ``subset_sq_sums`` op's argument tuple: logits (B, C), features (B, D); masks uint8 (N, B) when ``mode`` is
+    0, else drawn from ``seed``.
 
     K stays fp32 whatever ``dot_dtype``: K_ii = ||e_i||^2 ||a_i||^2 overflows fp16 (65,504) for inputs that fp16
     holds (features of 120 over D = 512 give 4.8e5), so 16-bit inputs multiply K as tf32 on tensor cores instead:
     fp32's range, fp16's 10-bit mantissa, fp32 accumulation.
     """
-    b = logits.shape[0]
-    n = num_subsets
-    dev = logits.device
-    k = gram_matrix(logits, targets, features, bias=bias, label_smoothing=label_smoothing)  # fp32 (B, B)
+    b, n, masks = args.logits.shape[0], args.num_subsets, args.masks
+    dev = args.logits.device
+    k = gram_matrix(args)  # fp32 (B, B)
     sq = torch.empty((n,), dtype=torch.float32, device=dev)
     cnt = torch.empty((n,), dtype=torch.float32, device=dev)
     if n == 0:
         return sq, cnt
     tiles, opts, dot = _subset_launch(dot_dtype, dev)
-    with on_device(logits):
+    with on_device(k):
         _gram_kernel[(triton.cdiv(n, tiles["BLOCK_N"]),)](
-            k, masks if masks is not None else k, sq, cnt, n, b, seed, thr, MODE=mode, **tiles, **opts, **dot)
+            k, masks if masks is not None else k, sq, cnt, n, b, args.seed, args.threshold, MODE=args.mode, **tiles,
+            **opts, **dot)
     return sq, cnt
 
 
-def select_gram(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, trend: torch.Tensor, *,
-                num_subsets: int, seed: int, mode_id: int, thr: int, bias: bool, label_smoothing: float,
-                eps: float, metric: str, dot_dtype: torch.dtype):
+def select_gram(args, dot_dtype: torch.dtype):
     """The whole selection in two launches (K; subset sums with the epilogue): ``reference.select``'s
-    (stats float64 (5,), mask bool (B,)) for ``num_subsets >= 1`` subsets drawn from ``seed``."""
-    b = logits.shape[0]
-    dev = logits.device
-    k = gram_matrix(logits, targets, features, bias=bias, label_smoothing=label_smoothing)
+    (stats float64 (5,), mask bool (B,)) for ``args``, the ``select_subset`` op's argument tuple
+    (``num_subsets >= 1`` subsets drawn from its ``seed``)."""
+    b, n = args.logits.shape[0], args.num_subsets
+    dev = args.logits.device
+    k = gram_matrix(args)
     tiles, opts, dot = _subset_launch(dot_dtype, dev)
-    programs = triton.cdiv(num_subsets, tiles["BLOCK_N"])
+    programs = triton.cdiv(n, tiles["BLOCK_N"])
     part, pidx = workspace(dev, programs)
     stats, mask = outputs(dev, b)
-    with on_device(logits):
+    with on_device(k):
         _gram_select_kernel[(programs,)](
-            k, num_subsets, b, seed, thr, trend, float(eps), part, pidx,
-            arrival_counter(dev), stats, mask, SUM_METRIC=metric == "sum", **tiles, **opts, **dot,
-            **epilogue_constants(programs, b, mode_id=mode_id))
+            k, n, b, args.seed, args.threshold, args.trend, float(args.eps), part, pidx,
+            arrival_counter(dev), stats, mask, SUM_METRIC=args.sum_metric, **tiles, **opts, **dot,
+            **epilogue_constants(programs, b, mode_id=args.mode))
     return stats, mask.view(torch.bool)
 
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from dynbatch.cli import main
-from dynbatch.train.records import read_metrics
+from dynbatch.train.run_folder import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

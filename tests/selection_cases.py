@@ -7,6 +7,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynbatch import ops
+
+SPEC_FIELDS = ("num_subsets", "mode", "p", "route", "grad_metric", "eps", "backend")
+
+
+def _with_spec(op, logits, targets, features, **kw):
+    spec = ops.SubsetSpec(**{k: kw.pop(k) for k in SPEC_FIELDS if k in kw})
+    return op(logits, targets, features, spec, **kw)
+
+
+def select_subset(logits, targets, features, **kw):
+    """``dynbatch.ops.select_subset`` with the :class:`~dynbatch.ops.SubsetSpec`'s fields given as keywords beside
+    the call's own, as the tests' parametrisations spell them."""
+    return _with_spec(ops.select_subset, logits, targets, features, **kw)
+
+
+def subset_scores(logits, targets, features, **kw):
+    """``dynbatch.ops.subset_scores``, the spec's fields as keywords (see :func:`select_subset`)."""
+    return _with_spec(ops.subset_scores, logits, targets, features, **kw)
+
 
 class TinyNet(nn.Module):
     """A conv trunk with a D-wide feature layer and a linear head: odd D and C without a big model."""

@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from dynbatch.train.config import TrainConfig
-from dynbatch.train.records import read_metrics
+from dynbatch.train.run_folder import read_metrics
 from dynbatch.train.trainer import Trainer
 
 

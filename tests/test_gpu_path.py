@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from cli_helpers import REPO
-from dynbatch.ops import random_subsets, select_subset, subset_grad_norms, subset_scores
+from dynbatch.ops import random_subsets, subset_grad_norms
+from selection_cases import select_subset, subset_scores
 from dynbatch.methods.edba import EDBAState
 from selection_cases import assert_same_choice_up_to_ties, random_case
 
@@ -194,9 +195,9 @@ def test_one_rank_and_many_select_at_the_same_precision(monkeypatch):
     seen = []
     real = edba_selector.select_subset
 
-    def spy(logits, targets, features, **kw):
+    def spy(logits, targets, features, spec, **kw):
         seen.append((logits.dtype, features.dtype))
-        return real(logits, targets, features, **kw)
+        return real(logits, targets, features, spec, **kw)
 
     monkeypatch.setattr(edba_selector, "select_subset", spy)
     records = []
@@ -303,7 +304,7 @@ def test_backends_agree_up_to_ties():
 
 SELECTION_LAUNCHES = """
 import json, torch
-from dynbatch.ops.library import ARGS, IMPLEMENTATIONS
+from dynbatch.ops import selection
 from dynbatch_kernels import aot, configs
 out = {}
 g = torch.Generator().manual_seed(0)
@@ -314,7 +315,7 @@ for b, c, d, n in ((100, 10, 64, 4096), (8, 3, 5, 16), (1000, 100, 512, 65536)):
             for has_ema in (False, True):
                 with aot.capture() as launches, configs.target(arch):
                     trend = torch.tensor([1.0, 1.0 if has_ema else float("nan"), 0.5], dtype=torch.float64)
-                    IMPLEMENTATIONS["select_subset"][1](*ARGS["select_subset"](
+                    selection.triton_impl(selection.Args(
                         logits=logits, targets=y, features=feats, bias=True, label_smoothing=0.0, trend=trend,
                         num_subsets=n, seed=1, mode=1, threshold=2**23, gram=route == "gram", sum_metric=False,
                         eps=1e-8))

@@ -4,12 +4,13 @@ shapes stay small; on a GPU the same tests run compiled.
 Tolerances: fp32 rtol 1e-4 (IEEE fp32 dots); bf16 inputs rtol 2e-2 and fp16 rtol 2e-3 against the fp32
 reference (input rounding plus the low-precision dot operands; accumulation is fp32 throughout).
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from dynbatch.ops import per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
-    subset_scores
-from selection_cases import assert_same_choice_up_to_ties, random_case, route_atol
+from dynbatch.ops import per_sample_grad_norms, random_subsets, subset_grad_norms
+from selection_cases import assert_same_choice_up_to_ties, random_case, route_atol, select_subset, subset_scores
 
 pytestmark = pytest.mark.interpreter
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,10 +94,11 @@ def test_triton_epilogue_equals_reference_choice(metric, first_step, b, p, monke
     n = 2100
     q, c = torch.rand(n, generator=g) * 4, random_subsets(n, b, seed=9, p=p).sum(1).float()
     trend = torch.tensor([1.3, float("nan") if first_step else 1.2, 0.4], dtype=torch.float64)
-    kw = dict(seed=9, mode_id=1, thr=reference.bernoulli_threshold(p), batch_size=b, eps=1e-8, metric=metric)
-    want_stats, want_mask = reference.choose(q.to(DEV), c.to(DEV), trend.to(DEV), **kw)
+    args = SimpleNamespace(trend=trend.to(DEV), seed=9, mode=1, threshold=reference.bernoulli_threshold(p), eps=1e-8,
+                           sum_metric=metric == "sum")  # the fields of the select op's arguments that a choice reads
+    want_stats, want_mask = reference.choose(q.to(DEV), c.to(DEV), args, b)
     for block in (1024, 64):
-        got_stats, got_mask = choose(q.to(DEV), c.to(DEV), trend.to(DEV), block=block, **kw)
+        got_stats, got_mask = choose(q.to(DEV), c.to(DEV), args, b, block=block)
         # The kernels' square root is correctly rounded; torch's CPU float32 sqrt is not (it differs in the last
         # bit for about 1 input in 5 here), and a margin divides by G_S - G_ema: hence rtol 1e-4, not bit equality.
         torch.testing.assert_close(got_stats, want_stats, rtol=1e-4, atol=1e-6, equal_nan=True)
@@ -114,12 +116,13 @@ def test_triton_augmented_features_and_gram_matrix_equal_reference(b, c, d, bias
     from dynbatch_kernels.subset_norms_gram import gram_matrix
 
     logits, y, feats = _case(b, c, d, seed=b + c)
-    e, norms, a = residuals_and_norms(logits, y, feats, bias=bias, label_smoothing=0.1, augmented=True)
+    head = SimpleNamespace(logits=logits, targets=y, features=feats, bias=bias, label_smoothing=0.1)
+    e, norms, a = residuals_and_norms(head, augmented=True)
     want_e = reference.residuals(logits, y, 0.1)
     want_a = reference.augmented_features(feats, bias)
     assert torch.equal(a, want_a)
     torch.testing.assert_close(e, want_e, rtol=RTOL, atol=ATOL)
-    got = gram_matrix(logits, y, feats, bias=bias, label_smoothing=0.1)
+    got = gram_matrix(head)
     torch.testing.assert_close(got, reference.gram_matrix(want_e, want_a), rtol=1e-5, atol=1e-6)
 
 

@@ -18,12 +18,13 @@ from pathlib import Path
 site = Path(sys.argv[1]).resolve()
 for mod in (dynbatch, dynbatch_bench, dynbatch_csrc):
     assert site in Path(mod.__file__).resolve().parents, mod.__file__  # the wheel's copy, not the clone
-from dynbatch.ops import native, select_subset
+from dynbatch.ops import SubsetSpec, native, select_subset
 assert native.load() is not None, native.status()
 g = torch.Generator().manual_seed(0)
 logits, feats, y = torch.randn(37, 7, generator=g), torch.randn(37, 19, generator=g), torch.randint(0, 7, (37,))
-kw = dict(num_subsets=300, seed=5, loss=1.0, loss_ema=1.1, grad_ema=0.3)
-a, b = select_subset(logits, y, feats, backend="native", **kw), select_subset(logits, y, feats, backend="torch", **kw)
+kw = dict(seed=5, loss=1.0, loss_ema=1.1, grad_ema=0.3)
+a = select_subset(logits, y, feats, SubsetSpec(300, backend="native"), **kw)
+b = select_subset(logits, y, feats, SubsetSpec(300, backend="torch"), **kw)
 assert int(a.index) == int(b.index)
 print("native selection ok")
 """
@@ -36,7 +37,7 @@ def test_wheel_installed_outside_the_tree_has_native_sources_and_bench(tmp_path)
     (wheel,) = wheels.glob("dynbatch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("dynbatch_csrc/dynbatch_native.cpp", "dynbatch_bench/test_step.py", "dynbatch_bench/report.py",
-                   "dynbatch_kernels/aot.py", "dynbatch/methods/edba.py", "dynbatch/ops/library.py"):
+                   "dynbatch_kernels/aot.py", "dynbatch/methods/edba.py", "dynbatch/ops/selection.py"):
         assert needed in names, needed
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

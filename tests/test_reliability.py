@@ -14,7 +14,7 @@ import torch
 
 from cli_helpers import REPO, assert_one_line_error, rows, run_cli, spawn, without_timing
 from dynbatch.errors import Diverged
-from dynbatch.train import records
+from dynbatch.train import run_folder
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.trainer import Trainer
 
@@ -23,7 +23,7 @@ TINY = ("--train-samples", "60", "--batch-size", "20", *FAST)  # 3 steps an epoc
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != records.LOCK}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != run_folder.LOCK}
 
 
 # ---- resume semantics --------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, m
         rc, _, err = run_cli(capsys, "train", "--out", run, "--epochs", "3", *TINY)
         assert_one_line_error(rc, err, "the disk is full", code=1)
         assert "--resume" in err
-        assert sorted(p.name for p in run.iterdir()) == [records.LOCK, "checkpoint.pt", "config.json",
+        assert sorted(p.name for p in run.iterdir()) == [run_folder.LOCK, "checkpoint.pt", "config.json",
                                                           "metrics.jsonl"]
         first = torch.load(run / "checkpoint.pt", weights_only=True)
         assert first["progress"]["epoch"] == 1
@@ -383,7 +383,7 @@ def test_fault_injection_every_resume_matches_an_uninterrupted_run(tmp_path, cap
         landed += 1
         # What the run has written so far is a prefix of the uninterrupted run (rows past the last checkpoint
         # included: they are cut on resume and computed again identically).
-        so_far = without_timing([r for r in records.read_metrics(run) if r["kind"] == "step"])
+        so_far = without_timing([r for r in run_folder.read_metrics(run) if r["kind"] == "step"])
         assert so_far == reference["step"][: len(so_far)]
     assert landed >= len(faults) - 2
     assert run_cli(capsys, "train", "--out", run, *args, "--autoresume")[0] == 0

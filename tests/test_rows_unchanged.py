@@ -36,7 +36,7 @@ def mlp(num_classes: int, in_channels: int) -> nn.Module:
 
 def rows_for(policy: str, out: Path) -> list[dict]:
     from dynbatch.train.config import TrainConfig
-    from dynbatch.train.records import read_metrics
+    from dynbatch.train.run_folder import read_metrics
     from dynbatch.train.trainer import Trainer
 
     opts = POLICIES[policy]

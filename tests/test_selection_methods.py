@@ -176,7 +176,7 @@ def test_each_method_example_runs_and_differs_from_the_plain_loop_by_at_most_fif
 
 
 def test_auroc_is_the_pairwise_probability():
-    from dynbatch.train.scores import auroc
+    from dynbatch.train.checkpoint_scores import auroc
 
     g = torch.Generator().manual_seed(0)
     score = torch.randint(0, 5, (60,), generator=g).numpy().astype(float)  # many ties

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from dynbatch.ops import native, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
-    subset_scores
-from selection_cases import native_in_subprocess, random_case, route_atol
+from dynbatch.ops import native, per_sample_grad_norms, random_subsets, subset_grad_norms
+from selection_cases import native_in_subprocess, random_case, route_atol, select_subset, subset_scores
 
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -76,8 +75,8 @@ def test_portable_draw_matches_the_avx2_draw(tmp_path):
     """Machines without AVX2 draw subsets (and pack given masks) with scalar loops: the same subsets, so the same
     norms bit for bit (forced here with DYNBATCH_NATIVE_SCALAR, read once per process, hence the subprocess)."""
     code = ("import sys, torch\n"
-            "from dynbatch.ops import subset_grad_norms, subset_scores\n"
-            "from selection_cases import random_case\n"
+            "from dynbatch.ops import subset_grad_norms\n"
+            "from selection_cases import random_case, subset_scores\n"
             "out = []\n"
             "for b, mode in ((1, 'bernoulli'), (37, 'uniform_size'), (100, 'bernoulli'), (256, 'uniform_size')):\n"
             "    logits, y, feats = random_case(b, 7, 19, seed=b)\n"

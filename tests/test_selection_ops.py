@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dynbatch.ops import select_subset, subset_scores
-from selection_cases import random_case
+from dynbatch import ops
+
+from selection_cases import random_case, select_subset, subset_scores
 
 # B = 100 is EDBA's default batch, N = 4096 its default subset count.
 B, C, D, N = 100, 10, 64, 4096
@@ -83,17 +84,21 @@ def test_sum_metric_scales_the_mean_by_subset_size():
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=pytest.mark.native), "torch"])
 def test_torch_compile_traces_the_selection_without_graph_breaks(backend):
-    """fullgraph=True fails on any graph break; aot_eager traces with the ops' fake implementations."""
+    """fullgraph=True fails on any graph break; aot_eager traces with the ops' fake implementations. The backend
+    is chosen outside the compiled function: the graph calls the op, the dispatcher finds the registration."""
     logits, y, feats, loss = _case()
+    spec = ops.SubsetSpec(300)
 
     def step(logits, y, feats):
         loss = torch.nn.functional.cross_entropy(logits, y)
-        sel = select_subset(logits, y, feats, loss=loss, backend=backend, **dict(KW, num_subsets=300))
+        sel = ops.select_subset(logits, y, feats, spec, loss=loss, seed=KW["seed"], loss_ema=KW["loss_ema"],
+                                grad_ema=KW["grad_ema"])
         return sel.stats, sel.mask, sel.mask.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    got, want = compiled(logits, y, feats), step(logits, y, feats)
+    with ops.using_backend(backend):
+        got, want = compiled(logits, y, feats), step(logits, y, feats)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, equal_nan=True)
 
@@ -110,10 +115,12 @@ def test_compiled_loop_with_device_emas_compiles_once_and_reads_nothing(backend)
         graphs.append(gm)
         return gm.forward
 
+    spec = ops.SubsetSpec(300)
+
     def step(logits, y, feats, loss_ema, grad_ema):
         loss = torch.nn.functional.cross_entropy(logits, y)
-        sel = select_subset(logits, y, feats, num_subsets=300, seed=(7 << 32) + 3, loss=loss, loss_ema=loss_ema,
-                            grad_ema=grad_ema, backend=backend)
+        sel = ops.select_subset(logits, y, feats, spec, seed=(7 << 32) + 3, loss=loss, loss_ema=loss_ema,
+                                grad_ema=grad_ema)
         return sel.stats, sel.mask
 
     torch._dynamo.reset()
@@ -121,7 +128,8 @@ def test_compiled_loop_with_device_emas_compiles_once_and_reads_nothing(backend)
     emas = (torch.tensor(2.2), torch.tensor(0.05))
     for b in (100, 90, 110, 97):
         logits, y, feats = random_case(b, C, D, seed=b)
-        got, want = compiled(logits, y, feats, *emas), step(logits, y, feats, *emas)
+        with ops.using_backend(backend):
+            got, want = compiled(logits, y, feats, *emas), step(logits, y, feats, *emas)
         torch.testing.assert_close(got[0], want[0], equal_nan=True)
         assert torch.equal(got[1], want[1])
     assert 1 <= len(graphs) <= 2, len(graphs)
@@ -138,15 +146,15 @@ def test_fakes_check_the_shapes_they_are_given():
     """The fake implementations (what torch.compile traces with) refuse inputs the kernels would refuse."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dynbatch.ops.library import ARGS, OPS
+    from dynbatch.ops import selection
 
     def call(b_targets=B, trend_len=3):
         with FakeTensorMode():
-            args = ARGS["select_subset"](
+            args = selection.Args(
                 logits=torch.empty(B, C), targets=torch.empty(b_targets, dtype=torch.long), features=torch.empty(B, D),
                 bias=True, label_smoothing=0.0, trend=torch.empty(trend_len, dtype=torch.float64), num_subsets=16,
                 seed=1, mode=1, threshold=2**23, gram=True, sum_metric=False, eps=1e-8)
-            return OPS["select_subset"](*args)
+            return selection.OP(*args)
 
     stats, mask = call()
     assert stats.shape == (5,) and stats.dtype == torch.float64 and mask.shape == (B,) and mask.dtype == torch.bool

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from dynbatch.models import build_model, final_linear
-from dynbatch.ops import margins, per_sample_grad_norms, random_subsets, select_subset, subset_grad_norms, \
-    subset_scores
-from selection_cases import TinyNet, autograd_per_sample_grads, last_layer_inputs, random_case, route_atol
+from dynbatch.ops import margins, per_sample_grad_norms, random_subsets, subset_grad_norms
+from selection_cases import (TinyNet, autograd_per_sample_grads, last_layer_inputs, random_case, route_atol,
+                             select_subset, subset_scores)
 
 RTOL, ATOL = 1e-4, 1e-6  # fp32
 

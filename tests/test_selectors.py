@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cli_helpers import REPO, example_diff
-from dynbatch.ops import select_subset
+from selection_cases import select_subset
 from dynbatch.methods import AdaBatchSchedule, DynamicBatchSampler, EDBAOptions, EDBASelector, EDBAState
 
 

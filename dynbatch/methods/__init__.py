@@ -50,7 +50,7 @@ def policy_class(name: str) -> type[Policy]:
 
 _EXPORTS = {
     "EDBASelector": "edba", "EDBAOptions": "edba", "EDBAState": "edba", "advance": "edba",
-    "choose_split": "split", "SplitOptions": "split",
+    "choose_split": "split", "SplitOptions": "split", "KeptForwards": "split",
     "AdaBatchSchedule": "adabatch", "AdaBatchOptions": "adabatch",
     "ImportanceSampler": "importance", "ImportanceOptions": "importance",
     "SelectiveBackprop": "selective_backprop", "SelectiveBackpropOptions": "selective_backprop",

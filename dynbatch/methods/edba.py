@@ -61,7 +61,7 @@ from dynbatch.errors import RunFailure
 from dynbatch.methods.base import (ForwardStep, LastLayerForward, Plan, Policy, ReuseStep, StepContext,
                                    capture_last_layer, chosen_rows)
 from dynbatch.options import OptionError, check_fields, non_negative, one_of, option, positive, with_overrides, within
-from dynbatch.ops import MAX_SUBSETS, Selection, select_subset
+from dynbatch.ops import MAX_SUBSETS, Selection, SubsetSpec, select_subset
 
 
 @dataclass
@@ -192,6 +192,8 @@ class EDBASelector(LastLayerForward):
         self.options = with_overrides(EDBAOptions, options, overrides)
         self.seed = seed
         o = self.options
+        self.spec = SubsetSpec(o.subsets, o.subset_mode, o.subset_p, grad_metric=o.grad_metric, eps=o.margin_eps,
+                               backend=o.selection_backend)  # checked once, read at every step
         self.state = EDBAState(min(max(batch_size, o.bs_min), o.bs_max))
         self.last: Chosen | None = None  # the last selection's numbers, on the host
 
@@ -217,11 +219,9 @@ class EDBASelector(LastLayerForward):
         o, s = self.options, self.state
         sel = select_subset(
             logits.detach() if logits.requires_grad else logits, y,
-            features.detach() if features.requires_grad else features, num_subsets=o.subsets, seed=(self.seed << 32) + step, loss=loss,
-            loss_ema=s.loss_ema, grad_ema=s.grad_ema, mode=o.subset_mode, p=o.subset_p, backend=o.selection_backend,
-            bias=self.head.bias is not None, label_smoothing=label_smoothing, eps=o.margin_eps,
-            grad_metric=o.grad_metric,
-        )
+            features.detach() if features.requires_grad else features, self.spec, seed=(self.seed << 32) + step,
+            loss=loss, loss_ema=s.loss_ema, grad_ema=s.grad_ema, bias=self.head.bias is not None,
+            label_smoothing=label_smoothing)
         loss, grad_norm, margin, size, index = sel.stats.tolist()  # the call's one read
         if math.isfinite(loss) and not math.isfinite(grad_norm):
             # Non-finite subset norms map to the largest margin, so a NaN would otherwise be chosen only silently,

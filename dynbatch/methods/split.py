@@ -38,7 +38,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -147,25 +147,34 @@ def pick(scores: dict[int, float], criterion: str, seed: int = 0, step: int = 0)
     return best(sorted(scores), key=lambda k: scores[k])
 
 
+@dataclass
+class KeptForwards:
+    """What :func:`choose_split` keeps of its candidate forwards: their per-sample losses ``losses`` ({k: [chunk
+    losses]}) and, with ``keep_graph``, each split's first chunk with its graph and its detached logits in
+    ``logits`` ({k: logits})."""
+
+    keep_graph: bool = False
+    losses: dict = field(default_factory=dict)
+    logits: dict = field(default_factory=dict)
+
+
 def choose_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None, splits=(1, 2, 4),
                  criterion: str = "min", *, seed: int = 0, step: int = 0, autocast=nullcontext, dist=None,
-                 keep_first_graph: bool = False, kept: dict | None = None):
+                 kept: KeptForwards | None = None):
     """Online batch-size selection for one batch x (B, ...), y (B,): returns (chosen number of chunks, scores).
 
     Each split's score is the mean per-sample loss over all B samples from train-mode forwards of its chunks,
     with no graph and every buffer restored. ``loss_fn(logits, y)`` gives per-sample losses (default: cross
-    entropy). Train on the chosen split's chunks ``x[chunk_rows(B, k, j)]`` at learning rate x 1/k. Given a dict
-    ``kept``, the candidates' per-sample losses go to ``kept["losses"]`` ({k: [chunk losses]}) and, with
-    ``keep_first_graph``, each split's first chunk keeps its graph and its detached logits go to
-    ``kept["logits"]`` ({k: logits}).
+    entropy). Train on the chosen split's chunks ``x[chunk_rows(B, k, j)]`` at learning rate x 1/k. Given
+    ``kept`` (:class:`KeptForwards`), the candidates' losses (and first graphs) go there.
     """
     loss_fn = loss_fn or (lambda z, t: nn.functional.cross_entropy(z, t, reduction="none"))
     check_divides(splits, x.shape[0])
     first_logits: dict = {}
-    losses = candidate_forwards(model, x, y, splits, loss_fn, autocast, keep_first_graph=keep_first_graph, dist=dist,
-                                kept_logits=first_logits)
+    losses = candidate_forwards(model, x, y, splits, loss_fn, autocast, dist=dist, kept_logits=first_logits,
+                                keep_first_graph=kept is not None and kept.keep_graph)
     if kept is not None:
-        kept.update(losses=losses, logits=first_logits)
+        kept.losses, kept.logits = losses, first_logits
     scores = split_scores(losses, splits, x.shape[0], dist)
     return pick(scores, criterion, seed, step), scores
 
@@ -213,9 +222,9 @@ class SplitPolicy(Policy):
         d = ctx.dist
         reuse = o.split_reuse_first and o.split_update == "sequential"
         model = ctx.model if reuse else ctx.module  # a graph to reuse must come from the model that trains
-        kept: dict = {}
+        kept = KeptForwards(keep_graph=reuse)
         k, scores = choose_split(model, x, y, ctx.loss_fn, self.splits, o.criterion, seed=ctx.seed, step=ctx.step,
-                                 autocast=ctx.autocast, dist=d, keep_first_graph=reuse, kept=kept)
+                                 autocast=ctx.autocast, dist=d, kept=kept)
         record = {"chosen_split": k, "candidates_s": time.perf_counter() - t0,
                   **{f"cand_loss_{s}": v for s, v in scores.items()}}
         rows = [chunk_rows(x.shape[0], k, j, d) for j in range(k)]
@@ -224,7 +233,7 @@ class SplitPolicy(Policy):
             return self._original_plan(chunks, rows, x.shape[0] // k, ctx, record)
         steps = [ForwardStep(xs, ys, lr_scale=1.0 / k, rows=r) for (xs, ys), r in zip(chunks, rows)]
         if reuse:
-            steps[0] = ReuseStep(kept["losses"][k][0], kept["logits"][k], chunks[0][1], lr_scale=1.0 / k,
+            steps[0] = ReuseStep(kept.losses[k][0], kept.logits[k], chunks[0][1], lr_scale=1.0 / k,
                                  rows=rows[0])
         return Plan(steps, record)
 

@@ -1,5 +1,8 @@
-"""The last-layer ops, registered with ``torch.library`` as ``torch.ops.dynbatch.*``: each schema is written here
-once, and each implementation is registered per dispatch key.
+"""What every last-layer op shares: the ``torch.library`` namespace ``dynbatch``, the head every schema starts with,
+:func:`define` (one op's schema, fake and per-dispatch-key registrations, called once from the op's own module),
+and the choice of backend, which goes through the dispatcher alone.
+
+Per dispatch key, each op has:
 
 - ``CPU``: the native extension (``csrc/dynbatch_native.cpp``, ``TORCH_LIBRARY_IMPL(dynbatch, CPU, m)``), once it
   is loaded (:func:`dynbatch.ops.native.load`, on the first CPU call of the public API);
@@ -7,196 +10,190 @@ once, and each implementation is registered per dispatch key.
 - ``CompositeExplicitAutograd``: the torch reference (``kernels/reference.py``), for every device without its own
   kernel (and the CPU while the extension is not loaded).
 
-Every op starts with the same head: ``logits (B, C), targets (B,), features (B, D)`` of any float dtype, ``bias``
-(whether the head has one, i.e. a_i = [h_i, 1]) and ``label_smoothing``; results are fp32 (stats float64).
-``select_subset`` takes the batch loss and both EMAs packed in one tensor, ``trend`` float64 (3,) = [loss,
-loss_ema, grad_ema] (EMAs NaN before the first step), so that nothing is read to the host and nothing specialises
-under ``torch.compile(dynamic=True)``. Subset ``mode`` 0 takes explicit ``masks`` (N, B), 1 and 2 draw them from
-``seed`` (bernoulli with ``threshold``, uniform size); ``gram`` picks the Gram route over the direct one.
+A backend other than the device's own (the reference, or Triton under ``TRITON_INTERPRET=1`` on the CPU) is chosen
+with :func:`using_backend`, which registers that implementation on the device's key for the duration of a ``with``
+block and restores the previous one on exit: every call still goes through the dispatcher.
 
 Why ``Library.define``/``impl`` rather than the ``torch.library.custom_op`` decorator: the decorator wraps every
 call in a Python autograd layer, measured at ~55 µs per call of ``select_subset`` on this project's CPU, more than
 the whole selection at small batches; a C++ kernel on the CPU key dispatches with no Python at all. The ops have no
-autograd formula: selection reads detached values. Arguments are checked and normalised by the public API
-(``dynbatch.ops``).
+autograd formula: selection reads detached values.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import namedtuple
+from typing import Callable, NamedTuple
 
 import torch
 
+from dynbatch.errors import UserError
+from dynbatch.ops import native
+from dynbatch_kernels.reference import choose_route
+
+# Every op starts with the head: logits (B, C), targets (B,), features (B, D) of any float dtype, whether the head
+# has a bias (a_i = [h_i, 1]) and the label smoothing; results are fp32 (stats float64).
 HEAD = "Tensor logits, Tensor targets, Tensor features, bool bias, float label_smoothing"
-SUBSETS = "int num_subsets, int seed, int mode, int threshold, bool gram"
-SCHEMAS = {
-    "per_sample_grad_norms": f"({HEAD}) -> Tensor",
-    "subset_sq_sums": f"({HEAD}, Tensor? masks, {SUBSETS}) -> (Tensor, Tensor)",
-    "select_subset": f"({HEAD}, Tensor trend, {SUBSETS}, bool sum_metric, float eps) -> (Tensor, Tensor)",
-    "sample_scores": f"({HEAD}, bool by_class) -> Tensor",
-}
+BACKENDS = ("torch", "native", "triton")
 
 _LIB = torch.library.Library("dynbatch", "DEF")
-for _name, _schema in SCHEMAS.items():
-    _LIB.define(_name + _schema)
 
 
-def _arg_names(schema: str) -> list[str]:
-    return [arg.split()[-1] for arg in schema[1:schema.index(")")].split(",")]
+class Kernels(NamedTuple):
+    """An op's Python implementations, each taking the op's argument tuple: what :func:`using_backend` registers
+    (``triton`` None: the op has no Triton kernel, and its reference serves CUDA too)."""
+
+    reference: Callable
+    triton: Callable | None
 
 
-# Each op's arguments by name, in schema order: the implementations below and the public API read and build them
-# by name, so the order is written in SCHEMAS alone (and in the native kernels' C++ signatures).
-ARGS = {name: type(f"{name}_args", (namedtuple(f"{name}_args", _arg_names(schema)),), {"__slots__": (), "op": name})
-        for name, schema in SCHEMAS.items()}
+_KERNELS: dict[str, Kernels] = {}
 
 
-def _reference():
-    from dynbatch_kernels import reference
-
-    return reference
-
-
-# ---- the reference: every device without a kernel of its own ---------------------------------------------------
-def _norms_reference(a):
-    """||g_i|| = ||e_i|| ||a_i||, fp32 (B,)."""
-    ref = _reference()
-    e = ref.residuals(a.logits, a.targets, a.label_smoothing)
-    return e.norm(dim=1) * ref.augmented_features(a.features, a.bias).norm(dim=1)
+def args_type(name: str, schema: str) -> type:
+    """The op's arguments by name, in schema order (a namedtuple): implementations read them by name, so their
+    order is written in the schema alone (and in the native kernel's C++ signature)."""
+    fields = [arg.split()[-1] for arg in schema[1:schema.index(")")].split(",")]
+    return type(f"{name}_args", (namedtuple(f"{name}_args", fields),), {"__slots__": (), "op": name})
 
 
-def _sq_sums_reference(a):
-    """(||sum_S g||^2, |S|), fp32 (N,) each."""
-    ref = _reference()
-    e = ref.residuals(a.logits, a.targets, a.label_smoothing)
-    feats = ref.augmented_features(a.features, a.bias)
-    route = "gram" if a.gram else "direct"
-    if a.mode != 0:
-        return ref.seeded_subset_sq_sums(e, feats, a.num_subsets, a.seed, a.mode, a.threshold, route)
-    return ref.subset_sq_sums(e, feats, a.masks, route)
+def define(name: str, schema: str, args: type, *, reference: Callable, triton: Callable | None, fake: Callable):
+    """Define ``dynbatch::name`` and register its torch reference (CompositeExplicitAutograd), its Triton launcher
+    (CUDA, where it has one) and its fake (shapes for ``torch.compile``), each taking one ``args`` tuple. Returns
+    the op overload, looked up once (an attribute lookup on ``torch.ops`` costs microseconds a call)."""
+    _LIB.define(name + schema)
+    positional = [None if fn is None else (lambda *a, fn=fn: fn(args(*a))) for fn in (reference, triton, fake)]
+    _LIB.impl(name, positional[0], "CompositeExplicitAutograd")
+    if triton is not None:
+        _LIB.impl(name, positional[1], "CUDA")
+    torch.library.register_fake(f"dynbatch::{name}", positional[2])
+    _KERNELS[name] = Kernels(*positional[:2])
+    return getattr(torch.ops.dynbatch, name).default
 
 
-def _select_reference(a):
-    """(stats float64 (5,) = [loss, grad_norm, margin, size, index], mask bool (B,))."""
-    return _reference().select(a.logits, a.targets, a.features, a.trend, num_subsets=a.num_subsets, seed=a.seed,
-                               mode_id=a.mode, thr=a.threshold, route="gram" if a.gram else "direct", bias=a.bias,
-                               label_smoothing=a.label_smoothing, eps=a.eps, metric="sum" if a.sum_metric else "mean")
-
-
-def _scores_reference(a):
-    """fp32 (K, B): rows ``reference.SCORES`` (+ ``CLASS_SCORES`` with ``by_class``)."""
-    return _reference().sample_scores(a.logits, a.targets, a.features, bias=a.bias, label_smoothing=a.label_smoothing,
-                                      by_class=a.by_class)
-
-
-# ---- Triton: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1, through the public API's backend="triton") ---
-def dot_dtype(logits, features) -> torch.dtype:
-    """The tensor-core operand type: the inputs' 16-bit type if either has one, else fp32."""
-    low = [t.dtype for t in (logits, features) if t.dtype in (torch.bfloat16, torch.float16)]
-    return low[0] if low else torch.float32
-
-
-def _residuals_triton(a, augmented: bool):
-    """(E fp32 (B, C), ||g_i|| fp32 (B,)[, A = [h, 1] fp32 (B, D + bias)]), one launch."""
-    from dynbatch_kernels.residuals import residuals_and_norms
-
-    return residuals_and_norms(a.logits, a.targets, a.features, bias=a.bias, label_smoothing=a.label_smoothing,
-                               augmented=augmented)
-
-
-def _norms_triton(a):
-    return _residuals_triton(a, augmented=False)[1]
-
-
-def _sq_sums_triton(a):
-    dot = dot_dtype(a.logits, a.features)
-    if a.gram:  # two launches: K from the logits and features, then the subsets
-        from dynbatch_kernels.subset_norms_gram import subset_sq_sums_gram
-
-        return subset_sq_sums_gram(a.logits, a.targets, a.features, a.num_subsets, bias=a.bias,
-                                   label_smoothing=a.label_smoothing, masks=a.masks, seed=a.seed, mode=a.mode,
-                                   thr=a.threshold, dot_dtype=dot)
-    from dynbatch_kernels.subset_norms_direct import subset_sq_sums_direct
-
-    e, _, feats = _residuals_triton(a, augmented=True)
-    return subset_sq_sums_direct(e, feats, a.num_subsets, masks=a.masks, seed=a.seed, mode=a.mode, thr=a.threshold,
-                                 dot_dtype=dot)
-
-
-def _select_triton(a):
-    """Two launches on either route; the second picks the subset in its epilogue (``select_epilogue``)."""
-    kw = dict(num_subsets=a.num_subsets, seed=a.seed, mode_id=a.mode, thr=a.threshold, eps=a.eps,
-              metric="sum" if a.sum_metric else "mean", dot_dtype=dot_dtype(a.logits, a.features))
-    if a.gram:
-        from dynbatch_kernels.subset_norms_gram import select_gram
-
-        return select_gram(a.logits, a.targets, a.features, a.trend, bias=a.bias, label_smoothing=a.label_smoothing,
-                           **kw)
-    from dynbatch_kernels.subset_norms_direct import select_direct
-
-    e, _, feats = _residuals_triton(a, augmented=True)
-    return select_direct(e, feats, a.trend, **kw)
-
-
-def _scores_triton(a):
-    from dynbatch_kernels.sample_scores import sample_scores
-
-    return sample_scores(a.logits, a.targets, a.features, bias=a.bias, label_smoothing=a.label_smoothing,
-                         by_class=a.by_class)
-
-
-def _by_name(name: str, fn):
-    """``fn`` (one argument: the op's arguments by name) as an implementation taking them positionally."""
-    args_type = ARGS[name]
-    return lambda *args: fn(args_type(*args))
-
-
-IMPLEMENTATIONS = {  # op -> (reference, Triton), each taking the op's arguments positionally
-    name: (_by_name(name, ref), _by_name(name, triton)) for name, ref, triton in (
-        ("per_sample_grad_norms", _norms_reference, _norms_triton),
-        ("subset_sq_sums", _sq_sums_reference, _sq_sums_triton),
-        ("select_subset", _select_reference, _select_triton),
-        ("sample_scores", _scores_reference, _scores_triton))}
-for _name, (_ref, _triton) in IMPLEMENTATIONS.items():
-    _LIB.impl(_name, _ref, "CompositeExplicitAutograd")
-    _LIB.impl(_name, _triton, "CUDA")
-
-
-# ---- fakes: output shapes for torch.compile, after checking the inputs' shapes ---------------------------------
-def _check_head(a):
+def check_head(a) -> None:
+    """The fakes' shape checks of the head (``torch._check``: what the kernels would refuse)."""
     torch._check(a.logits.dim() == 2 and a.features.dim() == 2 and a.targets.dim() == 1,
                  lambda: "expected logits (B, C), targets (B,) and features (B, D)")
     torch._check(a.targets.shape[0] == a.logits.shape[0] and a.features.shape[0] == a.logits.shape[0],
                  lambda: "logits, targets and features must have the same batch size")
 
 
-def _norms_fake(a):
-    _check_head(a)
-    return a.logits.new_empty(a.logits.shape[0], dtype=torch.float32)
+def head(logits, targets, features, bias, label_smoothing) -> tuple:
+    """The head's five arguments, checked (one line naming the problem, never a traceback)."""
+    if logits.dim() != 2 or features.dim() != 2 or targets.dim() != 1:
+        raise UserError("expected logits (B, C), targets (B,) and features (B, D)")
+    b = logits.shape[0]
+    if targets.shape[0] != b or features.shape[0] != b:
+        raise UserError(f"batch sizes differ: logits {b}, targets {targets.shape[0]}, features {features.shape[0]}")
+    if logits.shape[1] < 1:
+        raise UserError("logits need at least one class")
+    return logits, targets, features, bool(bias), float(label_smoothing)
 
 
-def _sq_sums_fake(a):
-    _check_head(a)
-    if a.masks is not None:
-        torch._check(a.masks.dim() == 2 and a.masks.shape[0] == a.num_subsets
-                     and a.masks.shape[1] == a.logits.shape[0], lambda: "masks must be (num_subsets, B)")
-    return tuple(a.logits.new_empty(a.num_subsets, dtype=torch.float32) for _ in range(2))
+def uses_gram(route: str, logits, features, bias) -> bool:
+    """Whether ``route`` (``direct``, ``gram`` or ``auto``: the cheaper, Gram when B < C(D + 1)) is the Gram one
+    for the subset ops on this head."""
+    if route == "auto":
+        return choose_route(logits.shape[0], logits.shape[1], features.shape[1] + bool(bias)) == "gram"
+    if route not in ("direct", "gram"):
+        raise UserError(f"unknown route {route!r}; choose auto, direct or gram")
+    return route == "gram"
 
 
-def _select_fake(a):
-    _check_head(a)
-    torch._check(a.trend.dim() == 1 and a.trend.shape[0] == 3, lambda: "trend must be (3,) = [loss, loss_ema, grad_ema]")
-    return a.logits.new_empty(5, dtype=torch.float64), a.logits.new_empty(a.logits.shape[0], dtype=torch.bool)
+def dot_dtype(logits, features) -> torch.dtype:
+    """The tensor-core operand type: the inputs' 16-bit type if either has one, else fp32."""
+    low = [t.dtype for t in (logits, features) if t.dtype in (torch.bfloat16, torch.float16)]
+    return low[0] if low else torch.float32
 
 
-def _scores_fake(a):
-    _check_head(a)
-    rows = len(_reference().SCORES) + len(_reference().CLASS_SCORES) * a.by_class
-    return a.logits.new_empty(rows, a.logits.shape[0], dtype=torch.float32)
+# ---- backends: which registration the dispatcher finds -----------------------------------------------------------
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton not importable ({e})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "CPU interpreter (TRITON_INTERPRET=1): exact but slow"
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device (or TRITON_INTERPRET=1 for the interpreter)"
+    return True, ""
 
 
-for _name, _fake in (("per_sample_grad_norms", _norms_fake), ("subset_sq_sums", _sq_sums_fake),
-                     ("select_subset", _select_fake), ("sample_scores", _scores_fake)):
-    torch.library.register_fake(f"dynbatch::{_name}", _by_name(_name, _fake))
+def backend_status() -> dict[str, tuple[bool, str]]:
+    return {"torch": (True, "reference"), "native": native.status(), "triton": triton_status()}
 
 
-OPS = {name: getattr(torch.ops.dynbatch, name).default for name in SCHEMAS}  # looked up once: a getattr is slow
+def resolve_backend(backend: str, device_type: str) -> str:
+    """Which registration ``backend`` means on ``device_type``: ``op`` (the device's own: native on CPU, Triton on
+    CUDA), ``torch`` (the reference) or ``triton`` (the launchers, on the CPU under the interpreter). For ``auto``
+    and ``native`` on CPU it loads the native extension first, which registers its kernels on the CPU key. A
+    constant to ``torch.compile``: it cannot change within a process (resolved once per backend and device type)."""
+    how = _resolved.get((backend, device_type))
+    if how is None:
+        how = _resolved[(backend, device_type)] = _resolve(backend, device_type)
+    return how
+
+
+# torch.compiler.assume_constant_result(resolve_backend), without importing torch._dynamo (and Triton with it) when
+# dynbatch.ops is imported: the decorator sets only this mark. The compiled-loop test fails if the mark stops working.
+resolve_backend._dynamo_marked_constant = True
+_resolved: dict[tuple[str, str], str] = {}
+
+
+def _resolve(backend: str, device_type: str) -> str:
+    if backend == "auto":
+        if device_type == "cpu":
+            native.load()
+        return "op"
+    if backend == "torch":
+        return "torch"
+    if backend == "native":
+        if device_type != "cpu":
+            raise UserError("backend native runs on CPU tensors; use backend triton or auto on CUDA")
+        if native.load() is None:
+            raise UserError(f"native backend unavailable: {native.status()[1]}; use backend torch or auto")
+        return "op"
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            raise UserError(f"triton backend unavailable: {why}; use backend auto")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+        return "triton" if device_type != "cuda" else "op"
+    raise UserError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+
+
+@contextlib.contextmanager
+def using_backend(backend: str, device_type: str = "cpu"):
+    """Within the block, every ``dynbatch`` op on ``device_type`` tensors runs ``backend`` (``auto``, ``torch``,
+    ``native`` or ``triton``): its implementation is registered on the device's dispatch key and the previous one
+    restored on exit. Process-wide, not per thread. Enter it outside a compiled function: a compiled graph calls
+    the op, and the dispatcher finds the registration in force when the graph runs."""
+    how = resolve_backend(backend, device_type)
+    if how == "op":
+        yield
+        return
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:  # the reference is already the registration of every other device
+        yield
+        return
+    with torch.library._scoped_library("dynbatch", "IMPL") as lib:
+        for name, kernels in _KERNELS.items():
+            kernel = getattr(kernels, "reference" if how == "torch" else how)
+            if kernel is not None:
+                lib.impl(name, kernel, key)
+        yield
+
+
+def call(op, args: tuple, backend: str):
+    """``op`` on ``args`` (its argument tuple) with ``backend``: the dispatcher's choice for ``auto``."""
+    how = resolve_backend(backend, args[0].device.type)
+    if how == "op":
+        return op(*args)
+    if torch.compiler.is_compiling():
+        raise UserError(f"choose backend {backend!r} outside the compiled function: wrap the call of the compiled "
+                        "function in dynbatch.ops.using_backend(...) and leave backend='auto' inside it")
+    with using_backend(backend, args[0].device.type):
+        return op(*args)

@@ -1,1 +1,1 @@
-"""The training orchestrator, its configuration, plan executor, schedules and run records."""
+"""The training orchestrator, its configuration, plan executor, schedules and the run folder."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +23,7 @@ from dynbatch.methods.scored import SelectionPolicy
 from dynbatch.models import build_model
 from dynbatch.models.init import dirac_init, first_conv, set_batchnorm, whiten_conv
 from dynbatch.train import precision as precisions
-from dynbatch.train import records
+from dynbatch.train import run_folder
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.executor import PlanExecutor
 from dynbatch.train.lookahead import Lookahead
@@ -197,10 +197,10 @@ def _second_model(cfg: TrainConfig, data: DeviceData, device: torch.device, chan
         _initialise(cfg, model, data)
     if weights_from is not None:
         run = Path(weights_from)
-        trained = records.read_config(run)["config"].get("model")
+        trained = run_folder.read_config(run)["config"].get("model")
         if trained != name:
             raise UserError(f"{run} trained --model {trained}, not {name}; give a run of {name} or its name")
-        model.load_state_dict(records.load_checkpoint(run / "checkpoint.pt", ("model",))["model"])
+        model.load_state_dict(run_folder.load_checkpoint(run / "checkpoint.pt", ("model",))["model"])
     model = model.to(memory_format=torch.channels_last) if channels_last else model
     return model.train()
 
@@ -236,10 +236,6 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None], recorded_bf16: bool 
                     lookahead=Lookahead(model, every=cfg.lookahead, decay=cfg.lookahead_decay,
                                         power=cfg.lookahead_power, start=cfg.lookahead_start)
                     if cfg.lookahead else None)
-
-
-def part_names() -> list[str]:
-    return [f.name for f in fields(RunParts)]
 
 
 def describe(parts, given: dict[str, Any]) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class Clock:
 
 
 class MetricsSink:
-    """Rows to ``writer`` (a ``records.MetricsWriter``, or ``NullWriter`` on ranks other than 0) and ``loggers``."""
+    """Rows to ``writer`` (a ``run_folder.MetricsWriter``, or ``NullWriter`` on ranks other than 0) and ``loggers``."""
 
     def __init__(self, writer, loggers: list, clock: Clock):
         self.writer, self.loggers, self.clock = writer, loggers, clock

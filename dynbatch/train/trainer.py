@@ -4,7 +4,7 @@ One step: the policy names a batch size, the sampler draws that many indices of 
 pipeline augments them, the policy turns the batch into a :class:`~dynbatch.methods.Plan`, the executor applies it,
 and the step's statistics stay on the device until its block of rows is flushed (``dynbatch.train.metrics``). At
 the end of every epoch the test split is evaluated, an ``epoch`` row written, and ``checkpoint.pt`` saved
-(``dynbatch.train.state``). SIGINT/SIGTERM (or ``stop_after_steps``) checkpoint after the step in flight and stop.
+(``dynbatch.train.run_folder``). SIGINT/SIGTERM (or ``stop_after_steps``) checkpoint after the step in flight and stop.
 
 Under ``torchrun`` (see ``dynbatch.distributed``) rank 0 alone writes the run folder, step and epoch sums are
 reduced over ranks, all ranks stop at the same step, and a checkpoint resumes only with the number of ranks that
@@ -22,12 +22,11 @@ import torch
 from dynbatch.distributed import Dist
 from dynbatch.models.init import first_conv
 from dynbatch.monitor import UtilisationMonitor
-from dynbatch.train import loggers, records, state
-from dynbatch.train.build import build_run, describe, part_names
+from dynbatch.train import loggers, run_folder
+from dynbatch.train.build import build_run, describe
 from dynbatch.train.config import TrainConfig
 from dynbatch.train.evaluation import evaluate
 from dynbatch.train.metrics import FLUSH_EVERY, Clock, MetricsSink, NonFiniteGuard, PendingStep
-from dynbatch.train.resume import resume
 from dynbatch.train.schedules import scheduled_lr
 
 __all__ = ["FLUSH_EVERY", "Trainer"]
@@ -40,16 +39,19 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, log: Callable[[str], None] = print,
                  given: dict[str, Any] | None = None, recorded_bf16: bool | None = None):
         self.given = dict(given or {})  # what the user gave, apart from the resolved settings: config.json re-runs
-        self.out, self._lock = Path(out), None
+        self.out = Path(out)
+        self.lock: int | None = None  # the run folder's lock (rank 0), held from creation or resume to the end
         self.log = log if Dist.rank_from_env() == 0 else (lambda msg: None)
-        parts = build_run(cfg.resolved(), self.log, recorded_bf16)
-        for name in part_names():  # cfg, device, dist, data, model, step_model, optimizer, policy, executor, ...
-            setattr(self, name, getattr(parts, name))
-        self.progress = state.Progress()
+        p = build_run(cfg.resolved(), self.log, recorded_bf16)
+        self.cfg, self.device, self.dist, self.data, self.redraw = p.cfg, p.device, p.dist, p.data, p.redraw
+        self.model, self.step_model, self.optimizer, self.policy = p.model, p.step_model, p.optimizer, p.policy
+        self.precision, self.channels_last, self.executor, self.ctx = p.precision, p.channels_last, p.executor, p.ctx
+        self.loss_fn, self.sampler, self.aug_gen, self.lookahead = p.loss_fn, p.sampler, p.aug_gen, p.lookahead
+        self.progress = run_folder.Progress()
         self._base_lr = self.cfg.torch_hyperparameters()[0]  # the schedule's peak in torch's form, once
         self.metrics_offset: int | None = None  # bytes of metrics.jsonl the newest checkpoint accounts for
         self.checkpoint_step: int | None = None  # the step the newest checkpoint.pt was written at
-        self.sink = MetricsSink(records.NullWriter(), [], Clock(self.device))
+        self.sink = MetricsSink(run_folder.NullWriter(), [], Clock(self.device))
         self.guard = NonFiniteGuard(self.cfg.on_nonfinite, self.cfg.nonfinite_limit, self.log)
         self.last_epoch: dict[str, Any] = {}
         self._stop_signal: int | None = None
@@ -63,33 +65,33 @@ class Trainer:
     def new(cls, cfg: TrainConfig, out: Path, overwrite: bool = False, **kw) -> "Trainer":
         t = cls(cfg, out, **kw)
         if t.dist.is_main:
-            t._lock = records.prepare_new_run(t.out, overwrite)
+            t.lock = run_folder.prepare_new_run(t.out, overwrite)
             try:
-                records.write_json(t.out / "config.json", describe(t, t.given))
+                t.write_config()
             except BaseException:
-                records.unlock_run(t._lock)
-                records.discard_new_run(t.out)
+                run_folder.unlock_run(t.lock)
+                run_folder.discard_new_run(t.out)
                 raise
         return t
 
     @classmethod
     def resume(cls, run: Path, epochs: int | None = None, stop_after_steps: int | None = None, **kw) -> "Trainer":
-        """Continue ``run`` from its checkpoint (``dynbatch.train.resume``); ``epochs`` is the new total."""
-        return resume(cls, Path(run), epochs, stop_after_steps, **kw)
+        """Continue ``run`` from its checkpoint (``dynbatch.train.run_folder.resume``); ``epochs`` is the new total."""
+        return run_folder.resume(cls, Path(run), epochs, stop_after_steps, **kw)
 
     # ---- state --------------------------------------------------------------------------------------------------
     def state(self, cuda_rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
-        """The checkpoint (``dynbatch.train.state``); ``cuda_rng`` holds every rank's CUDA generator state."""
-        return state.capture(self, self.progress.wall_s + self._elapsed(), cuda_rng)
+        """The checkpoint (``dynbatch.train.run_folder``); ``cuda_rng`` holds every rank's CUDA generator state."""
+        return run_folder.capture(self, self.progress.wall_s + self._elapsed(), cuda_rng)
 
     def load_state(self, checkpoint: dict[str, Any]) -> None:
-        state.restore(self, checkpoint)
+        run_folder.restore(self, checkpoint)
         self.checkpoint_step = self.step
         self._epoch_freezing()
 
     def checkpoint(self) -> None:
         self._flush()  # the checkpoint counts every row and sum of the steps it contains
-        state.save(self, self._checkpoint_note())
+        run_folder.save_state(self, self._checkpoint_note())
         self.checkpoint_step = self.step
 
     def _checkpoint_note(self) -> str:
@@ -103,8 +105,8 @@ class Trainer:
         cfg = self.cfg
         main = self.dist.is_main
         self.sink = MetricsSink(
-            records.MetricsWriter(self.out / "metrics.jsonl", truncate_to=self.metrics_offset) if main
-            else records.NullWriter(), loggers.open_loggers(cfg.log, self.out, self.checkpoint_step) if main else [],
+            run_folder.MetricsWriter(self.out / "metrics.jsonl", truncate_to=self.metrics_offset) if main
+            else run_folder.NullWriter(), loggers.open_loggers(cfg.log, self.out, self.checkpoint_step) if main else [],
             Clock(self.device))
         # What the monitor cannot sample matters only where there is a GPU to watch.
         on_note = (lambda m: self.log(f"utilisation: {m}")) if self.device.type == "cuda" else None
@@ -138,8 +140,8 @@ class Trainer:
                 signal.signal(s, h)
             self.sink.close()
             self.dist.close(all_ranks_here)
-            records.unlock_run(self._lock)
-            self._lock = None
+            run_folder.unlock_run(self.lock)
+            self.lock = None
         return {"interrupted": None, "out": str(self.out), "step": self.step, **self.last_epoch}
 
     def _start_epoch(self) -> None:
@@ -163,7 +165,7 @@ class Trainer:
         """One step, queued: its statistics stay on the device until the block is flushed, so the step itself asks
         the device for nothing (policies that choose, EDBA and split, read their own numbers)."""
         p, t0 = self.progress, self.sink.clock.now()
-        lr = self._lr(p.epoch + self.sampler.pos / self.sampler.n)
+        lr = self.lr_at(p.epoch + self.sampler.pos / self.sampler.n)
         asked = self.policy.batch_size()
         idx = self.sampler.next(asked)
         x, y = self.data.train.batch(idx, self.aug_gen, p.epoch)  # --no-augment zeroed padding and flips
@@ -247,7 +249,12 @@ class Trainer:
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0 if self._t0 is not None else 0.0
 
-    def _lr(self, progress: float) -> float:
+    def write_config(self) -> None:
+        """(Re)write ``config.json``: the resolved settings and what the user gave (``build.describe``)."""
+        run_folder.write_json(self.out / "config.json", describe(self, self.given))
+
+    def lr_at(self, progress: float) -> float:
+        """The learning rate at ``progress`` (epochs, fractional): the schedule times the policy's factor."""
         cfg = self.cfg
         lr = scheduled_lr(progress, base_lr=self._base_lr, schedule=cfg.schedule, epochs=cfg.epochs,
                           warmup_epochs=cfg.warmup_epochs, milestones=cfg.milestones, gamma=cfg.gamma,

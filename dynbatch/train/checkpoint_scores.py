@@ -68,7 +68,7 @@ def score_split(model, split, *, batch: int, seed: int, autocast, label_smoothin
 def score_run(run: Path, *, batch: int = 1024, seed: int = 0, log=print) -> dict[str, Any]:
     """Score ``run``'s training split under its checkpoint; write ``scores/step-<N>.{npz,json}``; return the
     summary (the JSON's content)."""
-    from dynbatch.train.records import unlock_run
+    from dynbatch.train.run_folder import unlock_run
     from dynbatch.train.trainer import Trainer
 
     if not (Path(run) / "checkpoint.pt").is_file():
@@ -96,4 +96,4 @@ def score_run(run: Path, *, batch: int = 1024, seed: int = 0, log=print) -> dict
             log(f"  AUROC {name:<16} {value:.3f}" if value is not None else f"  AUROC {name:<16} -")
         return summary
     finally:
-        unlock_run(t._lock)
+        unlock_run(t.lock)

@@ -1,4 +1,5 @@
-"""The run folder: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``curves.png`` and the lock ``.lock``.
+"""The run folder, its one owner: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``curves.png`` and the
+lock ``.lock``; what a checkpoint holds and how a trainer is put back from it; resuming a run.
 
 Guarantees (each tested in ``tests/test_reliability.py``):
 
@@ -20,12 +21,15 @@ import io
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dynbatch.errors import RunFailure, UserError
+from dynbatch.distributed import Dist
+from dynbatch.errors import Diverged, RunFailure, UserError
+from dynbatch.train.config import TrainConfig
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "curves.png")
 LOCK = ".lock"
@@ -323,7 +327,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     """A checkpoint's state, loaded with ``weights_only=True`` (tensors and plain data only: no code runs); it must
-    hold ``keys`` (``dynbatch.train.state.CHECKPOINT_KEYS``)."""
+    hold ``keys`` (:data:`CHECKPOINT_KEYS`)."""
     fix = f"start a new run with --out {path.parent} --overwrite"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -339,3 +343,161 @@ def load_checkpoint(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a checkpoint of this dynbatch version; {fix}")
     return state
+
+
+# ---- the checkpoint: what it holds, and putting a trainer back from it ------------------------------------------
+# A checkpoint holds the model, optimizer, policy, sampler and every generator's state, the progress counters, the
+# byte length of ``metrics.jsonl`` it accounts for, and the number of ranks that wrote it; every rank's CUDA
+# generator state, by rank.
+CHECKPOINT_VERSION = 2  # 2: one CUDA generator state per rank
+CHECKPOINT_KEYS = ("version", "model", "optimizer", "policy", "sampler", "aug_gen", "torch_rng", "cuda_rng",
+                   "micro_batch", "progress", "metrics_offset", "world_size")
+
+
+def _new_epoch_sums() -> dict[str, Any]:
+    # mislabeled_*: corrupted labels among the samples drawn and among those trained on (runs with label noise)
+    return {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0, "drawn": 0, "mislabeled_drawn": 0.0,
+            "mislabeled_trained": 0.0}
+
+
+@dataclass
+class Progress:
+    """The counters a run advances; all of them go into the checkpoint. ``epoch_acc`` sums the current epoch's
+    step rows; ``nonfinite_streak`` counts consecutive steps whose update was skipped."""
+
+    epoch: int = 0
+    step: int = 0
+    samples_seen: int = 0
+    wall_s: float = 0.0  # training time of earlier sessions of this run
+    epoch_acc: dict[str, Any] = field(default_factory=_new_epoch_sums)
+    nonfinite_streak: int = 0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.epoch_acc = _new_epoch_sums()
+
+
+def capture(run, wall_s: float, cuda_rng: list[torch.Tensor] | None) -> dict[str, Any]:
+    """Everything a resumed run needs from ``run`` (a Trainer), its progress with ``wall_s`` of training so far."""
+    p = run.progress
+    return {
+        "version": CHECKPOINT_VERSION,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "policy": run.policy.state_dict(),
+        "sampler": run.sampler.state_dict(),
+        "aug_gen": run.aug_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": cuda_rng,
+        "micro_batch": run.executor.micro_batch,
+        "progress": {"epoch": p.epoch, "step": p.step, "samples_seen": p.samples_seen, "wall_s": wall_s,
+                     "epoch_acc": dict(p.epoch_acc), "nonfinite_streak": p.nonfinite_streak},
+        "metrics_offset": run.metrics_offset,
+        "world_size": run.dist.world,
+        "redraw": run.redraw.state_dict() if run.redraw is not None else None,
+        "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
+    }
+
+
+def restore(run, s: dict[str, Any]) -> None:
+    """Put ``run`` back into the state ``s`` (a checkpoint of the same config); a mismatch is one ``UserError``."""
+    if s.get("version") != CHECKPOINT_VERSION:
+        raise UserError("checkpoint was written by an incompatible dynbatch version; start a new run "
+                        f"with --out {run.out} --overwrite")
+    try:
+        run.model.load_state_dict(s["model"])
+        run.optimizer.load_state_dict(s["optimizer"])
+        run.policy.load_state_dict(s["policy"])
+        run.sampler.load_state_dict(s["sampler"])
+        run.aug_gen.set_state(s["aug_gen"])
+        torch.set_rng_state(s["torch_rng"])
+        if s["cuda_rng"] is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"][run.dist.rank], run.device)
+        run.executor.micro_batch = s["micro_batch"]
+        p = s["progress"]
+        run.progress = Progress(int(p["epoch"]), int(p["step"]), int(p["samples_seen"]), float(p["wall_s"]),
+                                dict(p["epoch_acc"]), int(p.get("nonfinite_streak", 0)))
+        run.metrics_offset = s["metrics_offset"]
+        if run.redraw is not None:
+            run.redraw.load_state_dict(s["redraw"])
+            run.data.use_train_subset(run.redraw.indices)
+        if run.lookahead is not None:
+            run.lookahead.load_state_dict(s["lookahead"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{run.out}/checkpoint.pt does not fit the run's config.json ({first[:160]}); restore the "
+                        f"config.json written with it, or start again with --out {run.out} --overwrite") from None
+
+
+
+def save_state(run, note: str) -> None:
+    """Write ``run``'s checkpoint (rank 0; every rank takes part), unless its weights are not finite: a finite
+    gradient times a huge learning rate can still overflow them, and such a state never replaces the last good
+    checkpoint (``note`` says which that is). One read per checkpoint; every rank decides together."""
+    floats = [t for t in run.model.state_dict().values() if t.is_floating_point()]
+    if run.dist.any(not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())):
+        raise Diverged(f"training diverged by step {run.step}: the weights are not finite (a finite gradient times "
+                       f"the learning rate overflowed them); {note}; lower --lr or raise --warmup-epochs and start "
+                       "again with --overwrite")
+    # A collective: every rank sends its own CUDA generator state, rank 0 writes them all.
+    cuda_rng = run.dist.gather_objects(torch.cuda.get_rng_state(run.device)) if run.device.type == "cuda" else None
+    if run.dist.is_main:
+        run.metrics_offset = run.sink.writer.offset()
+        save_checkpoint(run.out / "checkpoint.pt", run.state(cuda_rng))
+
+
+# ---- resuming: the run's own settings, its checkpoint, the same number of ranks, optionally a new total of epochs
+def resume(trainer_cls, run: Path, epochs: int | None, stop_after_steps: int | None, **kw):
+    """A ``trainer_cls`` continuing ``run``. ``epochs`` is the new total (None: the run's own); below the epochs
+    already started it is an error. Extending a run re-plans the schedule over the new total."""
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs must be positive (got {epochs}); it is the run's new total of epochs")
+    require_resumable(run)
+    lock = lock_run(run) if Dist.rank_from_env() == 0 else None
+    try:
+        saved = read_config(run)
+        cfg = TrainConfig.from_dict(saved["config"])
+        checkpoint = load_checkpoint(run / "checkpoint.pt", CHECKPOINT_KEYS)
+        cfg.stop_after_steps = stop_after_steps
+        recorded_bf16 = saved.get("amp_bf16") if isinstance(saved.get("amp_bf16"), bool) else None
+        t = trainer_cls(cfg, run, given=saved.get("given") if isinstance(saved.get("given"), dict) else {},
+                        recorded_bf16=recorded_bf16, **kw)
+        t.lock = lock
+        _require_same_labels(saved, t.data.source.label_file_sha256)
+        saved_world = checkpoint.get("world_size", 1)
+        if saved_world != t.dist.world:
+            raise UserError(f"{run} was trained on {saved_world} process(es), this launch has {t.dist.world}; "
+                            f"resume with the same number (torchrun --nproc_per_node={saved_world} for one node)")
+        t.load_state(checkpoint)
+        if t.dist.is_main:
+            verify_metrics(run / "metrics.jsonl", t.metrics_offset or 0)
+        if epochs is not None and epochs != t.cfg.epochs:
+            _extend(t, epochs)
+    except BaseException:
+        unlock_run(lock)
+        raise
+    return t
+
+
+def _require_same_labels(saved: dict, sha256: str | None) -> None:
+    """A run trained on a label file resumes only on the same labels: the file (and index map) it started with."""
+    recorded = (saved.get("label_noise") or {}).get("sha256") if isinstance(saved.get("label_noise"), dict) else None
+    if recorded and recorded != sha256:
+        raise UserError(f"the label file {saved['label_noise'].get('asked', '')!r} (or its index map) changed since "
+                        "the run started; restore the original file to resume, or start a new run")
+
+
+def _extend(t, epochs: int) -> None:
+    """Set a new total of epochs on the resumed trainer ``t`` (checked before config.json is rewritten)."""
+    done = t.epoch + (t.sampler.pos > 0)
+    if epochs < done:
+        raise UserError(f"--epochs {epochs} is below the {done} epoch(s) this run has started; give at least "
+                        f"{done} (--epochs is the new total)")
+    progress = t.epoch + t.sampler.pos / t.sampler.n
+    before = t.lr_at(progress)
+    t.cfg.epochs = epochs
+    if t.cfg.schedule != "constant":
+        t.log(f"--epochs {epochs}: the {t.cfg.schedule} schedule is re-planned over {epochs} epochs; the learning "
+              f"rate goes from {before:.4g} to {t.lr_at(progress):.4g} at epoch {progress:.2f}")
+    if t.dist.is_main:
+        t.write_config()
