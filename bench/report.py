@@ -147,6 +147,39 @@ def scores_table(rows) -> list[str]:
     return out + [""]
 
 
+LM_IMPLS = ("materialised", "fused", "fused_token_scores", "fused_sequence_norms", "fused_agreement", "torch_func",
+            "opacus_ghost", "liger", "cut_cross_entropy")
+LM_TARGETS = {"fused": 1.2, "fused_token_scores": 1.05, "fused_sequence_norms": 1.5, "fused_agreement": 2.0}
+
+
+def lm_head_table(rows) -> list[str]:
+    """The LM head: each row's median and peak memory growth, its ratio to the materialised forward and backward
+    (and the scores' to the fused loss), with the targets of issue #49."""
+    lm = [r for r in rows if r.get("suite") == "lm_head"]
+    if not lm:
+        return []
+    out = ["### Language-model head: loss forward + backward and scores at vocabulary scale", "",
+           "Median ms and peak memory growth of one call (MB). Ratios: `fused` over `materialised` (target ≤ 1.2×, "
+           "memory ≤ 10 %), the scores over `fused` (per-token ≤ 1.05×, per-sequence norms ≤ 1.5×, agreement ≤ "
+           "2×), `torch_func` over `fused_sequence_norms` (target ≥ 50×; it computes the norms alone).", "",
+           "| N | D | V | T | impl | ms | MB | ratio | against |", "|---|---|---|---|---|---|---|---|---|"]
+    shapes = sorted({(r["N"], r["D"], r["V"], r["T"]) for r in lm})
+    mb = lambda x: "–" if x is None else f"{x / 1e6:,.0f}"  # noqa: E731
+    for shape in shapes:
+        got = {r["impl"]: r for r in lm if (r["N"], r["D"], r["V"], r["T"]) == shape}
+        for impl in (i for i in LM_IMPLS if i in got):
+            r = got[impl]
+            if "missing" in r:
+                out.append(f"| {' | '.join(map(str, shape))} | {impl} | – | – | – | {r['missing']} |")
+                continue
+            base = ("materialised" if impl == "fused" else "fused" if impl in LM_TARGETS else
+                    "fused_sequence_norms" if impl == "torch_func" else "materialised")
+            rat = ratio(r["median_s"], got.get(base, {}).get("median_s")) if impl != "materialised" else "1.0×"
+            out.append(f"| {' | '.join(map(str, shape))} | {impl} | {fmt_ms(r['median_s'])} | "
+                       f"{mb(r.get('memory_bytes'))} | {rat} | {base if impl != 'materialised' else ''} |")
+    return out + [""]
+
+
 def fixed_cost_lines(rows) -> list[str]:
     fc = {r["impl"]: r["median_s"] for r in rows if r.get("suite") == "selection_fixed"}
     if not fc:
@@ -263,7 +296,7 @@ def main(argv=None) -> int:
         lines.append(f"- produced by: `{a.command}`")
     lines.append("")
     lines += (selection_table(rows) + fixed_cost_lines(rows) + scores_table(rows) + step_table(rows) + overhead_table(rows) + precision_table(rows)
-              + pipeline_table(rows))
+              + pipeline_table(rows) + lm_head_table(rows))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bench.png")
     print(f"wrote {out / 'report.md'} and {out / 'bench.png'}")

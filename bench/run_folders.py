@@ -31,11 +31,11 @@ def finished(run: Path, epochs: int) -> bool:
     return all_epochs_in(rows_of(run, "epoch"), epochs)
 
 
-def train_run(run: Path, args: list[str], *extra: str, env: dict | None = None) -> int:
-    """``dynbatch train`` into ``run`` on the shared CIFAR-10 subset; its exit code."""
+def train_run(run: Path, args: list[str], *extra: str, env: dict | None = None, data: str = f"npz:{DATA}") -> int:
+    """``dynbatch train`` into ``run`` on ``data`` (the shared CIFAR-10 subset by default); its exit code."""
     # --autoresume starts a new folder or continues the run in it; settings must match the folder's.
     return subprocess.run([sys.executable, "-m", "dynbatch", "train", "--no-progress", "--util-interval", "5",
-                           "--data", f"npz:{DATA}", "--out", str(run), "--autoresume", *args, *extra], cwd=REPO,
+                           "--data", data, "--out", str(run), "--autoresume", *args, *extra], cwd=REPO,
                           stdout=subprocess.DEVNULL, env=env).returncode
 
 

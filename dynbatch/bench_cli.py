@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dynbatch.errors import UserError
 
-SUITES = ("selection", "scores", "step", "overhead", "precision", "pipeline")
+SUITES = ("selection", "scores", "step", "overhead", "precision", "pipeline", "lm-head")
 
 
 def _bench_dir() -> Path:
@@ -76,7 +76,7 @@ def cmd_bench(args) -> int:
     out = Path(args.out or "bench/results/latest").resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    cmd = [sys.executable, "-m", "pytest", *[str(bench / f"test_{s}.py") for s in suites], "-q", "-p",
+    cmd = [sys.executable, "-m", "pytest", *[str(bench / f"test_{s.replace('-', '_')}.py") for s in suites], "-q", "-p",
            "no:cacheprovider", f"--benchmark-json={results}", "--benchmark-columns=median,rounds",
            "--benchmark-sort=fullname", "--rootdir", str(bench.parent)]
     if args.select:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dynbatch.data.sources import DataSource
+from dynbatch.data.text import TextSource, TokenSplit
 
 
 def _pad(x: torch.Tensor, p: int, mode: str, mean) -> torch.Tensor:
@@ -107,9 +108,13 @@ class DeviceData:
             x_tr, y_tr = x_tr[train_indices], y_tr[train_indices]
         self.source = src
         self.device = device
+        self.augment_seed = augment_seed
+        if isinstance(src, TextSource):  # sequences of tokens: no augmentation, no label noise
+            self.train, self.test = TokenSplit(x_tr, y_tr, device), TokenSplit(src.x_test, src.y_test, device)
+            self.train_label_noise = None
+            return
         self.train = DeviceSplit(x_tr, y_tr, src.mean, src.std, device, src.crop_padding, src.flip, src.pad_mode,
                                  src.flip_mode, seed=augment_seed)
-        self.augment_seed = augment_seed
         self.test = DeviceSplit(src.x_test, src.y_test, src.mean, src.std, device, 0, False)
         self._set_clean_labels(train_indices)
 

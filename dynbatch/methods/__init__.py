@@ -12,6 +12,7 @@ help, validation), its state and pure functions, the component for your own loop
 - ``consensus``: gradient-consensus selection (:class:`ConsensusFilter`).
 - ``infobatch``: InfoBatch, per-epoch pruning of low-loss samples, rescaled (:class:`InfoBatch`).
 - ``proxy``: proxy filtering, a small network's highest-loss share of each batch (:class:`ProxyFilter`).
+- ``token-selection``: language models, a share of the tokens by loss or excess loss (:class:`TokenSelection`).
 
 The four selection methods share ``scored`` (:class:`BatchScorer`, the scoring forward, and the adapter).
 
@@ -26,7 +27,7 @@ from dynbatch.errors import UserError
 from dynbatch.methods.base import ForwardStep, GradientStep, Plan, Policy, ReuseStep, StepContext, TrainStep
 
 _MODULES = ("fixed", "split", "edba", "adabatch", "importance", "selective_backprop", "small_loss", "consensus",
-            "infobatch", "proxy")
+            "infobatch", "proxy", "token_selection")
 
 
 def _policies() -> dict[str, type[Policy]]:
@@ -58,6 +59,7 @@ _EXPORTS = {
     "ConsensusFilter": "consensus", "ConsensusOptions": "consensus",
     "InfoBatch": "infobatch", "InfoBatchOptions": "infobatch",
     "ProxyFilter": "proxy", "ProxyOptions": "proxy",
+    "TokenSelection": "token_selection", "TokenSelectionOptions": "token_selection",
     "BatchScorer": "scored",
 }
 

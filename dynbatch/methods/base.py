@@ -134,6 +134,9 @@ class Policy(ABC):
     # The policy's typed options (a dataclass of ``dynbatch.options`` fields, with ``validate()``); the CLI makes
     # a flag of each field.
     options_type: ClassVar[type | None] = None
+    # Whether a sample may be a sequence (language models): a policy whose math needs one feature vector a sample
+    # says False, and the trainer refuses text data for it before the run starts.
+    sequences: ClassVar[bool] = True
 
     @classmethod
     def validate(cls, options: dict[str, Any]) -> None:
@@ -228,6 +231,24 @@ def preserved_buffers(model: nn.Module | list[torch.Tensor]):
         yield
     finally:
         snapshot.restore()
+
+
+def sample_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Each sample's cross-entropy, fp32 (B,): logits (B, C) and labels (B,), or a sequence's mean over its tokens
+    for logits (B, T, V) and next tokens (B, T) (a token whose target is -100 counts 0 in the mean over T)."""
+    losses = nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none",
+                                         label_smoothing=label_smoothing)
+    return losses.view(y.shape).flatten(1).mean(1) if y.dim() > 1 else losses
+
+
+def sample_hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each sample's share of correct predictions, fp32 (B,): 0 or 1 for a class, the token accuracy of a
+    sequence over its tokens not ignored (targets -100: the tokens a per-token selection left out)."""
+    hit = logits.argmax(-1) == y
+    if y.dim() == 1:
+        return hit.float()
+    valid = (y != -100).flatten(1)
+    return (hit.flatten(1) & valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
 def chosen_rows(mask: torch.Tensor, size: int) -> torch.Tensor:

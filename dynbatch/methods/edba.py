@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynbatch.errors import RunFailure
+from dynbatch.errors import RunFailure, UserError
 from dynbatch.methods.base import (ForwardStep, LastLayerForward, Plan, Policy, ReuseStep, StepContext,
                                    capture_last_layer, chosen_rows)
 from dynbatch.options import OptionError, check_fields, non_negative, one_of, option, positive, with_overrides, within
@@ -217,6 +217,9 @@ class EDBASelector(LastLayerForward):
         One read from the device per call: loss, gradient norm, margin, size and index of the choice, packed
         (``self.last``), which the state's EMAs and batch-size rule need on the host."""
         o, s = self.options, self.state
+        if logits.dim() != 2:
+            raise UserError(f"EDBA needs one feature vector a sample, logits (B, C); got {tuple(logits.shape)} (a "
+                            "sequence's head gradient is not rank one); select sequences with another method")
         sel = select_subset(
             logits.detach() if logits.requires_grad else logits, y,
             features.detach() if features.requires_grad else features, self.spec, seed=(self.seed << 32) + step,
@@ -247,6 +250,7 @@ class EDBAPolicy(Policy):
     optimizer_defaults = {"lr": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-5}
     default_batch_size = 100
     options_type = EDBAOptions
+    sequences = False  # a sequence's head gradient is a sum of rank-one terms; the subset ops need one
 
     def __init__(self, options=None, *, batch_size, config=None):
         super().__init__(options, batch_size=batch_size, config=config)

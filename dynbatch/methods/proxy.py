@@ -35,10 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dynbatch.methods.base import ForwardStep, Plan, Policy, StepContext
+from dynbatch.methods.base import ForwardStep, Plan, Policy, StepContext, sample_cross_entropy
 from dynbatch.options import check_fields, non_negative, option, with_overrides, within
 
 
@@ -87,7 +86,7 @@ class ProxyFilter:
         """The proxy's per-sample losses (B,) fp32 on x (B, ...), y (B,), with the graph when ``graph``."""
         with torch.set_grad_enabled(graph), (autocast or nullcontext)():
             logits = self.model(x)
-        return F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.options.proxy_smoothing)
+        return sample_cross_entropy(logits.float(), y, self.options.proxy_smoothing)  # a sequence: its tokens' mean
 
     def _on_side(self, device: torch.device):
         """A context running its work on the side stream after the main stream's work so far (CUDA), or in turn."""

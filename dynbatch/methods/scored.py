@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from dynbatch.methods.base import ForwardStep, LastLayerForward, Plan, Policy, StepContext, chosen_rows
-from dynbatch.ops import Scores, sample_scores, seeded_uniform
+from dynbatch.errors import UserError
+from dynbatch.ops import Scores, sample_scores, seeded_uniform, sequence_scores
 
 
 class BatchScorer(LastLayerForward):
@@ -44,7 +45,15 @@ class BatchScorer(LastLayerForward):
         return self.score(logits, y, features, label_smoothing=label_smoothing)
 
     def score(self, logits, y, features, *, label_smoothing: float = 0.0) -> Scores:
-        """The scores from a forward you ran: logits (B, C) and the head's input (B, D)."""
+        """The scores from a forward you ran: logits (B, C) and the head's input (B, D); or, for a language model,
+        logits (B, T, V), next tokens (B, T) and the head's input (B, T, D): each sequence's scores, from the
+        head's weights (``dynbatch.ops.sequence_scores``; the logits are not read)."""
+        if logits.dim() == 3:
+            if self.by_class:
+                raise UserError("the class scores have no meaning for sequences; use a method without them")
+            return sequence_scores(features.detach(), self.head.weight.detach(), y,
+                                   None if self.head.bias is None else self.head.bias.detach(),
+                                   label_smoothing=label_smoothing)
         return sample_scores(logits.detach(), y, features.detach(), bias=self.head.bias is not None,
                              label_smoothing=label_smoothing, by_class=self.by_class, backend=self.backend)
 

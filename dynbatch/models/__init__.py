@@ -8,6 +8,7 @@ from torch import nn
 from dynbatch.errors import UserError
 from dynbatch.models.airbench import AirbenchNet
 from dynbatch.models.alexnet import AlexNetCifar, TorchvisionAlexNet
+from dynbatch.models.gpt import gpt
 from dynbatch.models.preresnet import PreResNet
 from dynbatch.models.resnet import ResNet18
 from dynbatch.models.vgg import VGG16BN
@@ -25,17 +26,23 @@ MODELS = {
     "airbench": AirbenchNet,
     "airbench-proxy": partial(AirbenchNet, widths=(32, 64, 64)),
     "airbench-proxy-wide": partial(AirbenchNet, widths=(64, 128, 128)),
+    "gpt": gpt,  # text data: sizes from the run's --context, --gpt-layers, --gpt-width, --gpt-heads
 }
+SIZED = ("gpt",)  # models that take sizes beside num_classes and in_channels
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int = 3, **sizes) -> nn.Module:
     """A freshly initialised model: one of ``MODELS``, or ``package.module:factory`` for a model of your own (a
-    callable taking ``num_classes`` and ``in_channels`` and returning an ``nn.Module``)."""
+    callable taking ``num_classes`` and ``in_channels`` and returning an ``nn.Module``). ``sizes``: the keywords
+    of a model in ``SIZED`` (``gpt``: context, layers, width, heads)."""
     if ":" in name:
         return _user_model(name, num_classes, in_channels)
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or give package.module:factory")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    try:
+        return MODELS[name](num_classes=num_classes, in_channels=in_channels, **(sizes if name in SIZED else {}))
+    except ValueError as e:
+        raise UserError(f"--model {name}: {e}") from None
 
 
 def _user_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:

@@ -44,7 +44,8 @@ def triton_impl(a):
 
 def fake(a):
     library.check_head(a)
-    torch._check(a.trend.dim() == 1 and a.trend.shape[0] == 3, lambda: "trend must be (3,) = [loss, loss_ema, grad_ema]")
+    torch._check(a.trend.dim() == 1 and a.trend.shape[0] == 3,
+                 lambda: "trend must be (3,) = [loss, loss_ema, grad_ema]")
     return a.logits.new_empty(5, dtype=torch.float64), a.logits.new_empty(a.logits.shape[0], dtype=torch.bool)
 
 

@@ -63,7 +63,8 @@ def subset_grad_norms(logits, targets, features, masks, *, bias=True, label_smoo
         raise UserError(f"masks must be (N, {logits.shape[0]}), got {tuple(masks.shape)}")
     m = masks.to(device=logits.device)
     m = (m if m.dtype in (torch.bool, torch.uint8) else m != 0).contiguous()
-    q, c = library.call(OP, Args(*head, m, m.shape[0], 0, 0, 0, library.uses_gram(route, logits, features, bias)), backend)
+    gram = library.uses_gram(route, logits, features, bias)
+    q, c = library.call(OP, Args(*head, m, m.shape[0], 0, 0, 0, gram), backend)  # mode 0: the masks given
     return _reference.subset_norms(q, c, grad_metric)
 
 

@@ -15,12 +15,14 @@ import torch.nn.functional as F
 
 from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, hold_out, load_dataset
 from dynbatch.data.noise import LabelFile, corrupt_labels, parse_label_noise, read_label_file
+from dynbatch.data.text import TextSource, load_text
 from dynbatch.distributed import Dist
 from dynbatch.errors import UserError
 from dynbatch.info import cpu_name, package_versions
-from dynbatch.methods import Policy, StepContext, policy_class
+from dynbatch.methods import POLICIES, Policy, StepContext, policy_class
+from dynbatch.methods.base import sample_cross_entropy
 from dynbatch.methods.scored import SelectionPolicy
-from dynbatch.models import build_model
+from dynbatch.models import SIZED, build_model
 from dynbatch.models.init import dirac_init, first_conv, set_batchnorm, whiten_conv
 from dynbatch.train import precision as precisions
 from dynbatch.train import run_folder
@@ -83,7 +85,35 @@ def _place(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     return device, dist
 
 
+IMAGE_ONLY = (("label_noise", "--label-noise"), ("validation", "--validation"), ("train_samples", "--train-samples"),
+              ("train_fraction", "--train-fraction"), ("whiten", "--whiten"), ("tta", "--tta"),
+              ("translate", "--translate"))
+
+
+def _text_data(cfg: TrainConfig, device: torch.device) -> DeviceData:
+    """``--data text:PATH``: its sequences on the device (the corpus fixes its validation split)."""
+    for name, flag in IMAGE_ONLY:
+        if getattr(cfg, name) not in (None, "", False, 0):
+            raise UserError(f"{flag} applies to image data; drop it for --data {cfg.data}")
+    if cfg.redraw_subset != "never":
+        raise UserError(f"--redraw-subset applies to image data; drop it for --data {cfg.data}")
+    if not (cfg.model in SIZED or ":" in cfg.model):
+        raise UserError(f"--data {cfg.data} trains a language model; give --model gpt (or package.module:factory)")
+    return DeviceData(load_text(cfg.data[5:], cfg.vocab_size, cfg.context), device)
+
+
+def _model_sizes(cfg: TrainConfig, data: DeviceData) -> dict[str, int]:
+    """The keywords of a sized model (``gpt``), from the run's settings; refuses one without text data."""
+    if cfg.model not in SIZED:
+        return {}
+    if not isinstance(data.source, TextSource):
+        raise UserError(f"--model {cfg.model} trains on text; give --data text:PATH")
+    return {"context": cfg.context, "layers": cfg.gpt_layers, "width": cfg.gpt_width, "heads": cfg.gpt_heads}
+
+
 def _data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceData, SubsetRedraw | None]:
+    if cfg.data.startswith("text:"):
+        return _text_data(cfg, device), None
     src = load_dataset(cfg.data, cfg.data_dir, cfg.num_classes, cfg.image_size)
     if cfg.translate is not None:
         src.crop_padding = cfg.translate
@@ -141,7 +171,7 @@ def _model(cfg: TrainConfig, data: DeviceData, device: torch.device, dist: Dist,
     """(plain module, the wrapper that trains, precision); ``recorded_bf16``: a resumed run's choice of ``auto``."""
     torch.manual_seed(cfg.seed)
     src = data.source
-    model = build_model(cfg.model, src.num_classes, src.image_shape[0]).to(device)
+    model = build_model(cfg.model, src.num_classes, src.image_shape[0], **_model_sizes(cfg, data)).to(device)
     _initialise(cfg, model, data)
     precision = precisions.resolve(cfg.amp, cfg.channels_last, device, model)
     if precision.bf16 and device.type == "cpu" and not precisions.cpu_has_native_bf16():
@@ -193,7 +223,8 @@ def _second_model(cfg: TrainConfig, data: DeviceData, device: torch.device, chan
     a run folder of that model)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 0x9E37)
-        model = build_model(name, data.source.num_classes, data.source.image_shape[0]).to(device)
+        sizes = _model_sizes(cfg, data) if name == cfg.model else {}
+        model = build_model(name, data.source.num_classes, data.source.image_shape[0], **sizes).to(device)
         _initialise(cfg, model, data)
     if weights_from is not None:
         run = Path(weights_from)
@@ -216,13 +247,19 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None], recorded_bf16: bool 
                         "importance, selective-backprop, small-loss or consensus")
     device, dist = _place(cfg)
     data, redraw = _data(cfg, device)
+    if isinstance(data.source, TextSource) and not policy_cls.sequences:
+        raise UserError(f"--policy {cfg.policy} needs one feature vector a sample, which a sequence is not; for "
+                        "text use " + ", ".join(n for n, p in POLICIES.items() if p.sequences))
     model, step_model, precision = _model(cfg, data, device, dist, log, recorded_bf16)
     optimizer = _optimizer(cfg, model)
     policy = policy_cls(cfg.policy_options, batch_size=cfg.batch_size, config=cfg)
     policy.check_world_size(dist.world)
     executor = PlanExecutor(step_model, optimizer, cfg.micro_batch, dist=dist,
                             restore_buffers_on_skip=cfg.on_nonfinite == "skip")
-    loss_fn = partial(F.cross_entropy, reduction="none", label_smoothing=cfg.label_smoothing)
+    # per-sample losses: a class's cross-entropy, or a sequence's mean over its tokens
+    loss_fn = (partial(sample_cross_entropy, label_smoothing=cfg.label_smoothing)
+               if isinstance(data.source, TextSource)
+               else partial(F.cross_entropy, reduction="none", label_smoothing=cfg.label_smoothing))
     ctx = StepContext(model=step_model, module=model, loss_fn=loss_fn, autocast=precision.autocast, device=device,
                       seed=cfg.seed, label_smoothing=cfg.label_smoothing, dist=dist,
                       make_model=partial(_second_model, cfg, data, device, precision.channels_last),

@@ -111,8 +111,15 @@ class TrainConfig:
                               "#worse_label), one per training image", check=_label_noise_check, group=_D)
     label_index_map: str = option("", "with --label-noise file:PATH whose rows are a superset of the training "
                                   "images: a .npy of each training image's row in the label file", group=_D)
+    context: int = option(128, "text data: tokens a sequence holds (a sample is one sequence)", check=at_least(2),
+                          group=_D)
+    vocab_size: int = option(2048, "text data: the byte-level BPE tokenizer's vocabulary, trained on the training "
+                             "split (cached)", check=at_least(257), group=_D)
     model: str = option("preresnet20", f"one of {_choices(MODELS)}, or package.module:factory (a callable taking "
                         "num_classes and in_channels that returns an nn.Module)", group=_M)
+    gpt_layers: int = option(4, "--model gpt: transformer blocks", check=positive(), group=_M)
+    gpt_width: int = option(128, "--model gpt: width D (the head's input)", check=positive(), group=_M)
+    gpt_heads: int = option(4, "--model gpt: attention heads (dividing the width)", check=positive(), group=_M)
     policy: str = option("fixed", f"one of {_choices(POLICIES)}", group=_M)
     policy_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = option(30, "total epochs; with --resume, the new total (extends or finishes the run)",

@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dynbatch.methods.base import sample_cross_entropy, sample_hits
+
 
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
     """Logits (B, C) of ``model`` on x (B, C, H, W) averaged over test-time views: level 0 the image, 1 the image
@@ -28,7 +30,8 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Ten
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, step_model: torch.nn.Module, split, batch: int, channels_last: bool,
              autocast: Callable, tta: int = 0) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``step_model`` on ``split`` (a ``DeviceSplit``) in batches of ``batch``, with
+    """(mean loss, accuracy) of ``step_model`` on ``split`` (a ``DeviceSplit``, or a ``TokenSplit``: the loss
+    and accuracy per token, sequences of one length) in batches of ``batch``, with
     test-time augmentation of level ``tta`` (:func:`tta_logits`); ``model`` (the plain module inside it) is put
     in eval mode for the pass and back in train mode after."""
     model.eval()
@@ -40,7 +43,8 @@ def evaluate(model: torch.nn.Module, step_model: torch.nn.Module, split, batch: 
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = tta_logits(step_model, x, tta).float()
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
+        loss = F.cross_entropy(logits, y, reduction="sum") if y.dim() == 1 else sample_cross_entropy(logits, y).sum()
+        sums += torch.stack([loss, sample_hits(logits, y).sum()])
     model.train()
     loss, correct = sums.tolist()
-    return loss / len(split), int(correct) / len(split)
+    return loss / len(split), correct / len(split)  # correct: a count, or a sum of token accuracies

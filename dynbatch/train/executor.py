@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dynbatch.methods.base import BufferSnapshot, ForwardStep, GradientStep, Plan, ReuseStep, StepContext
+from dynbatch.methods.base import (BufferSnapshot, ForwardStep, GradientStep, Plan, ReuseStep, StepContext,
+                                   sample_hits)
 from dynbatch.distributed import SINGLE, Dist
 from dynbatch.train.optim import step_unless
 
@@ -115,9 +116,9 @@ class PlanExecutor:
         losses = step.losses if w is None else step.losses * w
         factor, samples = self._normaliser(losses.numel(), w, losses.device, step.mean_over_count)
         total = self._backward(losses, factor)
-        hit = step.logits.argmax(1) == step.y
+        hit = sample_hits(step.logits, step.y)
         if w is not None:
-            hit = hit & (w > 0)
+            hit = hit * (w > 0)
         return total, hit.sum(dtype=torch.float32), samples
 
     def _forward_backward(self, step: ForwardStep, ctx: StepContext):
@@ -135,10 +136,10 @@ class PlanExecutor:
                 with ctx.autocast():
                     logits = self.model(xs)
                     losses = ctx.loss_fn(logits if logits.dtype == torch.float32 else logits.float(), ys)
-                hit = logits.detach().argmax(1) == ys
+                hit = sample_hits(logits.detach(), ys)
                 if w is not None:
                     ws = w[start:start + mb]
-                    losses, hit = losses * ws, hit & (ws > 0)
+                    losses, hit = losses * ws, hit * (ws > 0)
                 # Normalised by the whole step so the accumulated gradient is the gradient of the step's mean loss.
                 chunk = self._backward(losses, factor)
             hits = hit.sum(dtype=torch.float32)

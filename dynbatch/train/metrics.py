@@ -95,7 +95,9 @@ class MetricsSink:
         values = [flat[i * width:(i + 1) * width] for i in range(len(pending))]
         row = None
         for p, (loss_sum, correct, trained, skipped, *mislabeled) in zip(pending, values):
-            correct, trained, skipped = int(correct), int(round(trained)), int(skipped)
+            # a count of correct samples, or for sequences a sum of token accuracies
+            correct = int(correct) if float(correct).is_integer() else correct
+            trained, skipped = int(round(trained)), int(skipped)
             step_s = self.clock.seconds(p.t0, p.t1)
             row = {"step": p.step, "epoch": p.epoch, "batch_size": p.batch_size,
                    "policy_batch_size": p.policy_batch_size, "trained_samples": trained, "lr": p.lr,

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dynbatch.methods.base import sample_cross_entropy
+
 
 @functools.cache
 def _cpuinfo(field: str) -> str:
@@ -107,7 +109,7 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device_type: str, 
             torch.cuda.synchronize()
         start = timer()
         with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss = sample_cross_entropy(model(x).float(), y).mean()
         loss.backward()
         if cuda:
             torch.cuda.synchronize()

@@ -12,6 +12,7 @@ wrote it. The run's parts are built by ``dynbatch.train.build``.
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from dynbatch.data.text import TokenSplit
 from dynbatch.distributed import Dist
 from dynbatch.models.init import first_conv
 from dynbatch.monitor import UtilisationMonitor
@@ -223,6 +225,8 @@ class Trainer:
                **monitor.epoch_summary(self.dist), **self.policy.epoch_record()}
         if self.redraw is not None:
             row["distinct_train_images"] = self.redraw.distinct
+        if test_loss is not None and isinstance(self.data.test, TokenSplit):  # per token, on the corpus's split
+            row["test_ppl"] = math.exp(min(test_loss, 700.0))
         if last and self.cfg.tta:
             row["test_acc_tta"] = self.evaluate(tta=self.cfg.tta)[1]
         if a.get("drawn"):  # label precision over the epoch
