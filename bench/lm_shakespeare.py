@@ -84,7 +84,7 @@ def table() -> list[str]:
     lines = ["# A small GPT on the Shakespeare corpus (one seed each: a demonstration, no verdict)", "",
              f"`{' '.join(MODEL)}`; data `text:../shared/data/shakespeare/shakespeare.txt` (validation: hamlet, "
              "macbeth, tempest, sonnets). Validation perplexity per epoch (`test_ppl`), token accuracy, training "
-             "seconds (two runs at a time, one thread each).", "",
+             "seconds (up to three runs at a time on the 2 cores, one thread each: not a cost comparison).", "",
              "| arm | machine | " + " | ".join(f"ppl ep {e + 1}" for e in range(EPOCHS)) + " | acc | train s |",
              "|---|---|" + "---|" * (EPOCHS + 2)]
     for name in [*ARMS, EXCESS[0]]:
