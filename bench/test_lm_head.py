@@ -82,7 +82,8 @@ def _opacus_ghost(c: LMCase):
     with torch.no_grad():
         head.weight.copy_(c.w)
         head.bias.copy_(c.b)
-    gsm = GradSampleModuleFastGradientClipping(head, max_grad_norm=1.0, use_ghost_clipping=True)
+    gsm = GradSampleModuleFastGradientClipping(head, max_grad_norm=1.0, use_ghost_clipping=True,
+                                               loss_reduction="sum")  # each sequence's summed loss, as ours
     h, y = c.h.detach().reshape(-1, c.t, c.d), c.y.reshape(-1, c.t)
 
     def norms():

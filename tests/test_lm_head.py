@@ -195,3 +195,15 @@ def test_every_benchmark_row_runs_at_a_tiny_shape():
             implementation(case, row)()  # raises if the row broke
             ran.append(row)
     assert {"materialised", "fused", "fused_agreement", "torch_func"} <= set(ran)
+
+
+def test_opacus_ghost_norms_equal_the_sequence_norms():
+    """A peer's per-sequence head-gradient norms (Opacus' ghost clipping, each sequence's summed loss) against the
+    op's, where opacus is installed (pip install 'dynbatch[peers]')."""
+    pytest.importorskip("opacus")
+    from bench.test_lm_head import LMCase, _opacus_ghost
+
+    case = LMCase(64, 8, 50, 16)
+    ghost = _opacus_ghost(case)()
+    mine = lm_head_scores(case.h.detach(), case.w.detach(), case.y, case.b.detach(), sequences=Sequences(16))
+    torch.testing.assert_close(mine.sequence_grad_norm, ghost.to(torch.float32), rtol=1e-4, atol=1e-5)
