@@ -87,7 +87,7 @@ def _sequence_sq_norms(e, h, w, bias, seq: list[int], gram: bool) -> torch.Tenso
         else:
             g = ew.T @ a
             out.append(g.square().sum() + (ew.sum(0).square().sum() if bias is not None else 0.0))
-    return torch.stack(out) if out else torch.zeros(0)
+    return torch.stack(out) if out else e.new_zeros(0)
 
 
 def lm_head(args):
