@@ -147,9 +147,14 @@ def scores_table(rows) -> list[str]:
     return out + [""]
 
 
-LM_IMPLS = ("materialised", "fused", "fused_token_scores", "fused_sequence_norms", "fused_agreement", "torch_func",
-            "opacus_ghost", "liger", "cut_cross_entropy")
+LM_IMPLS = ("materialised", "fused", "fused_reference", "fused_token_scores", "fused_sequence_norms", "fused_agreement",
+            "torch_func", "opacus_ghost", "liger", "cut_cross_entropy", "materialised_scores", "token_scores")
 LM_TARGETS = {"fused": 1.2, "fused_token_scores": 1.05, "fused_sequence_norms": 1.5, "fused_agreement": 2.0}
+# what each row's ratio is taken against (the two materialised rows are floors)
+LM_BASES = {"fused": "materialised", "fused_reference": "fused", "fused_token_scores": "fused",
+            "fused_sequence_norms": "fused", "fused_agreement": "fused", "torch_func": "fused_sequence_norms",
+            "opacus_ghost": "fused_sequence_norms", "liger": "materialised", "cut_cross_entropy": "materialised",
+            "token_scores": "materialised_scores"}
 
 
 def lm_head_table(rows) -> list[str]:
@@ -161,7 +166,10 @@ def lm_head_table(rows) -> list[str]:
     out = ["### Language-model head: loss forward + backward and scores at vocabulary scale", "",
            "Median ms and peak memory growth of one call (MB). Ratios: `fused` over `materialised` (target ≤ 1.2×, "
            "memory ≤ 10 %), the scores over `fused` (per-token ≤ 1.05×, per-sequence norms ≤ 1.5×, agreement ≤ "
-           "2×), `torch_func` and `opacus_ghost` over `fused_sequence_norms` (`torch_func`: target ≥ 50×; it computes the norms alone).", "",
+           "2×), `torch_func` and `opacus_ghost` over `fused_sequence_norms` (`torch_func`: target ≥ 50×; it "
+           "computes the norms alone), `fused_reference` (the chunked torch implementation) over `fused` (the "
+           "device's kernels: native on CPU, Triton on CUDA), `token_scores` (the per-token scores alone, no "
+           "backward) over `materialised_scores` (the logits and `F.cross_entropy(reduction='none')`).", "",
            "| N | D | V | T | impl | ms | MB | ratio | against |", "|---|---|---|---|---|---|---|---|---|"]
     shapes = sorted({(r["N"], r["D"], r["V"], r["T"]) for r in lm})
     mb = lambda x: "–" if x is None else f"{x / 1e6:,.0f}"  # noqa: E731
@@ -172,12 +180,10 @@ def lm_head_table(rows) -> list[str]:
             if "missing" in r:
                 out.append(f"| {' | '.join(map(str, shape))} | {impl} | – | – | – | {r['missing']} |")
                 continue
-            # the norms' peers against the fused loss with norms; the fused rows against their own floor
-            base = ("fused_sequence_norms" if impl in ("torch_func", "opacus_ghost") else
-                    "fused" if impl in LM_TARGETS and impl != "fused" else "materialised")
-            rat = ratio(r["median_s"], got.get(base, {}).get("median_s")) if impl != "materialised" else "1.0×"
+            base = LM_BASES.get(impl)
+            rat = ratio(r["median_s"], got.get(base, {}).get("median_s")) if base else "1.0×"
             out.append(f"| {' | '.join(map(str, shape))} | {impl} | {fmt_ms(r['median_s'])} | "
-                       f"{mb(r.get('memory_bytes'))} | {rat} | {base if impl != 'materialised' else ''} |")
+                       f"{mb(r.get('memory_bytes'))} | {rat} | {base or ''} |")
     return out + [""]
 
 

@@ -6,14 +6,17 @@ Shapes: the CPU shape N = 4,096 tokens (16 sequences of 256), D = 512, V = 32,76
 one call in bytes):
 
 - ``materialised``: ``F.cross_entropy(h @ W.T + b, y)`` forward and backward;
-- ``fused``: :func:`dynbatch.ops.linear_cross_entropy` forward and backward;
+- ``fused``: :func:`dynbatch.ops.linear_cross_entropy` forward and backward (the device's kernels: native on CPU,
+  Triton row kernels and cuBLAS on CUDA); ``fused_reference``: the same by the chunked torch implementation;
 - ``fused_token_scores``: the same with the per-token scores returned;
 - ``fused_sequence_norms``: and each sequence's head-gradient norm ||G_b||;
 - ``fused_agreement``: and each sequence's agreement <G_b, G>;
 - ``torch_func``: ``torch.func.vmap(grad)`` per-sequence head gradients and their norms (the loss and the gradient
   of the head's input not included, so the ratio flatters it);
 - ``opacus_ghost``: Opacus' ghost-clipping norms of the head (where opacus imports);
-- ``liger``, ``cut_cross_entropy``: the peers' fused losses, on a GPU where they import.
+- ``liger``, ``cut_cross_entropy``: the peers' fused losses, on a GPU where they import;
+- ``materialised_scores``: the logits and ``F.cross_entropy(reduction='none')``, no backward; ``token_scores``:
+  :func:`dynbatch.ops.lm_head_scores`, the per-token scores alone (on CUDA one pass that forms no logits).
 """
 import pytest
 import torch
@@ -21,11 +24,11 @@ import torch.nn.functional as F
 
 from .common import DEVICE, FULL, peer_missing, run
 from dynbatch.monitor.memory import peak_growth
-from dynbatch.ops import Sequences, linear_cross_entropy
+from dynbatch.ops import Sequences, linear_cross_entropy, lm_head_scores
 
 SHAPES = [(4096, 512, 32768, 256)] + ([(16384, 768, 50257, 1024)] if FULL or DEVICE.type == "cuda" else [])
-IMPLS = ["materialised", "fused", "fused_token_scores", "fused_sequence_norms", "fused_agreement", "torch_func",
-         "opacus_ghost", "liger", "cut_cross_entropy"]
+IMPLS = ["materialised", "fused", "fused_reference", "fused_token_scores", "fused_sequence_norms", "fused_agreement",
+         "torch_func", "opacus_ghost", "liger", "cut_cross_entropy", "materialised_scores", "token_scores"]
 _case: dict = {}
 
 
@@ -119,7 +122,14 @@ def implementation(c: LMCase, impl: str):
             c.zero()
             F.cross_entropy(c.h @ c.w.T + c.b, c.y).backward()
         return step
-    fused = {"fused": {}, "fused_token_scores": {"return_scores": True},
+    if impl == "materialised_scores":
+        def scores():
+            with torch.no_grad():
+                return F.cross_entropy(c.h @ c.w.T + c.b, c.y, reduction="none")
+        return scores
+    if impl == "token_scores":
+        return lambda: lm_head_scores(c.h.detach(), c.w.detach(), c.y, c.b.detach())
+    fused = {"fused": {}, "fused_reference": {"backend": "torch"}, "fused_token_scores": {"return_scores": True},
              "fused_sequence_norms": {"return_scores": True, "sequences": seqs},
              "fused_agreement": {"return_scores": True, "sequences": Sequences(c.t, agreement=True)}}
     if impl in fused:

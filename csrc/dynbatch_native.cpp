@@ -1,5 +1,6 @@
-// Native CPU implementations of EDBA's selection ops, with the same contracts and the same random subsets as the
-// torch reference (kernels/reference.py) and the Triton kernels (kernels/*.py).
+// Native CPU implementations of dynbatch's ops (EDBA's selection, the per-sample scores, and at the end of this file
+// the language model's head), with the same contracts and the same random subsets as the torch references
+// (kernels/reference.py, kernels/lm_head.py) and the Triton kernels (kernels/*.py).
 //
 // Memory: subsets are processed kBlockRows at a time. A block's masks (kBlockRows x B floats) are drawn from
 // (seed, subset, sample) into a reused buffer, multiplied with K (Gram route) or with a tile of G built from E and
@@ -297,26 +298,30 @@ inline float exp_nonpositive(float x) {
 }
 
 // One row's softmax residual er = softmax(zr) - off - on [c == y] (C), in float lanes; returns its max logit, the
-// sum of exp(z - max) and the sum of z (for the loss) and ||er||^2.
+// sum of exp(z - max) and the sum of z (for the loss) and ||er||^2. er may be zr (the LM head's chunk turns its
+// logits into residuals in place): zr is read only before er is written.
 struct RowSums {
   float mx;
   double s, zsum, e2;
 };
 RowSums softmax_residual(const float* zr, int64_t y, int64_t C, float off, float on, float* er) {
-  float lane[kLanes];
+  float lane[kLanes], zs[kLanes] = {0.f}, tail[kLanes];
   std::fill(lane, lane + kLanes, -INFINITY);
   int64_t c = 0;
   for (; c + kLanes <= C; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] = std::max(lane[l], zr[c + l]);
+    for (int l = 0; l < kLanes; ++l) lane[l] = std::max(lane[l], zr[c + l]), zs[l] += zr[c + l];
+  const int64_t body = c;
   float mx = *std::max_element(lane, lane + kLanes);
-  for (; c < C; ++c) mx = std::max(mx, zr[c]);
-  for (c = 0; c < C; ++c) er[c] = exp_nonpositive(zr[c] - mx);
+  for (; c < C; ++c) mx = std::max(mx, zr[c]), tail[c - body] = zr[c];
   RowSums out{mx, 0.0, 0.0, 0.0};
-  float es[kLanes] = {0.f}, zs[kLanes] = {0.f};
+  for (int l = 0; l < kLanes; ++l) out.zsum += zs[l];
+  for (c = body; c < C; ++c) out.zsum += tail[c - body];
+  for (c = 0; c < C; ++c) er[c] = exp_nonpositive(zr[c] - mx);
+  float es[kLanes] = {0.f};
   for (c = 0; c + kLanes <= C; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) es[l] += er[c + l], zs[l] += zr[c + l];
-  for (int l = 0; l < kLanes; ++l) out.s += es[l], out.zsum += zs[l];
-  for (; c < C; ++c) out.s += er[c], out.zsum += zr[c];
+    for (int l = 0; l < kLanes; ++l) es[l] += er[c + l];
+  for (int l = 0; l < kLanes; ++l) out.s += es[l];
+  for (; c < C; ++c) out.s += er[c];
   const float inv = static_cast<float>(1.0 / out.s);
   for (c = 0; c < C; ++c) er[c] = er[c] * inv - off;
   er[y] -= on;  // y in [0, C): checked once per op (Batch)
@@ -822,12 +827,214 @@ torch::Tensor sample_scores(const torch::Tensor& logits, const torch::Tensor& ta
   return out;
 }
 
+// ---- lm_head: a language model's head, a chunk of whole sequences x V at a time (math and the chunk plan:
+// kernels/lm_head.py, whose lm_head this matches). Each chunk's logits come from one product (ATen's threaded
+// BLAS) and become residuals in place in one threaded, vectorised pass over rows (softmax_residual); the
+// gradients and sequence norms are products of that chunk. Never N x V.
+namespace {
+
+constexpr int64_t kChunkElements = int64_t{1} << 22;  // = kernels/lm_head.py CHUNK_ELEMENTS
+enum LMHeadWhat : int64_t { kGrads = 1, kNorms = 2, kAgreement = 4 };
+
+struct Chunk {
+  int64_t lo, hi, s0, s1;  // tokens [lo, hi), sequences [s0, s1)
+};
+
+std::vector<Chunk> lm_chunks(const int64_t* off, int64_t B, int64_t V, bool whole_sequences) {
+  const int64_t rows = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(V, 1)), n = off[B];
+  std::vector<Chunk> out;
+  if (!whole_sequences) {
+    for (int64_t lo = 0; lo < n; lo += rows) out.push_back({lo, std::min(lo + rows, n), 0, 0});
+    return out;
+  }
+  for (int64_t start = 0; start < B;) {
+    int64_t end = start + 1;
+    while (end < B && off[end + 1] - off[start] <= rows) ++end;
+    out.push_back({off[start], off[end], start, end});
+    start = end;
+  }
+  return out;
+}
+
+// The chunk's logits h W^T (n x V) into the reused buffer z (its first n rows), without the bias: each row's pass
+// adds it, so no broadcast copy of it is written first.
+torch::Tensor chunk_logits(torch::Tensor& z, const torch::Tensor& h, const torch::Tensor& w) {
+  auto out = z.slice(0, 0, h.size(0));
+  at::mm_out(out, h, w.t());
+  return out;
+}
+
+// The chunk's logits z (n x V, bias not yet added) into E = (softmax(z) - q) [valid] in place, each row times
+// row_scale[t] where given (the gradient's scale, when nothing needs E unscaled); loss, LSE, ||e||, ||g|| into the
+// token rows at column lo (rows of N floats).
+void lm_residual_rows(float* z, const float* bias, const int64_t* y, const float* h, int64_t lo, int64_t n,
+                      int64_t V, int64_t D, int64_t ignore, double smoothing, const float* row_scale, float* tokens,
+                      int64_t N) {
+  const float off = static_cast<float>(smoothing / V), on = static_cast<float>(1.0 - smoothing);
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = lo + r, target = y[t];
+      const bool valid = target != ignore;
+      float* zr = z + r * V;
+      if (bias != nullptr)
+        for (int64_t v = 0; v < V; ++v) zr[v] += bias[v];
+      const float z_y = valid ? zr[target] : 0.f;
+      const RowSums row = softmax_residual(zr, valid ? target : 0, V, off, on, zr);
+      const double lse = row.mx + std::log(row.s);
+      if (!valid || (row_scale != nullptr && row_scale[t] == 0.f)) {
+        std::fill(zr, zr + V, 0.f);
+      } else if (row_scale != nullptr) {
+        const float k = row_scale[t];
+        for (int64_t v = 0; v < V; ++v) zr[v] *= k;
+      }
+      const double e_norm = valid ? std::sqrt(row.e2) : 0.0;
+      const double a2 = (bias != nullptr ? 1.0 : 0.0) + dot_lanes(h + t * D, h + t * D, D);
+      tokens[t] = valid ? static_cast<float>(lse - on * z_y - (smoothing > 0 ? off * row.zsum : 0.0)) : 0.f;
+      tokens[N + t] = static_cast<float>(lse);
+      tokens[2 * N + t] = static_cast<float>(e_norm);
+      tokens[3 * N + t] = static_cast<float>(e_norm * std::sqrt(a2));
+    }
+  });
+}
+
+// ||G_b|| of each sequence of a chunk from its weighted residual rows ew (w_t e_t), by the Gram or the direct route.
+void lm_sequence_norms(const torch::Tensor& e_weighted, const torch::Tensor& h, const Chunk& ch, const int64_t* off,
+                       bool bias, bool gram, float* out) {
+  for (int64_t s = ch.s0; s < ch.s1; ++s) {
+    const int64_t lo = off[s] - ch.lo, hi = off[s + 1] - ch.lo;
+    if (hi == lo) continue;
+    const auto ew = e_weighted.slice(0, lo, hi);
+    const auto a = h.slice(0, off[s], off[s + 1]);
+    double sq;
+    if (gram) {
+      const auto aa = at::mm(a, a.t());
+      sq = (at::mm(ew, ew.t()) * (bias ? aa + 1 : aa)).sum().item<double>();
+    } else {
+      sq = at::mm(ew.t(), a).square().sum().item<double>() + (bias ? ew.sum(0).square().sum().item<double>() : 0.0);
+    }
+    out[s] = static_cast<float>(std::sqrt(std::max(sq, 0.0)));
+  }
+}
+
+// <G_b, G> per sequence: the second pass, w_t e_t . u_t with u = G a_t, from the logits and the first pass's LSE
+// (e . u = p . u - (1 - eps) u_y - eps / V sum(u): no E).
+void lm_agreement(torch::Tensor& zbuf, torch::Tensor& ubuf, const torch::Tensor& h, const torch::Tensor& wt,
+                  const float* bias, const torch::Tensor& gw, const float* g_bias, const int64_t* y,
+                  const float* tok_w, const float* lse, const std::vector<Chunk>& chunks, const int64_t* off,
+                  int64_t ignore, double smoothing, float* out) {
+  const int64_t V = wt.size(0);
+  const float off_t = static_cast<float>(smoothing / V), on = static_cast<float>(1.0 - smoothing);
+  for (const Chunk& ch : chunks) {
+    const auto hc = h.slice(0, ch.lo, ch.hi);
+    const auto z = chunk_logits(zbuf, hc, wt), u = chunk_logits(ubuf, hc, gw);  // biases added row by row
+    float *zp = z.data_ptr<float>(), *up = u.data_ptr<float>();
+    std::vector<double> r(ch.hi - ch.lo, 0.0);
+    at::parallel_for(0, ch.hi - ch.lo, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t t = ch.lo + i;
+        if (y[t] == ignore) continue;
+        float *zr = zp + i * V, *ur = up + i * V;
+        const float l = lse[t];
+        for (int64_t v = 0; v < V; ++v) zr[v] -= l;  // z - lse, then + b: the exponent of p
+        if (bias != nullptr)
+          for (int64_t v = 0; v < V; ++v) zr[v] += bias[v], ur[v] += g_bias[v];
+        float acc[kLanes] = {0.f}, us[kLanes] = {0.f};
+        int64_t v = 0;
+        for (; v + kLanes <= V; v += kLanes)
+          for (int k = 0; k < kLanes; ++k) acc[k] += exp_nonpositive(zr[v + k]) * ur[v + k], us[k] += ur[v + k];
+        double dot = 0, usum = 0;
+        for (int k = 0; k < kLanes; ++k) dot += acc[k], usum += us[k];
+        for (; v < V; ++v) dot += exp_nonpositive(zr[v]) * ur[v], usum += ur[v];
+        r[i] = tok_w[t] * (dot - on * ur[y[t]] - off_t * usum);
+      }
+    });
+    for (int64_t s = ch.s0; s < ch.s1; ++s) {
+      double acc = 0;
+      for (int64_t t = off[s]; t < off[s + 1]; ++t) acc += r[t - ch.lo];
+      out[s] = static_cast<float>(acc);
+    }
+  }
+}
+
+torch::Tensor fp32(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat32 && t.is_contiguous() ? t : t.to(torch::kFloat32).contiguous();
+}
+
+}  // namespace
+
+// The lm_head op: (tokens fp32 (4, N), sequences fp32 (2, B), d_features (N, D), d_weight (V, D), d_bias (V,)),
+// the gradients empty unless what has kGrads (contract: dynbatch/ops/lm_head.py).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> lm_head(
+    const torch::Tensor& features, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias,
+    const torch::Tensor& targets, const std::optional<torch::Tensor>& token_weights,
+    const std::optional<torch::Tensor>& grad_scale, const torch::Tensor& offsets, int64_t ignore_index,
+    double smoothing, int64_t what, bool gram) {
+  TORCH_CHECK(features.device().is_cpu() && weight.device().is_cpu(), "the native lm_head needs CPU tensors");
+  const auto h = fp32(features), wt = fp32(weight);
+  const auto b = bias.has_value() ? fp32(*bias) : torch::Tensor();
+  const auto y = targets.to(torch::kInt64).contiguous();
+  const auto off_t = offsets.to(torch::kInt64).contiguous();
+  const int64_t N = h.size(0), D = h.size(1), V = wt.size(0), B = off_t.numel() - 1;
+  const int64_t *yp = y.data_ptr<int64_t>(), *off = off_t.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(yp, yp + N, [&](int64_t t) { return t == ignore_index || (t >= 0 && t < V); }),
+              "targets must be token ids in [0, V) or ignore_index");
+  const auto valid = (y != ignore_index).to(torch::kFloat32);
+  const auto tok_w = token_weights.has_value() ? fp32(*token_weights) * valid : valid;
+  const auto scale = grad_scale.has_value() ? fp32(*grad_scale) * valid : tok_w;
+  const bool grads = what & kGrads, norms = what & kNorms, agree = what & kAgreement, has_b = b.defined();
+  const auto f32 = torch::dtype(torch::kFloat32);
+  auto tokens = torch::zeros({4, N}, f32), sequences = torch::zeros({2, B}, f32), none = torch::empty({0}, f32);
+  auto d_h = grads ? torch::zeros({N, D}, f32) : none;
+  auto d_w = grads ? torch::zeros({V, D}, f32) : none;
+  auto d_b = grads && has_b ? torch::zeros({V}, f32) : none;
+  // G for the agreement is sum_t w_t e_t a_t^T: the gradient itself when the scale is w, else its own sum
+  const bool own_total = agree && (!grads || grad_scale.has_value());
+  auto total_w = own_total ? torch::zeros({V, D}, f32) : d_w;
+  auto total_b = has_b ? (own_total ? torch::zeros({V}, f32) : d_b) : torch::Tensor();
+  const auto chunks = lm_chunks(off, B, V, norms || agree);
+  int64_t rows = 0;
+  for (const Chunk& ch : chunks) rows = std::max(rows, ch.hi - ch.lo);
+  auto z = torch::empty({rows, V}, f32);  // one chunk's logits, then its residuals, reused by every chunk
+  // The residual pass weights E's rows: by the token weights w when the gradient's scale is w (what the norms and
+  // the agreement's G weight by too), by the gradient's own scale when nothing else reads E, else not at all.
+  const bool by_w = !grad_scale.has_value(), by_scale = grads && !norms && !own_total;
+  const float* row_scale = by_w ? tok_w.data_ptr<float>() : by_scale ? scale.data_ptr<float>() : nullptr;
+  const auto rows_of = [](const torch::Tensor& t, const Chunk& ch) { return t.slice(0, ch.lo, ch.hi).unsqueeze(1); };
+  for (const Chunk& ch : chunks) {
+    const auto hc = h.slice(0, ch.lo, ch.hi);
+    auto e = chunk_logits(z, hc, wt);
+    lm_residual_rows(e.data_ptr<float>(), has_b ? b.data_ptr<float>() : nullptr, yp, h.data_ptr<float>(), ch.lo,
+                     ch.hi - ch.lo, V, D, ignore_index, smoothing, row_scale, tokens.data_ptr<float>(), N);
+    const auto ew = by_w ? e : norms || own_total ? e * rows_of(tok_w, ch) : torch::Tensor();
+    if (norms) lm_sequence_norms(ew, h, ch, off, has_b, gram, sequences.data_ptr<float>());
+    if (grads) {
+      const auto es = by_w || by_scale ? e : e * rows_of(scale, ch);
+      auto d_h_rows = d_h.slice(0, ch.lo, ch.hi);
+      at::mm_out(d_h_rows, es, wt);
+      d_w.addmm_(es.t(), hc);
+      if (has_b) d_b += es.sum(0);
+    }
+    if (own_total) {
+      total_w.addmm_(ew.t(), hc);
+      if (has_b) total_b += ew.sum(0);
+    }
+  }
+  if (agree) {
+    auto u = torch::empty_like(z);  // G a_t for a chunk's tokens
+    lm_agreement(z, u, h, wt, has_b ? b.data_ptr<float>() : nullptr, total_w,
+                 has_b ? total_b.data_ptr<float>() : nullptr, yp, tok_w.data_ptr<float>(),
+                 tokens.data_ptr<float>() + N, chunks, off, ignore_index, smoothing, sequences.data_ptr<float>() + B);
+  }
+  return {tokens, sequences, d_h, d_w, d_b};
+}
+
 // The CPU kernels of the ops dynbatch/ops/library.py defines; registered when the library is loaded.
 TORCH_LIBRARY_IMPL(dynbatch, CPU, m) {
   m.impl("per_sample_grad_norms", &per_sample_grad_norms);
   m.impl("subset_sq_sums", &subset_sq_sums);
   m.impl("select_subset", &select_subset);
   m.impl("sample_scores", &sample_scores);
+  m.impl("lm_head", &lm_head);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

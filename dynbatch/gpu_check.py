@@ -50,7 +50,9 @@ def parts(suites: str = BENCH_SUITES[0]) -> list[Part]:
     return [
         Part("triton", "Triton kernels, compiled (not interpreted)",
              (*PYTEST, "tests/test_kernels_triton.py", "tests/test_selection_ops.py", "tests/test_sample_scores.py"),
-             150),
+             120),
+        Part("lm-head", "the LM head's Triton kernels against float64 oracles, compiled",
+             (*PYTEST, "tests/test_lm_head.py", "-m", "interpreter"), 30),
         Part("streams", "split candidates on CUDA streams",
              (*PYTEST, "tests/test_policy_split.py", "-k", "stream"), 20),
         Part("syncs", "no host sync inside steps (CUDA sync debug mode)", (*PYTEST, "tests/test_syncs.py"), 60),

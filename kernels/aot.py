@@ -202,31 +202,55 @@ def launches_for(b: int, c: int, d: int, n: int, dtype: torch.dtype, arch: int, 
     return launches
 
 
+def lm_head_launches(n: int, d: int, v: int, dtype: torch.dtype, arch: int) -> list[Launch]:
+    """Every kernel launch of the ``lm_head`` op's Triton path (``lm_head_rows.py``) for ``sm_<arch>``: the fused
+    per-token pass, and the row kernels of the chunked path (residuals, agreement)."""
+    from dynbatch_kernels import configs
+    from dynbatch_kernels.lm_head_rows import agreement_rows, residuals, token_scores
+
+    g = torch.Generator().manual_seed(0)
+    h, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((n, d), (v, d), (v,)))
+    y = torch.randint(0, v, (n,), generator=g)
+    args = SimpleNamespace(features=h, weight=w, bias=b, targets=y, ignore_index=-100, label_smoothing=0.1)
+    z, lse = torch.randn(n, v), torch.randn(n)
+    with capture() as launches, configs.target(arch):
+        token_scores(args)
+        residuals(z, y, None, 0.1, ignore_index=-100)
+        agreement_rows(z, z, y, None, lse, 0.1, ignore_index=-100)
+    return launches
+
+
 def sweep(kind: str) -> list[tuple[dict, Launch]]:
     """(description, launch) for every distinct compile of the sweep; ``ci`` is small, ``full`` is the issue's."""
     if kind == "ci":
         shapes = [(100, 10, 64, 4096), (1000, 100, 512, 65536)]
         dtypes, modes = (torch.float32, torch.bfloat16, torch.float16), ("bernoulli",)
+        lm_shapes = [(256, 64, 1000), (4096, 512, 32768)]
     else:
         shapes = [(b, c, d, n) for b in (10, 100, 256, 1000) for c in (10, 100) for d in (64, 512)
                   for n in (4096, 65536)]
         dtypes, modes = (torch.float32, torch.bfloat16, torch.float16), ("bernoulli", "uniform_size", "masks")
+        lm_shapes = [(256, 64, 1000), (4096, 512, 32768), (16384, 768, 50257)]
     out, seen = [], set()
+
+    def add(arch, dtype, shape, launches):
+        for launch in launches:
+            sig, consts = _signature(launch)
+            key = (arch, launch.name, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
+                   tuple(sorted(launch.options.items())))
+            if key not in seen:
+                seen.add(key)
+                out.append(({"arch": arch, "dtype": _DTYPE_CODE[dtype], "shape": shape}, launch))
+
     for arch in TARGETS:
-        for b, c, d, n in shapes:
-            for dtype in dtypes:
+        for dtype in dtypes:
+            for b, c, d, n in shapes:
                 for mode in modes:
                     for route in ("direct", "gram"):
-                        for launch in launches_for(b, c, d, n, dtype, arch, mode, route, masks=mode == "masks"):
-                            sig, consts = _signature(launch)
-                            key = (arch, launch.name, tuple(sorted(sig.items())),
-                                   tuple(sorted((k, str(v)) for k, v in consts.items())),
-                                   tuple(sorted(launch.options.items())))
-                            if key in seen:
-                                continue
-                            seen.add(key)
-                            out.append(({"arch": arch, "dtype": _DTYPE_CODE[dtype],
-                                         "shape": f"B={b} C={c} D={d} N={n} {mode} {route}"}, launch))
+                        add(arch, dtype, f"B={b} C={c} D={d} N={n} {mode} {route}",
+                            launches_for(b, c, d, n, dtype, arch, mode, route, masks=mode == "masks"))
+            for n, d, v in lm_shapes:
+                add(arch, dtype, f"N={n} D={d} V={v} lm_head", lm_head_launches(n, d, v, dtype, arch))
     return out
 
 

@@ -13,10 +13,14 @@ e_t = p_t - q_t, token weights w_t (0 for ``ignore_index``). Sequence b holds to
 
 Each chunk's logits are formed once (one product), turned into residuals in place, and used for the feature
 gradient (E W) and the head gradient (E^T A): three products, as the materialised forward and backward, holding
-one chunk of rows x V. Accumulation in fp32 whatever the inputs' dtype. This is the CPU path (ATen's products are
-vectorised and threaded) and the reference of every other.
+one chunk of rows x V. Accumulation in fp32 whatever the inputs' dtype. This is the reference every backend must
+match: the native CPU kernel (``csrc/dynbatch_native.cpp``, ``lm_head``) repeats its chunk plan in C++, and the
+Triton launcher (``lm_head_rows.py``) runs this loop with its own row kernels in place of :func:`residuals` and
+:func:`agreement_rows`.
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 
@@ -50,10 +54,10 @@ def _logits(h, weight, bias) -> torch.Tensor:
     return z
 
 
-def residuals(h, weight, bias, targets, valid, label_smoothing: float):
-    """(E fp32 (n, V) with ignored rows 0, loss fp32 (n,), LSE fp32 (n,)) of one chunk: one product, the rest in
-    place on its logits (the softmax's exponentials taken once, no temporary of the chunk's size)."""
-    z = _logits(h, weight, bias)
+def residuals(z, targets, valid, label_smoothing: float):
+    """(E fp32 (n, V) with ignored rows 0, loss fp32 (n,), LSE fp32 (n,), ||e_t|| fp32 (n,)) of one chunk's fp32
+    logits ``z`` (n, V), turned into E in place (the softmax's exponentials taken once, no temporary of its size).
+    ``targets`` (n,) hold anything where not ``valid``."""
     y = torch.where(valid, targets, torch.zeros_like(targets)).long()
     z_y = z.gather(1, y[:, None])[:, 0]
     eps, v = float(label_smoothing), z.shape[1]
@@ -68,7 +72,17 @@ def residuals(h, weight, bias, targets, valid, label_smoothing: float):
     if eps:
         e -= eps / v
     e *= valid[:, None]
-    return e, torch.where(valid, loss, torch.zeros_like(loss)), lse
+    return e, torch.where(valid, loss, torch.zeros_like(loss)), lse, e.norm(dim=1)
+
+
+def agreement_rows(z, ga, targets, valid, lse, label_smoothing: float):
+    """e_t . u_t fp32 (n,) for one chunk's fp32 logits ``z`` (n, V) (overwritten), u_t = ``ga`` (n, V) and the
+    first pass's ``lse`` (n,): with it the softmax is one exponential, and e . u = p . u - (1 - eps) u_y
+    - eps / V sum(u) needs no E. Rows not ``valid`` hold anything."""
+    eps = float(label_smoothing)
+    y = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    r = ga.gather(1, y[:, None])[:, 0] * -(1 - eps) - (eps / ga.shape[1] * ga.sum(1) if eps else 0.0)
+    return r + z.sub_(lse[:, None]).exp_().mul_(ga).sum(1)
 
 
 def _augmented_sq_norms(h, bias) -> torch.Tensor:
@@ -90,10 +104,12 @@ def _sequence_sq_norms(e, h, w, bias, seq: list[int], gram: bool) -> torch.Tenso
     return torch.stack(out) if out else e.new_zeros(0)
 
 
-def lm_head(args):
+def lm_head(args, rows=None):
     """The ``lm_head`` op on ``args``, its argument tuple: (tokens fp32 (4, N) rows ``TOKEN_ROWS``, sequences
     fp32 (2, B) rows ``SEQUENCE_ROWS`` (zeros where not asked), d_features fp32 (N, D), d_weight fp32 (V, D),
-    d_bias fp32 (V,); gradients empty unless ``what`` has ``GRADS``)."""
+    d_bias fp32 (V,); gradients empty unless ``what`` has ``GRADS``). ``rows``: where :func:`residuals` and
+    :func:`agreement_rows` come from (this module by default; the Triton launcher passes its kernels)."""
+    rows = rows or _TORCH_ROWS
     h, weight, bias, targets = args.features, args.weight, args.bias, args.targets
     n, d = h.shape
     v = weight.shape[0]
@@ -117,8 +133,8 @@ def lm_head(args):
     total_w = torch.zeros(v, d, device=dev) if own_total else d_w
     total_b = (torch.zeros(v, device=dev) if own_total else d_b) if bias is not None else None
     for lo, hi, s0, s1 in bounds:
-        e, loss, lse = residuals(h[lo:hi], w32, b32, targets[lo:hi], valid[lo:hi], args.label_smoothing)
-        e_norm = e.norm(dim=1)
+        z = _logits(h[lo:hi], w32, b32)
+        e, loss, lse, e_norm = rows.residuals(z, targets[lo:hi], valid[lo:hi], args.label_smoothing)
         tokens[:, lo:hi] = torch.stack([loss, lse, e_norm, e_norm * _augmented_sq_norms(h[lo:hi], bias).sqrt()])
         if norms:
             seq = [o - lo for o in offsets[s0:s1 + 1]]
@@ -135,21 +151,21 @@ def lm_head(args):
             if bias is not None:
                 total_b += ew.sum(0)
     if agree:
-        sequences[1] = _agreement(args, w32, b32, w, tokens[1], bounds, offsets, total_w, total_b)
+        sequences[1] = _agreement(args, rows, w32, b32, w, tokens[1], bounds, offsets, total_w, total_b)
     return tokens, sequences, d_h, d_w if grads else tokens.new_empty(0), d_b if grads else tokens.new_empty(0)
 
 
-def _agreement(args, w32, b32, w, lse, bounds, offsets, total_w, total_b) -> torch.Tensor:
-    """<G_b, G> = sum_{t in b} w_t e_t . (G a_t) per sequence: the second pass, fp32 (B,). With the first pass's
-    LSE the softmax is one exponential, and e_t . u = p_t . u - (1 - eps) u_y - eps / V sum(u) needs no E."""
-    h, eps = args.features, float(args.label_smoothing)
-    y = torch.where(args.targets != args.ignore_index, args.targets, torch.zeros_like(args.targets)).long()
+def _agreement(args, rows, w32, b32, w, lse, bounds, offsets, total_w, total_b) -> torch.Tensor:
+    """<G_b, G> = sum_{t in b} w_t e_t . (G a_t) per sequence: the second pass, fp32 (B,)."""
+    h, valid = args.features, args.targets != args.ignore_index
     out = torch.zeros(len(offsets) - 1, device=h.device)
     for lo, hi, s0, s1 in bounds:
-        p = _logits(h[lo:hi], w32, b32).sub_(lse[lo:hi, None]).exp_()
         ga = _logits(h[lo:hi], total_w, total_b)  # G a_t (with G's bias column)
-        r = ga.gather(1, y[lo:hi, None])[:, 0] * -(1 - eps) - (eps / ga.shape[1] * ga.sum(1) if eps else 0.0)
-        r = (r + p.mul_(ga).sum(1)) * w[lo:hi]
+        r = rows.agreement_rows(_logits(h[lo:hi], w32, b32), ga, args.targets[lo:hi], valid[lo:hi], lse[lo:hi],
+                                args.label_smoothing) * w[lo:hi]
         seq = torch.tensor([o - lo for o in offsets[s0:s1 + 1]], device=h.device)
         out[s0:s1] = torch.segment_reduce(r, "sum", lengths=seq.diff())
     return out
+
+
+_TORCH_ROWS = SimpleNamespace(residuals=residuals, agreement_rows=agreement_rows)

@@ -48,7 +48,8 @@ def test_every_kernel_compiles_for_both_targets_without_spills(aot_reports):
     assert proc.returncode == 0, proc.stdout[-3000:]
     kernels = {(r["kernel"], r["arch"]) for r in reports}
     for name in ("_residuals_kernel", "_direct_kernel", "_gram_kernel", "_gram_matrix_kernel", "_choose_kernel",
-                 "_gram_select_kernel", "_direct_select_kernel"):
+                 "_gram_select_kernel", "_direct_select_kernel", "_token_scores_kernel", "_residual_rows_kernel",
+                 "_agreement_rows_kernel"):
         assert {(name, 80), (name, 90)} <= kernels
     for r in reports:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
@@ -57,7 +58,8 @@ def test_every_kernel_compiles_for_both_targets_without_spills(aot_reports):
 
 def test_sixteen_bit_inputs_use_tensor_cores(aot_reports):
     reports, _ = aot_reports
-    subset = [r for r in reports if r["kernel"] in ("_direct_kernel", "_gram_kernel") and r["dtype"] != "fp32"]
+    subset = [r for r in reports if r["kernel"] in ("_direct_kernel", "_gram_kernel", "_token_scores_kernel")
+              and r["dtype"] != "fp32"]
     assert subset
     for r in subset:
         assert r["instructions"] == {80: "mma", 90: "wgmma"}[r["arch"]], r

@@ -43,8 +43,13 @@ def fake(a):
             a.features.new_empty(v, dtype=torch.float32) if grads and a.bias is not None else empty)
 
 
-# No Triton kernel yet: the chunked reference (cuBLAS products on CUDA, ATen's on CPU) serves every device.
-OP = library.define("lm_head", SCHEMA, Args, reference=_impl.lm_head, triton=None, fake=fake)
+def triton_impl(a):
+    from dynbatch_kernels.lm_head_rows import lm_head as launch
+
+    return launch(a)
+
+
+OP = library.define("lm_head", SCHEMA, Args, reference=_impl.lm_head, triton=triton_impl, fake=fake)
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,15 @@ def _args(h, weight, bias, y, w, *, sequences, ignore_index, label_smoothing, wh
 
 
 def lm_head_scores(features, weight, targets, bias=None, *, token_weights=None, ignore_index=-100,
-                   label_smoothing=0.0, sequences: Sequences | None = None) -> LMHeadScores:
+                   label_smoothing=0.0, sequences: Sequences | None = None, backend="auto") -> LMHeadScores:
     """The head's per-token scores (and per-sequence ones with ``sequences``) for features (..., D): one pass over
-    the head (two with the agreement), memory one chunk of rows x V, never N x V."""
+    the head (two with the agreement), memory one chunk of rows x V, never N x V (on CUDA the per-token scores
+    alone form no logits at all). ``backend``: as the other ops (``auto``, ``torch``, ``native``, ``triton``)."""
     h, y, w = _flat(features, weight, targets, bias, token_weights)
     with torch.no_grad():
-        tokens, seqs, *_ = OP(*_args(h, weight, bias, y, w, sequences=sequences, ignore_index=ignore_index,
-                                     label_smoothing=label_smoothing, what=0))
+        tokens, seqs, *_ = library.call(OP, _args(h, weight, bias, y, w, sequences=sequences,
+                                                  ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                                  what=0), backend)
     return _scores(tokens, seqs, sequences)
 
 
@@ -152,7 +159,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = y != args_of.ignore_index
         tw = valid.float() if w is None else w.float() * valid
         # the gradients of sum_t w_t loss_t (the op's default scale, whose head gradient the agreement reuses)
-        tokens, seqs, d_h, d_w, d_b = OP(*args_of.make(h, weight, bias, y, w, what=_impl.GRADS if eager else 0))
+        tokens, seqs, d_h, d_w, d_b = args_of.run(h, weight, bias, y, w, what=_impl.GRADS if eager else 0)
         losses = tokens[0] * tw
         out = losses if reduction == "none" else losses.sum()
         if reduction == "mean":
@@ -172,39 +179,41 @@ class _LinearCrossEntropy(torch.autograd.Function):
             d_h, d_w, d_b = (t * g for t in ctx.saved_tensors)
         else:
             h, weight, bias, y, tw = ctx.saved_tensors
-            _, _, d_h, d_w, d_b = OP(*ctx.args_of.make(h, weight, bias, y, None, what=_impl.GRADS,
-                                                       grad_scale=g.float() * tw, sequences=False))
+            _, _, d_h, d_w, d_b = ctx.args_of.run(h, weight, bias, y, None, what=_impl.GRADS,
+                                                  grad_scale=g.float() * tw, sequences=False)
         h_type, w_type, b_type = ctx.dtypes
         return d_h.to(h_type), d_w.to(w_type), d_b.to(b_type) if b_type is not None else None, None, None, None, None
 
 
 @dataclass
 class _ArgsOf:
-    """What the autograd function needs to build the op's arguments again."""
+    """What the autograd function needs to call the op again."""
 
     sequences: Sequences | None
     ignore_index: int
     label_smoothing: float
+    backend: str
 
-    def make(self, h, weight, bias, y, w, *, what, grad_scale=None, sequences=True):
-        return _args(h, weight, bias, y, w, sequences=self.sequences if sequences else None,
+    def run(self, h, weight, bias, y, w, *, what, grad_scale=None, sequences=True):
+        args = _args(h, weight, bias, y, w, sequences=self.sequences if sequences else None,
                      ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, what=what,
                      grad_scale=grad_scale)
+        return library.call(OP, args, self.backend)
 
 
 def linear_cross_entropy(features, weight, targets, bias=None, *, reduction="mean", token_weights=None,
                          ignore_index=-100, label_smoothing=0.0, sequences: Sequences | None = None,
-                         return_scores=False):
+                         return_scores=False, backend="auto"):
     """``F.cross_entropy(features @ weight.T + bias, targets, ...)`` without the logits: features (..., D), weight
     (V, D), bias (V,) or None, targets (...,). ``token_weights`` multiply each token's loss (``mean`` divides by
     their sum over the tokens not ignored; without weights this is ``F.cross_entropy``'s mean). Gradients flow to
     features, weight and bias (not to the weights), in their dtypes, accumulated in fp32. With ``return_scores``
     returns (loss, :class:`LMHeadScores`): the per-token scores come from the same pass, the per-sequence ones
-    (``sequences``) add what their math adds."""
+    (``sequences``) add what their math adds. ``backend``: as :func:`lm_head_scores`."""
     if reduction not in REDUCTIONS:
         raise UserError(f"unknown reduction {reduction!r}; choose none, mean or sum")
     h, y, w = _flat(features, weight, targets, bias, token_weights)
-    args_of = _ArgsOf(sequences, int(ignore_index), float(label_smoothing))
+    args_of = _ArgsOf(sequences, int(ignore_index), float(label_smoothing), backend)
     loss, tokens, seqs = _LinearCrossEntropy.apply(h, weight, bias, y, w, reduction, args_of)
     if reduction == "none":
         loss = loss.reshape(targets.shape)
