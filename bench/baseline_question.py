@@ -1,6 +1,7 @@
 """Does the engine's fixed arm train worse than a plain loop? (issue #46) ``dynbatch train --policy fixed`` with the
 noisy study's settings at 40 % symmetric noise against ``bench/plain_noisy.py`` (no dynbatch code in its training
-path), paired by seed, on the same noise draws, on one machine, in fp32.
+path), paired by seed, on the same noise draws, on one machine, in fp32, and again with both arms under bf16
+autocast (``enginebf16``, ``plainbf16``; on a bf16-native CPU, ``--only '*bf16-s*'``).
 
     python bench/baseline_question.py [--only GLOB] [--seeds 5] [--out bench/results/baseline-question]
 
@@ -29,18 +30,24 @@ if str(REPO) not in sys.path:
 
 from bench.noisy_study import NOISES, NOISY_EPOCHS, NOISY_OPT, SCORE_AT, STEPS_PER_EPOCH  # noqa: E402
 from bench.run_folders import (DATA, aurocs, final_acc, finished, machine_of, thin,  # noqa: E402
-                               train_scoring)
+                               train_run, train_scoring)
 
 OUT = REPO / "bench" / "results" / "baseline-question"
 STUDY = REPO / "bench" / "results" / "repro" / "noisy"
 NOISE = NOISES["sym40"]
-# The plain arms: the loop's padding of its crops. "plain" pads the normalised images with zeros (the mean colour);
-# "plainblack" pads the raw images with zeros (black), as dynbatch's --pad-mode zero and torchvision's RandomCrop do.
-PLAIN_PADDING = {"plain": "mean", "plainblack": "black"}
+# The plain arms: (the loop's padding of its crops, bf16 autocast). "plain" pads the normalised images with zeros (the
+# mean colour); "plainblack" pads the raw images with zeros (black), as dynbatch's --pad-mode zero and torchvision's
+# RandomCrop do; "plainbf16" is "plain" under bf16 autocast.
+PLAIN_ARMS = {"plain": ("mean", False), "plainblack": ("black", False), "plainbf16": ("mean", True)}
+# The engine arms: their --amp (the noisy study's is none: fp32).
+ENGINE_ARMS = {"engine": "none", "enginebf16": "bf16"}
 RULE = ("Rule, stated before the runs: per seed, engine − plain final test accuracy (fp32, one thread each, one "
         "machine, the same noise draw); the engine trains **worse** (\"lower\") when the 95 % interval of the mean "
         "difference lies below 0, **better** (\"higher\") when above, and **no difference found** otherwise (the "
         "interval's width says how small a difference that rules out).")
+BF16_RULE = ("The bf16 pair, stated before its runs: the same question under bf16 autocast in both arms (the engine's "
+             "`--amp bf16`, the plain loop's `--bf16`) on this bf16-native CPU (AMX-bf16), the same seeds, noise draws, "
+             "rule and intervals; enginebf16 − engine says what bf16 itself changes in the engine.")
 PADDING_RULE = ("The padding hypothesis, stated after the first five pairs and before the plainblack runs: the "
                 "engine pads its crops with black (zeros of the raw images), the plain loop with the mean colour "
                 "(zeros of the normalised images). The padding explains the gap when plainblack − plain lies below 0 "
@@ -62,22 +69,26 @@ def export_labels(out: Path, seed: int) -> Path:
 
 
 def runs(out: Path, seeds: int):
-    """(name, kind, seed) in the order they run: engine, plain, plainblack, seed by seed."""
+    """(name, kind, seed) in the order they run: engine, the plain arms, the bf16 engine, seed by seed."""
     for seed in range(seeds):
-        for kind in ("engine", *PLAIN_PADDING):
+        for kind in ("engine", "plain", "plainblack", "enginebf16", "plainbf16"):
             yield f"{kind}-s{seed}", kind, seed
 
 
 def run_one(out: Path, name: str, kind: str, seed: int) -> None:
     labels = export_labels(out, seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if kind == "engine":
+    if kind in ENGINE_ARMS:
         run = out / name
         if finished(run, NOISY_EPOCHS):
             return
-        args = [*NOISY_OPT, "--policy", "fixed", "--epochs", str(NOISY_EPOCHS), "--seed", str(seed),
+        opt = [ENGINE_ARMS[kind] if prev == "--amp" else a for prev, a in zip([None, *NOISY_OPT], NOISY_OPT)]
+        args = [*opt, "--policy", "fixed", "--epochs", str(NOISY_EPOCHS), "--seed", str(seed),
                 "--label-noise", f"file:{labels}"]
-        if train_scoring(run, args, SCORE_AT, STEPS_PER_EPOCH, env) == 0 and finished(run, NOISY_EPOCHS):
+        # the fp32 engine stops to score its samples (the noise signal below); the bf16 one only trains
+        rc = (train_scoring(run, args, SCORE_AT, STEPS_PER_EPOCH, env) if kind == "engine"
+              else train_run(run, args, env=env))
+        if rc == 0 and finished(run, NOISY_EPOCHS):
             thin(run)
         return
     result = out / f"{name}.json"
@@ -89,15 +100,16 @@ def run_one(out: Path, name: str, kind: str, seed: int) -> None:
         except BlockingIOError:
             print(f"[baseline] {name}: running in another invocation", flush=True)
             return
-        plain(out, name, seed, labels, env, PLAIN_PADDING[kind])
+        plain(out, name, seed, labels, env, *PLAIN_ARMS[kind])
 
 
-def plain(out: Path, name: str, seed: int, labels: Path, env: dict, pad: str) -> None:
+def plain(out: Path, name: str, seed: int, labels: Path, env: dict, pad: str, bf16: bool) -> None:
     """``bench/plain_noisy.py`` for ``seed``, its result written as ``<name>.json`` with the machine's CPU."""
     result = out / f"{name}.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "plain_noisy.py"), "--data", str(DATA), "--labels",
                     str(labels), "--seed", str(seed), "--epochs", str(NOISY_EPOCHS), "--pad", pad, "--json",
-                    str(result) + ".part"], env=env, stdout=subprocess.DEVNULL, check=True)
+                    str(result) + ".part", *(["--bf16"] if bf16 else [])], env=env, stdout=subprocess.DEVNULL,
+                   check=True)
     from dynbatch.info import cpu_name
 
     done = json.loads(Path(str(result) + ".part").read_text())
@@ -107,11 +119,12 @@ def plain(out: Path, name: str, seed: int, labels: Path, env: dict, pad: str) ->
 
 def pairs(out: Path, seeds: int) -> dict[str, dict[int, float]]:
     """Final test accuracy (fractions) by arm and seed, of the finished runs; the study's own fixed arm beside."""
-    arms = {"engine": {}, **{kind: {} for kind in PLAIN_PADDING}, "study": {}}
+    arms = {kind: {} for kind in (*ENGINE_ARMS, *PLAIN_ARMS, "study")}
     for seed in range(seeds):
-        if finished(out / f"engine-s{seed}", NOISY_EPOCHS):
-            arms["engine"][seed] = final_acc(out / f"engine-s{seed}")
-        for kind in PLAIN_PADDING:
+        for kind in ENGINE_ARMS:
+            if finished(out / f"{kind}-s{seed}", NOISY_EPOCHS):
+                arms[kind][seed] = final_acc(out / f"{kind}-s{seed}")
+        for kind in PLAIN_ARMS:
             if (out / f"{kind}-s{seed}.json").is_file():
                 arms[kind][seed] = json.loads((out / f"{kind}-s{seed}.json").read_text())["final_acc"]
         if finished(STUDY / f"sym40-fixed-s{seed}", NOISY_EPOCHS):
@@ -120,7 +133,7 @@ def pairs(out: Path, seeds: int) -> dict[str, dict[int, float]]:
 
 
 def machines(out: Path, seeds: int) -> str:
-    names = {machine_of(out / f"engine-s{s}") for s in range(seeds) if (out / f"engine-s{s}").is_dir()}
+    names = {machine_of(out / f"{k}-s{s}") for k in ENGINE_ARMS for s in range(seeds) if (out / f"{k}-s{s}").is_dir()}
     names |= {json.loads(p.read_text()).get("cpu", "unknown") for p in out.glob("plain*-s*.json")}
     return ", ".join(sorted(names)) or "–"
 
@@ -128,22 +141,25 @@ def machines(out: Path, seeds: int) -> str:
 COMPARISONS = [("engine", "plain", "engine − plain (the question)"),
                ("engine", "study", "engine here − the study's fixed arm (same seed and draw, its machine)"),
                ("plainblack", "plain", "plainblack − plain (the padding, in the plain loop)"),
-               ("engine", "plainblack", "engine − plainblack (what is left)")]
+               ("engine", "plainblack", "engine − plainblack (what is left)"),
+               ("enginebf16", "plainbf16", "engine − plain, both in bf16 autocast"),
+               ("enginebf16", "engine", "enginebf16 − engine (bf16 itself, in the engine)")]
 
 
 def table(out: Path, seeds: int) -> list[str]:
     from bench import verdicts
 
     arms = pairs(out, seeds)
-    shown = ("engine", *PLAIN_PADDING, "study")
+    shown = ("engine", "plain", "plainblack", "study", "enginebf16", "plainbf16")
     lines = ["# Does the engine's fixed arm train worse than a plain loop?", "",
              "Command: `python bench/baseline_question.py`; PreResNet-20 on the 5,085 real CIFAR-10 images, the "
              "noisy study's fixed arm at 40 % symmetric noise (SGD 0.05 / 0.9 / 5e-4, cosine per step, batch 128, "
-             f"crop + flip, {NOISY_EPOCHS} epochs, fp32), 1,017 clean test images. Machine: {machines(out, seeds)}. "
-             "Arms: engine (`dynbatch train --policy fixed`), plain (`bench/plain_noisy.py`, crops padded with the "
-             "mean colour), plainblack (the same loop, padded with black as the engine pads), study (the noisy "
-             "study's committed fixed arm: the same seed and noise draw, run on the machine it ran on).", "", RULE,
-             "", PADDING_RULE, "", "| seed | " + " | ".join(f"{k} final %" for k in shown) + " |",
+             f"crop + flip, {NOISY_EPOCHS} epochs, fp32 but in the bf16 arms), 1,017 clean test images. Machine: "
+             f"{machines(out, seeds)}. Arms: engine (`dynbatch train --policy fixed`), plain (`bench/plain_noisy.py`, "
+             "crops padded with the mean colour), plainblack (the same loop, padded with black as the engine pads), "
+             "study (the noisy study's committed fixed arm: the same seed and noise draw, run on the machine it ran "
+             "on), enginebf16 and plainbf16 (engine and plain under bf16 autocast).", "", RULE, "", PADDING_RULE, "",
+             BF16_RULE, "", "| seed | " + " | ".join(f"{k} final %" for k in shown) + " |",
              "|---|" + "---|" * len(shown)]
     for seed in range(seeds):
         cells = [f"{100 * arms[k][seed]:.1f}" if seed in arms[k] else "–" for k in shown]
@@ -192,7 +208,8 @@ def signal(out: Path, seeds: int) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="*", help="run only these runs (a glob over engine-sN, plain-sN; 'none': none)")
+    ap.add_argument("--only", default="*", help="run only these runs (a glob over engine-sN, plain-sN, plainblack-sN, "
+                                                 "enginebf16-sN, plainbf16-sN; 'none': none)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
