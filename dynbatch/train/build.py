@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from dynbatch.data import DeviceData, VariableBatchSampler, balanced_subset, hold_out, load_dataset
 from dynbatch.data.noise import LabelFile, corrupt_labels, parse_label_noise, read_label_file
@@ -257,9 +256,7 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None], recorded_bf16: bool 
     executor = PlanExecutor(step_model, optimizer, cfg.micro_batch, dist=dist,
                             restore_buffers_on_skip=cfg.on_nonfinite == "skip")
     # per-sample losses: a class's cross-entropy, or a sequence's mean over its tokens
-    loss_fn = (partial(sample_cross_entropy, label_smoothing=cfg.label_smoothing)
-               if isinstance(data.source, TextSource)
-               else partial(F.cross_entropy, reduction="none", label_smoothing=cfg.label_smoothing))
+    loss_fn = partial(sample_cross_entropy, label_smoothing=cfg.label_smoothing)
     ctx = StepContext(model=step_model, module=model, loss_fn=loss_fn, autocast=precision.autocast, device=device,
                       seed=cfg.seed, label_smoothing=cfg.label_smoothing, dist=dist,
                       make_model=partial(_second_model, cfg, data, device, precision.channels_last),
