@@ -35,10 +35,10 @@ from bench.run_folders import (DATA, aurocs, final_acc, finished, machine_of, th
 OUT = REPO / "bench" / "results" / "baseline-question"
 STUDY = REPO / "bench" / "results" / "repro" / "noisy"
 NOISE = NOISES["sym40"]
-# The plain arms: (the loop's padding of its crops, bf16 autocast). "plain" pads the normalised images with zeros (the
-# mean colour); "plainblack" pads the raw images with zeros (black), as dynbatch's --pad-mode zero and torchvision's
-# RandomCrop do; "plainbf16" is "plain" under bf16 autocast.
-PLAIN_ARMS = {"plain": ("mean", False), "plainblack": ("black", False), "plainbf16": ("mean", True)}
+# The plain arms: bench/plain_noisy.py's arguments. "plain" pads the normalised images with zeros (the mean colour);
+# "plainblack" pads the raw images with zeros (black), as dynbatch's --pad-mode zero and torchvision's RandomCrop do;
+# "plainbf16" is "plain" under bf16 autocast; "replica" draws and prepares everything as the engine does.
+PLAIN_ARMS = {"plain": [], "plainblack": ["--pad", "black"], "plainbf16": ["--bf16"], "replica": ["--as-engine"]}
 # The engine arms: their --amp (the noisy study's is none: fp32).
 ENGINE_ARMS = {"engine": "none", "enginebf16": "bf16"}
 RULE = ("Rule, stated before the runs: per seed, engine − plain final test accuracy (fp32, one thread each, one "
@@ -52,6 +52,22 @@ PADDING_RULE = ("The padding hypothesis, stated after the first five pairs and b
                 "engine pads its crops with black (zeros of the raw images), the plain loop with the mean colour "
                 "(zeros of the normalised images). The padding explains the gap when plainblack − plain lies below 0 "
                 "and engine − plainblack holds 0; the same rule and intervals as above.")
+
+
+REPLICA_RULE = ("The replica, stated before its runs: `bench/plain_noisy.py --as-engine` is the plain loop drawing from "
+                "the engine's streams (initial weights after `torch.manual_seed(seed)`, each epoch's order from a "
+                "generator of seed + 1 alone, crops and flips from one of seed + 2), padding with black, normalising "
+                "each batch after cropping and setting the cosine by the epoch's fraction of samples, as the engine "
+                "does. If its test accuracy after every epoch equals the engine arm's on every seed, the engine's "
+                "fixed arm *is* that plain loop, and engine − plain is a difference between two plain loops: their "
+                "random streams, the padding colour and the schedule's clock (at most 0.007 epoch apart), nothing in "
+                "the engine's step.")
+REPLICATION_RULE = ("The replication, stated before its runs: new seeds 5–9 (their own noise draws), engine and plain "
+                    "only, this machine model, the question's rule on those five alone. The fp32 finding (engine "
+                    "lower) replicates when their interval lies below 0 again. When it does not, the first five "
+                    "seeds' finding stands unreplicated and the question is answered by the ten seeds' paired "
+                    "interval, reported beside: lower, higher or no difference found, by the same rule.")
+REPLICATION_SEEDS = range(5, 10)
 
 
 def export_labels(out: Path, seed: int) -> Path:
@@ -71,7 +87,7 @@ def export_labels(out: Path, seed: int) -> Path:
 def runs(out: Path, seeds: int):
     """(name, kind, seed) in the order they run: engine, the plain arms, the bf16 engine, seed by seed."""
     for seed in range(seeds):
-        for kind in ("engine", "plain", "plainblack", "enginebf16", "plainbf16"):
+        for kind in ("engine", "plain", "plainblack", "enginebf16", "plainbf16", "replica"):
             yield f"{kind}-s{seed}", kind, seed
 
 
@@ -100,16 +116,15 @@ def run_one(out: Path, name: str, kind: str, seed: int) -> None:
         except BlockingIOError:
             print(f"[baseline] {name}: running in another invocation", flush=True)
             return
-        plain(out, name, seed, labels, env, *PLAIN_ARMS[kind])
+        plain(out, name, seed, labels, env, PLAIN_ARMS[kind])
 
 
-def plain(out: Path, name: str, seed: int, labels: Path, env: dict, pad: str, bf16: bool) -> None:
+def plain(out: Path, name: str, seed: int, labels: Path, env: dict, options: list[str]) -> None:
     """``bench/plain_noisy.py`` for ``seed``, its result written as ``<name>.json`` with the machine's CPU."""
     result = out / f"{name}.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "plain_noisy.py"), "--data", str(DATA), "--labels",
-                    str(labels), "--seed", str(seed), "--epochs", str(NOISY_EPOCHS), "--pad", pad, "--json",
-                    str(result) + ".part", *(["--bf16"] if bf16 else [])], env=env, stdout=subprocess.DEVNULL,
-                   check=True)
+                    str(labels), "--seed", str(seed), "--epochs", str(NOISY_EPOCHS), "--json", str(result) + ".part",
+                    *options], env=env, stdout=subprocess.DEVNULL, check=True)
     from dynbatch.info import cpu_name
 
     done = json.loads(Path(str(result) + ".part").read_text())
@@ -208,15 +223,16 @@ def signal(out: Path, seeds: int) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="*", help="run only these runs (a glob over engine-sN, plain-sN, plainblack-sN, "
-                                                 "enginebf16-sN, plainbf16-sN; 'none': none)")
+    ap.add_argument("--only", default="*", help="run only these runs (globs, comma separated, over engine-sN, "
+                                                 "plain-sN, plainblack-sN, enginebf16-sN, plainbf16-sN, replica-sN; "
+                                                 "'none': none)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, kind, seed in runs(out, a.seeds):
-        if fnmatch.fnmatch(name, a.only):
+        if any(fnmatch.fnmatch(name, glob) for glob in a.only.split(",")):
             print(f"[baseline] {name}", flush=True)
             run_one(out, name, kind, seed)
     (out / "table.md").write_text("\n".join(table(out, a.seeds)) + "\n")

@@ -74,52 +74,98 @@ def augment(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor | float = 
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> float:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, batch: int = 500) -> float:
     model.eval()
     correct = 0
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        for i in range(0, len(x), 500):
-            correct += int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
+        for i in range(0, len(x), batch):
+            correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
     model.train()
     return correct / len(x)
 
 
-def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, bf16: bool = False,
-          pad: str = "mean") -> dict:
-    """Train once; returns the per-epoch test accuracies and training seconds (evaluation excluded). ``pad``: the
-    crops' padding, "mean" (zeros of the normalised images: the mean colour) or "black" (zeros of the raw images,
-    as torchvision's ``RandomCrop(padding=4)`` on a PIL image, and dynbatch's ``--pad-mode zero``)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+def load(data: str, labels: str, pad: str, as_engine: bool):
+    """(x_train, y_train, x_test, y_test, batch_of): the normalised test images (N, 3, 32, 32) and a function
+    ``batch_of(idx, gen)`` giving the training batch of ``idx``. The plain way normalises once and crops the
+    normalised images (padding of ``pad``: "mean", zeros of the normalised images, or "black", zeros of the raw
+    ones); ``as_engine`` keeps uint8 images padded with black, crops and flips them from a (B, H, W, C) gather and
+    normalises each batch after, as one multiply-add of float32 constants (the engine's order of operations, so
+    its rounding and its channels-last strides)."""
     z = np.load(data)
+    y_train = torch.from_numpy(np.load(labels).astype(np.int64))
+    y_test = torch.from_numpy(z["y_test"].astype(np.int64))
+    if as_engine:
+        xf = z["x_train"].reshape(-1, z["x_train"].shape[-1]).astype(np.float64) / 255.0
+        mean, std = xf.mean(0).tolist(), np.maximum(xf.std(0), 1e-3).tolist()
+        std_t = torch.tensor(std, dtype=torch.float32)
+        scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+        shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
+        padded = F.pad(torch.from_numpy(z["x_train"]), (0, 0, 4, 4, 4, 4))  # (N, 40, 40, C) uint8, black
+
+        def batch_of(idx, gen):
+            b = idx.numel()
+            dy, dx = torch.randint(0, 9, (b,), generator=gen), torch.randint(0, 9, (b,), generator=gen)
+            flip = torch.rand(b, generator=gen) < 0.5
+            cols = torch.where(flip[:, None], 31 - torch.arange(32), torch.arange(32)) + dx[:, None]
+            rows = torch.arange(32) + dy[:, None]
+            crops = padded[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+            return crops.permute(0, 3, 1, 2).float() * scale + shift
+
+        x_test = torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2).float() * scale + shift
+        return None, y_train, x_test, y_test, batch_of
     x_train = torch.from_numpy(z["x_train"]).permute(0, 3, 1, 2).float() / 255
     mean, std = x_train.mean((0, 2, 3), keepdim=True), x_train.std((0, 2, 3), keepdim=True)
     x_train = (x_train - mean) / std
     x_test = (torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2).float() / 255 - mean) / std
     fill = -mean / std if pad == "black" else 0.0
-    y_train = torch.from_numpy(np.load(labels).astype(np.int64))
-    y_test = torch.from_numpy(z["y_test"].astype(np.int64))
-    model = PreResNet20(int(z["y_train"].max()) + 1)
+    return x_train, y_train, x_test, y_test, lambda idx, gen: augment(x_train[idx], gen, fill)
+
+
+def fit(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, bf16: bool = False,
+        pad: str = "mean", as_engine: bool = False, log=print) -> tuple[nn.Module, list[dict]]:
+    """Train once; (the model, per-epoch rows: test accuracy, mean training loss, training seconds). ``as_engine``:
+    the loop draws what ``dynbatch train --policy fixed --channels-last off --amp none`` draws, from the streams it
+    draws them from — the initial weights after ``torch.manual_seed(seed)``, each epoch's order from a generator
+    of ``seed + 1`` alone, the crops and flips from one of ``seed + 2`` — sets the cosine's learning rate by the
+    epoch's fraction of samples drawn (not of steps), prepares images as :func:`load` says and evaluates 1,000
+    test images at a time: the engine's training, written as a plain loop."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    aug_gen = torch.Generator().manual_seed(seed + 2) if as_engine else gen
+    _, y_train, x_test, y_test, batch_of = load(data, labels, pad, as_engine)
+    n = len(y_train)
+    model = PreResNet20(int(y_test.max()) + 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    steps_per_epoch = math.ceil(len(x_train) / batch)
+    steps_per_epoch = math.ceil(n / batch)
     total, step, curve = epochs * steps_per_epoch, 0, []
     for epoch in range(epochs):
-        t0 = time.perf_counter()
-        order = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(order), batch):
+        t0, loss_sum = time.perf_counter(), 0.0
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch):
+            progress = (epoch + i / n) / epochs if as_engine else step / total
             for g in opt.param_groups:
-                g["lr"] = 0.5 * 0.05 * (1 + math.cos(math.pi * step / total))
+                g["lr"] = 0.5 * 0.05 * (1 + math.cos(math.pi * progress))
             idx = order[i:i + batch]
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(augment(x_train[idx], gen, fill)), y_train[idx])
+                loss = F.cross_entropy(model(batch_of(idx, aug_gen)), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_sum += loss.item() * idx.numel()
             step += 1
         seconds = time.perf_counter() - t0
-        curve.append({"epoch": epoch, "test_acc": evaluate(model, x_test, y_test, bf16), "epoch_s": seconds})
-        print(f"epoch {epoch + 1}: test {100 * curve[-1]['test_acc']:.1f} %, {seconds:.1f} s", flush=True)
-    return {"seed": seed, "labels": labels, "bf16": bf16, "pad": pad, "epochs": curve, "final_acc": curve[-1]["test_acc"],
+        acc = evaluate(model, x_test, y_test, bf16, 1000 if as_engine else 500)
+        curve.append({"epoch": epoch, "test_acc": acc, "train_loss": loss_sum / n, "epoch_s": seconds})
+        log(f"epoch {epoch + 1}: test {100 * acc:.1f} %, {seconds:.1f} s")
+    return model, curve
+
+
+def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, bf16: bool = False,
+          pad: str = "mean", as_engine: bool = False) -> dict:
+    """:func:`fit`'s result as JSON: per-epoch test accuracies and training seconds (evaluation excluded)."""
+    _, curve = fit(data, labels, seed, epochs, batch, bf16, pad, as_engine, log=lambda m: print(m, flush=True))
+    return {"seed": seed, "labels": labels, "bf16": bf16, "pad": "black" if as_engine else pad,
+            "as_engine": as_engine, "epochs": curve, "final_acc": curve[-1]["test_acc"],
             "threads": torch.get_num_threads()}
 
 
@@ -132,9 +178,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--pad", choices=("mean", "black"), default="mean",
                     help="the crops' padding: the mean colour (zeros after normalising) or black (before)")
+    ap.add_argument("--as-engine", action="store_true",
+                    help="draw and prepare everything as dynbatch train does (see fit); implies black padding")
     ap.add_argument("--json", help="write the result here")
     a = ap.parse_args(argv)
-    result = train(a.data, a.labels, a.seed, a.epochs, bf16=a.bf16, pad=a.pad)
+    result = train(a.data, a.labels, a.seed, a.epochs, bf16=a.bf16, pad=a.pad, as_engine=a.as_engine)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
