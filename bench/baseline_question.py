@@ -37,8 +37,10 @@ STUDY = REPO / "bench" / "results" / "repro" / "noisy"
 NOISE = NOISES["sym40"]
 # The plain arms: bench/plain_noisy.py's arguments. "plain" pads the normalised images with zeros (the mean colour);
 # "plainblack" pads the raw images with zeros (black), as dynbatch's --pad-mode zero and torchvision's RandomCrop do;
-# "plainbf16" is "plain" under bf16 autocast; "replica" draws and prepares everything as the engine does.
-PLAIN_ARMS = {"plain": [], "plainblack": ["--pad", "black"], "plainbf16": ["--bf16"], "replica": ["--as-engine"]}
+# "plainbf16" is "plain" under bf16 autocast; "replica" draws, prepares and steps as the engine does; "replicaforeach"
+# is the replica stepping with torch's default for-each SGD, which rounds apart from the engine's fused one.
+PLAIN_ARMS = {"plain": [], "plainblack": ["--pad", "black"], "plainbf16": ["--bf16"],
+              "replica": ["--as-engine", "--fused"], "replicaforeach": ["--as-engine"]}
 # The engine arms: their --amp (the noisy study's is none: fp32).
 ENGINE_ARMS = {"engine": "none", "enginebf16": "bf16"}
 RULE = ("Rule, stated before the runs: per seed, engine − plain final test accuracy (fp32, one thread each, one "
@@ -52,22 +54,23 @@ PADDING_RULE = ("The padding hypothesis, stated after the first five pairs and b
                 "engine pads its crops with black (zeros of the raw images), the plain loop with the mean colour "
                 "(zeros of the normalised images). The padding explains the gap when plainblack − plain lies below 0 "
                 "and engine − plainblack holds 0; the same rule and intervals as above.")
-
-
-REPLICA_RULE = ("The replica, stated before its runs: `bench/plain_noisy.py --as-engine` is the plain loop drawing from "
-                "the engine's streams (initial weights after `torch.manual_seed(seed)`, each epoch's order from a "
-                "generator of seed + 1 alone, crops and flips from one of seed + 2), padding with black, normalising "
-                "each batch after cropping and setting the cosine by the epoch's fraction of samples, as the engine "
-                "does. If its test accuracy after every epoch equals the engine arm's on every seed, the engine's "
-                "fixed arm *is* that plain loop, and engine − plain is a difference between two plain loops: their "
-                "random streams, the padding colour and the schedule's clock (at most 0.007 epoch apart), nothing in "
-                "the engine's step.")
+REPLICA_RULE = ("The replica, stated before its runs: `bench/plain_noisy.py --as-engine --fused` is the plain loop "
+                "drawing from the engine's streams (initial weights after `torch.manual_seed(seed)`, each epoch's "
+                "order from a generator of seed + 1 alone, crops and flips from one of seed + 2), padding with black, "
+                "normalising each batch after cropping, setting the cosine by the epoch's fraction of samples and "
+                "stepping with torch's fused SGD, as the engine does. If its test accuracy after every epoch equals "
+                "the engine arm's on every seed, the engine's fixed arm *is* that plain loop, and engine − plain is "
+                "a difference between two plain loops: their random streams, the padding colour, the schedule's "
+                "clock (at most 0.007 epoch apart) and the SGD kernel's rounding, nothing in the engine's step. "
+                "(Amended before its runs: its first runs, without `--fused`, are kept as replicaforeach. They left "
+                "the engine's weights at step 5 of seed 0 by one unit in the last place of `fc.bias` — torch's "
+                "fused and for-each SGD round apart now and then — and followed their own trajectories from there.)")
 REPLICATION_RULE = ("The replication, stated before its runs: new seeds 5–9 (their own noise draws), engine and plain "
                     "only, this machine model, the question's rule on those five alone. The fp32 finding (engine "
                     "lower) replicates when their interval lies below 0 again. When it does not, the first five "
                     "seeds' finding stands unreplicated and the question is answered by the ten seeds' paired "
                     "interval, reported beside: lower, higher or no difference found, by the same rule.")
-REPLICATION_SEEDS = range(5, 10)
+QUESTION_SEEDS, REPLICATION_SEEDS = range(5), range(5, 10)
 
 
 def export_labels(out: Path, seed: int) -> Path:
@@ -87,7 +90,7 @@ def export_labels(out: Path, seed: int) -> Path:
 def runs(out: Path, seeds: int):
     """(name, kind, seed) in the order they run: engine, the plain arms, the bf16 engine, seed by seed."""
     for seed in range(seeds):
-        for kind in ("engine", "plain", "plainblack", "enginebf16", "plainbf16", "replica"):
+        for kind in ("engine", "plain", "plainblack", "enginebf16", "plainbf16", "replica", "replicaforeach"):
             yield f"{kind}-s{seed}", kind, seed
 
 
@@ -161,11 +164,50 @@ COMPARISONS = [("engine", "plain", "engine − plain (the question)"),
                ("enginebf16", "engine", "enginebf16 − engine (bf16 itself, in the engine)")]
 
 
+def verdict_rows(arms: dict, comparisons, seeds) -> list[str]:
+    """Rows of the verdict table: each comparison over the seeds of ``seeds`` the two arms share."""
+    from bench import verdicts
+
+    lines = []
+    for a, b, what in comparisons:
+        c = verdicts.compare(*({s: v for s, v in arms[k].items() if s in seeds} for k in (a, b)), scale=100)
+        if c is None:
+            lines.append(f"| {what} | – | – | – | not enough seeds yet |")
+            continue
+        word = {"below": "lower", "above": "higher", "straddles": "no difference found"}[c.side(0.0)]
+        lines.append(f"| {what} | {c.cell()} | {c.how} | {c.n} | {word} |")
+    return lines
+
+
+def replica_rows(out: Path, seeds: int) -> list[str]:
+    """Per seed: whether the replica's test accuracy equals the engine's after every epoch (else the first epoch
+    where it differs), and the largest difference of the epochs' mean training loss."""
+    from bench.run_folders import rows_of
+
+    lines = []
+    for seed in range(seeds):
+        result, run = out / f"replica-s{seed}.json", out / f"engine-s{seed}"
+        if not (result.is_file() and finished(run, NOISY_EPOCHS)):
+            continue
+        replica = json.loads(result.read_text())["epochs"]
+        engine = rows_of(run, "epoch")
+        differ = [r["epoch"] for r, e in zip(replica, engine) if r["test_acc"] != e["test_acc"]]
+        loss = max(abs(r["train_loss"] - e["train_loss"]) for r, e in zip(replica, engine))
+        same = "equal after every epoch" if not differ else f"first differs after epoch {differ[0] + 1}"
+        lines.append(f"| {seed} | {same} | {loss:.1e} |")
+    if not lines:
+        return []
+    return ["## The replica: the engine's fixed arm as a plain loop", "", REPLICA_RULE, "",
+            "| seed | replica's test accuracy against the engine's, 30 epochs | largest difference of an epoch's "
+            "mean training loss |", "|---|---|---|", *lines,
+            "", "(The mean training losses are summed in another order: fp32 rounding.)", ""]
+
+
 def table(out: Path, seeds: int) -> list[str]:
     from bench import verdicts
 
     arms = pairs(out, seeds)
-    shown = ("engine", "plain", "plainblack", "study", "enginebf16", "plainbf16")
+    shown = ("engine", "plain", "plainblack", "study", "enginebf16", "plainbf16", "replica")
     lines = ["# Does the engine's fixed arm train worse than a plain loop?", "",
              "Command: `python bench/baseline_question.py`; PreResNet-20 on the 5,085 real CIFAR-10 images, the "
              "noisy study's fixed arm at 40 % symmetric noise (SGD 0.05 / 0.9 / 5e-4, cosine per step, batch 128, "
@@ -173,21 +215,23 @@ def table(out: Path, seeds: int) -> list[str]:
              f"{machines(out, seeds)}. Arms: engine (`dynbatch train --policy fixed`), plain (`bench/plain_noisy.py`, "
              "crops padded with the mean colour), plainblack (the same loop, padded with black as the engine pads), "
              "study (the noisy study's committed fixed arm: the same seed and noise draw, run on the machine it ran "
-             "on), enginebf16 and plainbf16 (engine and plain under bf16 autocast).", "", RULE, "", PADDING_RULE, "",
-             BF16_RULE, "", "| seed | " + " | ".join(f"{k} final %" for k in shown) + " |",
-             "|---|" + "---|" * len(shown)]
+             "on), enginebf16 and plainbf16 (engine and plain under bf16 autocast), replica (`bench/plain_noisy.py "
+             "--as-engine`).", "", RULE, "", PADDING_RULE, "", BF16_RULE, "",
+             "| seed | " + " | ".join(f"{k} final %" for k in shown) + " |", "|---|" + "---|" * len(shown)]
     for seed in range(seeds):
-        cells = [f"{100 * arms[k][seed]:.1f}" if seed in arms[k] else "–" for k in shown]
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    lines += ["", verdicts.TABLE_HEADER, verdicts.TABLE_RULE]
-    for a, b, what in COMPARISONS:
-        c = verdicts.compare(arms[a], arms[b], scale=100)
-        if c is None:
-            lines.append(f"| {what} | – | – | – | not enough seeds yet |")
-            continue
-        word = {"below": "lower", "above": "higher", "straddles": "no difference found"}[c.side(0.0)]
-        lines.append(f"| {what} | {c.cell()} | {c.how} | {c.n} | {word} |")
-    return lines + ["", verdicts.RULE, ""] + signal(out, seeds)
+        if any(seed in arms[k] for k in shown):
+            cells = [f"{100 * arms[k][seed]:.1f}" if seed in arms[k] else "–" for k in shown]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines += ["", "Seeds 0–4, as the rules above were stated:", "", verdicts.TABLE_HEADER, verdicts.TABLE_RULE,
+              *verdict_rows(arms, COMPARISONS, QUESTION_SEEDS), "", verdicts.RULE, ""]
+    lines += replica_rows(out, seeds)
+    if any(s in arms["engine"] and s in arms["plain"] for s in REPLICATION_SEEDS):
+        lines += ["## The replication on new seeds", "", REPLICATION_RULE, "", verdicts.TABLE_HEADER,
+                  verdicts.TABLE_RULE,
+                  *verdict_rows(arms, [("engine", "plain", "engine − plain, seeds 5–9 (the replication)")],
+                                REPLICATION_SEEDS),
+                  *verdict_rows(arms, [("engine", "plain", "engine − plain, seeds 0–9 (the ten)")], range(seeds)), ""]
+    return lines + signal(out, seeds)
 
 
 def signal(out: Path, seeds: int) -> list[str]:
@@ -224,9 +268,9 @@ def signal(out: Path, seeds: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="*", help="run only these runs (globs, comma separated, over engine-sN, "
-                                                 "plain-sN, plainblack-sN, enginebf16-sN, plainbf16-sN, replica-sN; "
-                                                 "'none': none)")
-    ap.add_argument("--seeds", type=int, default=5)
+                                                 "plain-sN, plainblack-sN, enginebf16-sN, plainbf16-sN, replica-sN, "
+                                                 "replicaforeach-sN; 'none': none)")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds 0-4: the question; 5-9: its replication")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
     out = Path(a.out)

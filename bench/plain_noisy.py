@@ -2,14 +2,15 @@
 path: the reference that ``bench/baseline_question.py`` pairs ``dynbatch train --policy fixed`` with.
 
     python bench/plain_noisy.py --data cifar10_subset.npz --labels labels.npy --seed 0 --json OUT [--bf16]
-        [--pad mean|black]
+        [--pad mean|black] [--as-engine] [--fused]
 
 PreResNet-20 (He et al. 2016, pre-activation, widths 16/32/64, Kaiming-normal convolutions), SGD lr 0.05,
 momentum 0.9, weight decay 5e-4 on every parameter, cosine annealing per step to 0 over 30 epochs, batch 128 (the
 last batch of an epoch partial), each epoch a new permutation; random crops of the image padded by 4 pixels (of the
 mean colour, or black with ``--pad black``) and random horizontal flips; images scaled by the training split's
 per-channel mean and std. Trains on ``--labels`` (a .npy of one label per training image: the noisy draw), tests on
-the clean test labels after every epoch. fp32, or bf16 autocast with ``--bf16``. One thread unless OMP_NUM_THREADS
+the clean test labels after every epoch. fp32, or bf16 autocast with ``--bf16``. ``--as-engine --fused``: the engine's
+fixed arm step for step (:func:`fit`). One thread unless OMP_NUM_THREADS
 says otherwise.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, bat
 
 
 def load(data: str, labels: str, pad: str, as_engine: bool):
-    """(x_train, y_train, x_test, y_test, batch_of): the normalised test images (N, 3, 32, 32) and a function
+    """(y_train, x_test, y_test, batch_of): the labels, the normalised test images (N, 3, H, W) and a function
     ``batch_of(idx, gen)`` giving the training batch of ``idx``. The plain way normalises once and crops the
     normalised images (padding of ``pad``: "mean", zeros of the normalised images, or "black", zeros of the raw
     ones); ``as_engine`` keeps uint8 images padded with black, crops and flips them from a (B, H, W, C) gather and
@@ -102,40 +103,43 @@ def load(data: str, labels: str, pad: str, as_engine: bool):
         shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
         padded = F.pad(torch.from_numpy(z["x_train"]), (0, 0, 4, 4, 4, 4))  # (N, 40, 40, C) uint8, black
 
+        h, w = z["x_train"].shape[1:3]
+
         def batch_of(idx, gen):
             b = idx.numel()
             dy, dx = torch.randint(0, 9, (b,), generator=gen), torch.randint(0, 9, (b,), generator=gen)
             flip = torch.rand(b, generator=gen) < 0.5
-            cols = torch.where(flip[:, None], 31 - torch.arange(32), torch.arange(32)) + dx[:, None]
-            rows = torch.arange(32) + dy[:, None]
+            cols = torch.where(flip[:, None], w - 1 - torch.arange(w), torch.arange(w)) + dx[:, None]
+            rows = torch.arange(h) + dy[:, None]
             crops = padded[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
             return crops.permute(0, 3, 1, 2).float() * scale + shift
 
         x_test = torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2).float() * scale + shift
-        return None, y_train, x_test, y_test, batch_of
+        return y_train, x_test, y_test, batch_of
     x_train = torch.from_numpy(z["x_train"]).permute(0, 3, 1, 2).float() / 255
     mean, std = x_train.mean((0, 2, 3), keepdim=True), x_train.std((0, 2, 3), keepdim=True)
     x_train = (x_train - mean) / std
     x_test = (torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2).float() / 255 - mean) / std
     fill = -mean / std if pad == "black" else 0.0
-    return x_train, y_train, x_test, y_test, lambda idx, gen: augment(x_train[idx], gen, fill)
+    return y_train, x_test, y_test, lambda idx, gen: augment(x_train[idx], gen, fill)
 
 
 def fit(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, bf16: bool = False,
-        pad: str = "mean", as_engine: bool = False, log=print) -> tuple[nn.Module, list[dict]]:
+        pad: str = "mean", as_engine: bool = False, fused: bool = False, log=print) -> tuple[nn.Module, list[dict]]:
     """Train once; (the model, per-epoch rows: test accuracy, mean training loss, training seconds). ``as_engine``:
     the loop draws what ``dynbatch train --policy fixed --channels-last off --amp none`` draws, from the streams it
     draws them from — the initial weights after ``torch.manual_seed(seed)``, each epoch's order from a generator
     of ``seed + 1`` alone, the crops and flips from one of ``seed + 2`` — sets the cosine's learning rate by the
     epoch's fraction of samples drawn (not of steps), prepares images as :func:`load` says and evaluates 1,000
-    test images at a time: the engine's training, written as a plain loop."""
+    test images at a time. ``fused``: torch's fused SGD kernel, the engine's, which rounds apart from the default
+    for-each one now and then (one unit in the last place). Both: the engine's training as a plain loop."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     aug_gen = torch.Generator().manual_seed(seed + 2) if as_engine else gen
-    _, y_train, x_test, y_test, batch_of = load(data, labels, pad, as_engine)
+    y_train, x_test, y_test, batch_of = load(data, labels, pad, as_engine)
     n = len(y_train)
     model = PreResNet20(int(y_test.max()) + 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, fused=fused)
     steps_per_epoch = math.ceil(n / batch)
     total, step, curve = epochs * steps_per_epoch, 0, []
     for epoch in range(epochs):
@@ -161,11 +165,11 @@ def fit(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, b
 
 
 def train(data: str, labels: str, seed: int, epochs: int = 30, batch: int = 128, bf16: bool = False,
-          pad: str = "mean", as_engine: bool = False) -> dict:
+          pad: str = "mean", as_engine: bool = False, fused: bool = False) -> dict:
     """:func:`fit`'s result as JSON: per-epoch test accuracies and training seconds (evaluation excluded)."""
-    _, curve = fit(data, labels, seed, epochs, batch, bf16, pad, as_engine, log=lambda m: print(m, flush=True))
+    _, curve = fit(data, labels, seed, epochs, batch, bf16, pad, as_engine, fused, log=lambda m: print(m, flush=True))
     return {"seed": seed, "labels": labels, "bf16": bf16, "pad": "black" if as_engine else pad,
-            "as_engine": as_engine, "epochs": curve, "final_acc": curve[-1]["test_acc"],
+            "as_engine": as_engine, "fused": fused, "epochs": curve, "final_acc": curve[-1]["test_acc"],
             "threads": torch.get_num_threads()}
 
 
@@ -180,9 +184,10 @@ def main(argv=None) -> int:
                     help="the crops' padding: the mean colour (zeros after normalising) or black (before)")
     ap.add_argument("--as-engine", action="store_true",
                     help="draw and prepare everything as dynbatch train does (see fit); implies black padding")
+    ap.add_argument("--fused", action="store_true", help="torch's fused SGD kernel (the engine's)")
     ap.add_argument("--json", help="write the result here")
     a = ap.parse_args(argv)
-    result = train(a.data, a.labels, a.seed, a.epochs, bf16=a.bf16, pad=a.pad, as_engine=a.as_engine)
+    result = train(a.data, a.labels, a.seed, a.epochs, bf16=a.bf16, pad=a.pad, as_engine=a.as_engine, fused=a.fused)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -73,6 +73,32 @@ def test_the_engines_preresnet20_and_sgd_step_are_the_plain_loops_bit_for_bit():
     assert all(torch.equal(p, plain_params[plain_name(k)]) for k, p in engine.named_parameters())
 
 
+def test_the_plain_loop_as_engine_ends_with_the_engines_weights_bit_for_bit(tmp_path, capsys):
+    """``bench/plain_noisy.py --as-engine --fused`` is the engine's fixed arm written as a plain loop: from one seed,
+    over epochs with a partial last batch, a new order each epoch, crops and flips, its weights equal the run's."""
+    import numpy as np
+
+    from bench.plain_noisy import fit
+    from dynbatch.cli import main
+    from dynbatch.train.run_folder import load_checkpoint
+
+    rng = np.random.default_rng(0)
+    data, labels = tmp_path / "data.npz", tmp_path / "labels.npy"
+    np.savez(data, x_train=rng.integers(0, 256, (160, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 160),
+             x_test=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y_test=np.arange(40) % 10)
+    np.save(labels, rng.integers(0, 10, 160).astype(np.uint8))
+    assert main(["train", "--no-progress", "--data", f"npz:{data}", "--out", str(tmp_path / "run"), "--model",
+                 "preresnet20", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule", "cosine",
+                 "--batch-size", "128", "--amp", "none", "--channels-last", "off", "--policy", "fixed", "--epochs",
+                 "2", "--seed", "3", "--label-noise", f"file:{labels}"]) == 0
+    capsys.readouterr()
+    model, _ = fit(str(data), str(labels), 3, epochs=2, as_engine=True, fused=True, log=lambda _: None)
+    engine = load_checkpoint(tmp_path / "run" / "checkpoint.pt", ("model",))["model"]
+    plain = model.state_dict()
+    rename = {"conv.weight": "stem.weight"}
+    assert all(torch.equal(v, plain[rename.get(k, k).replace("shortcut", "project")]) for k, v in engine.items())
+
+
 @pytest.mark.parametrize("lo, hi, expected", [(-0.5, 0.8, "agrees"), (-1.0, 1.0, "agrees"), (-1.5, 0.2, "undecided"),
                                               (1.2, 2.0, "differs"), (-3.0, -1.1, "differs")])
 def test_a_precision_setting_agrees_when_its_paired_interval_lies_within_a_point(lo, hi, expected):

@@ -17,8 +17,8 @@ def scheduled_lr(
 
     ``step`` multiplies by ``gamma`` at each milestone epoch (default: half and three quarters of the budget);
     ``cosine`` anneals to zero at ``epochs``; ``triangle`` = (start, peak, end) rises linearly from start x lr to
-    the peak lr at fraction ``peak`` of the budget, then falls linearly to end x lr at ``epochs`` (one-cycle); a linear warm-up from ``base_lr / (warmup steps)``-like zero start
-    covers the first ``warmup_epochs``.
+    the peak lr at fraction ``peak`` of the budget, then falls linearly to end x lr at ``epochs`` (one-cycle). Over
+    the first ``warmup_epochs`` a linear warm-up multiplies the rate by (progress + 0.001) / ``warmup_epochs``.
     """
     if schedule == "constant":
         lr = base_lr
