@@ -101,8 +101,7 @@ def load(data: str, labels: str, pad: str, as_engine: bool):
         std_t = torch.tensor(std, dtype=torch.float32)
         scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
         shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
-        padded = F.pad(torch.from_numpy(z["x_train"]), (0, 0, 4, 4, 4, 4))  # (N, 40, 40, C) uint8, black
-
+        padded = F.pad(torch.from_numpy(z["x_train"]), (0, 0, 4, 4, 4, 4))  # (N, H + 8, W + 8, C) uint8, black
         h, w = z["x_train"].shape[1:3]
 
         def batch_of(idx, gen):
