@@ -1,9 +1,11 @@
 """Does the engine's fixed arm train worse than a plain loop? (issue #46) ``dynbatch train --policy fixed`` with the
 noisy study's settings at 40 % symmetric noise against ``bench/plain_noisy.py`` (no dynbatch code in its training
 path), paired by seed, on the same noise draws, on one machine, in fp32, and again with both arms under bf16
-autocast (``enginebf16``, ``plainbf16``; on a bf16-native CPU, ``--only '*bf16-s*'``).
+autocast (``enginebf16``, ``plainbf16``; on a bf16-native CPU, ``--only '*bf16-s*'``). Then the cause: ``replica`` is
+the plain loop drawing, preparing and stepping as the engine does (``--as-engine --fused``), and seeds 5–9 replicate
+engine − plain on new seeds. Each rule is written below as it was stated before its runs.
 
-    python bench/baseline_question.py [--only GLOB] [--seeds 5] [--out bench/results/baseline-question]
+    python bench/baseline_question.py [--only GLOB[,GLOB...]] [--seeds 10] [--out bench/results/baseline-question]
 
 The noise draw of seed S is the study's own (``dynbatch.data.noise.corrupt_labels``, exported here before training
 as ``labels-sS.npy``); the engine arm reads it back with ``--label-noise file:labels-sS.npy``, so both arms train on
@@ -88,9 +90,11 @@ def export_labels(out: Path, seed: int) -> Path:
 
 
 def runs(out: Path, seeds: int):
-    """(name, kind, seed) in the order they run: engine, the plain arms, the bf16 engine, seed by seed."""
+    """(name, kind, seed) in the order they run, seed by seed: every arm on the question's seeds, engine and plain
+    on the replication's."""
+    every = ("engine", "plain", "plainblack", "enginebf16", "plainbf16", "replica", "replicaforeach")
     for seed in range(seeds):
-        for kind in ("engine", "plain", "plainblack", "enginebf16", "plainbf16", "replica", "replicaforeach"):
+        for kind in every if seed in QUESTION_SEEDS else ("engine", "plain"):
             yield f"{kind}-s{seed}", kind, seed
 
 
