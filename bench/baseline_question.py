@@ -31,8 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.noisy_study import NOISES, NOISY_EPOCHS, NOISY_OPT, SCORE_AT, STEPS_PER_EPOCH  # noqa: E402
-from bench.run_folders import (DATA, aurocs, final_acc, finished, machine_of, thin,  # noqa: E402
-                               train_run, train_scoring)
+from bench.run_folders import (DATA, aurocs, final_acc, finished, machine_of, rows_of,  # noqa: E402
+                               thin, train_run, train_scoring)
 
 OUT = REPO / "bench" / "results" / "baseline-question"
 STUDY = REPO / "bench" / "results" / "repro" / "noisy"
@@ -186,8 +186,6 @@ def verdict_rows(arms: dict, comparisons, seeds) -> list[str]:
 def against_engine(out: Path, name: str, seed: int) -> str | None:
     """Whether plain run ``name``'s test accuracy equals the engine arm's after every epoch of ``seed``, else the
     first epoch where it differs; None while either run is missing."""
-    from bench.run_folders import rows_of
-
     result, run = out / f"{name}-s{seed}.json", out / f"engine-s{seed}"
     if not (result.is_file() and finished(run, NOISY_EPOCHS)):
         return None

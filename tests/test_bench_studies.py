@@ -44,6 +44,12 @@ def test_the_plain_loops_augmentation_is_seeded(seed):
     assert torch.equal(a, augment(x, torch.Generator().manual_seed(seed)))
 
 
+def plain_name(name: str) -> str:
+    """The plain loop's name of the engine's PreResNet-20 tensor ``name`` (the two modules name the stem and the
+    projection shortcut differently)."""
+    return ("stem." + name[5:] if name.startswith("conv.") else name).replace("shortcut", "project")
+
+
 def test_the_engines_preresnet20_and_sgd_step_are_the_plain_loops_bit_for_bit():
     """The baseline question's engine arm and plain arm differ only in their random streams (initial draw, order,
     augmentation) and the loop around the step: from the same weights the model's forward and three SGD steps
@@ -53,9 +59,6 @@ def test_the_engines_preresnet20_and_sgd_step_are_the_plain_loops_bit_for_bit():
     from bench.plain_noisy import PreResNet20
     from dynbatch.models import build_model
     from dynbatch.train.optim import build_optimizer
-
-    def plain_name(name):  # the two modules name the stem and the projection shortcut differently
-        return ("stem." + name[5:] if name.startswith("conv.") else name).replace("shortcut", "project")
 
     torch.manual_seed(0)
     engine, plain = build_model("preresnet20", 10), PreResNet20(10)
@@ -78,6 +81,7 @@ def test_the_plain_loop_as_engine_ends_with_the_engines_weights_bit_for_bit(tmp_
     over epochs with a partial last batch, a new order each epoch, crops and flips, its weights equal the run's."""
     import numpy as np
 
+    from bench.noisy_study import NOISY_OPT
     from bench.plain_noisy import fit
     from dynbatch.cli import main
     from dynbatch.train.run_folder import load_checkpoint
@@ -87,16 +91,14 @@ def test_the_plain_loop_as_engine_ends_with_the_engines_weights_bit_for_bit(tmp_
     np.savez(data, x_train=rng.integers(0, 256, (160, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, 160),
              x_test=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y_test=np.arange(40) % 10)
     np.save(labels, rng.integers(0, 10, 160).astype(np.uint8))
-    assert main(["train", "--no-progress", "--data", f"npz:{data}", "--out", str(tmp_path / "run"), "--model",
-                 "preresnet20", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule", "cosine",
-                 "--batch-size", "128", "--amp", "none", "--channels-last", "off", "--policy", "fixed", "--epochs",
-                 "2", "--seed", "3", "--label-noise", f"file:{labels}"]) == 0
+    # the baseline question's engine arm: the noisy study's settings, the fixed policy, the labels from a file
+    assert main(["train", "--no-progress", "--data", f"npz:{data}", "--out", str(tmp_path / "run"), *NOISY_OPT,
+                 "--policy", "fixed", "--epochs", "2", "--seed", "3", "--label-noise", f"file:{labels}"]) == 0
     capsys.readouterr()
     model, _ = fit(str(data), str(labels), 3, epochs=2, as_engine=True, fused=True, log=lambda _: None)
     engine = load_checkpoint(tmp_path / "run" / "checkpoint.pt", ("model",))["model"]
     plain = model.state_dict()
-    rename = {"conv.weight": "stem.weight"}
-    assert all(torch.equal(v, plain[rename.get(k, k).replace("shortcut", "project")]) for k, v in engine.items())
+    assert all(torch.equal(v, plain[plain_name(k)]) for k, v in engine.items())
 
 
 @pytest.mark.parametrize("lo, hi, expected", [(-0.5, 0.8, "agrees"), (-1.0, 1.0, "agrees"), (-1.5, 0.2, "undecided"),
